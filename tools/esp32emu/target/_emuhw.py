@@ -1,0 +1,80 @@
+# _emuhw.py Glue between the emulated ESP32 modules and the host runner (not a chip API).
+#
+# The runner passes the chip's state in environment variables and reads back how the
+# MicroPython process ended; a control folder carries live signals (watchdog feeds).
+# Emulated hardware runs outside the firmware's heap discipline: real flash and watchdog
+# calls allocate nothing on the GC heap, so `hw()` lifts a heap_lock() for their duration.
+
+import os
+import sys
+
+# Process exit codes the runner understands (see tools/esp32emu/runner.py).
+EXIT_REPL = 0  # boot.py/main.py finished: the board idles at the REPL
+EXIT_SOFT_RESET = 80  # machine.soft_reset(): MicroPython restarts, no chip reset
+EXIT_RESET = 81  # machine.reset(): esp_restart(), reset reason SW
+EXIT_PANIC = 82  # abort()/panic: reset reason PANIC
+EXIT_DEEPSLEEP = 83  # machine.deepsleep()
+
+FLASH_PATH = os.getenv("ESP32EMU_FLASH")
+CTL_DIR = os.getenv("ESP32EMU_CTL") or "."
+RUNNING_OFFSET = int(os.getenv("ESP32EMU_RUNNING") or "65536")
+RESET_CAUSE = int(os.getenv("ESP32EMU_RESET_CAUSE") or "1")
+CHIP_REV = int(os.getenv("ESP32EMU_CHIP_REV") or "301")
+DEVICE_ID = os.getenv("ESP32EMU_DEVICE_ID") or "esp32emu"
+
+_flash = None
+_parts = None
+
+
+def flash():
+    global _flash
+    if _flash is None:
+        from norflash import NorFlash
+
+        _flash = NorFlash(FLASH_PATH)
+    return _flash
+
+
+def parts():
+    global _parts
+    if _parts is None:
+        import espidf
+
+        _parts = espidf.read_partition_table(flash())
+    return _parts
+
+
+def _heap_locked():
+    try:
+        bytearray(1)
+        return False
+    except MemoryError:
+        return True
+
+
+def hw(fn, *args):
+    """Run an emulated hardware operation even inside micropython.heap_lock()."""
+    if not _heap_locked():
+        return fn(*args)
+    import micropython
+
+    micropython.heap_unlock()
+    try:
+        return fn(*args)
+    finally:
+        micropython.heap_lock()
+
+
+def stop(code, message=None):
+    """End this run of the chip; the runner resets or idles it according to `code`."""
+    if message:
+        print(message)
+    try:
+        sys.stdout.flush()
+    except AttributeError:
+        pass
+    raise SystemExit(code)
+
+
+def panic(reason):
+    stop(EXIT_PANIC, "abort() was called: %s\nRebooting..." % reason)

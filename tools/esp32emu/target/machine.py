@@ -1,0 +1,71 @@
+# machine.py Emulated `machine` for the ESP32: resets, reset cause, watchdog, identity.
+#
+# Values from MicroPython ports/esp32/modmachine.c and machine_wdt.c. A reset ends the
+# MicroPython process with an exit code the runner maps to the next boot's reset cause.
+
+import time
+
+from _emuhw import (
+    CTL_DIR,
+    DEVICE_ID,
+    EXIT_RESET,
+    EXIT_SOFT_RESET,
+    RESET_CAUSE,
+    hw,
+    stop,
+)
+
+PWRON_RESET = 1
+HARD_RESET = 2
+WDT_RESET = 3
+DEEPSLEEP_RESET = 4
+SOFT_RESET = 5
+
+
+def reset():
+    # esp_restart(): reset reason SW, which reset_cause() reports as HARD_RESET.
+    stop(EXIT_RESET)
+
+
+def soft_reset():
+    stop(EXIT_SOFT_RESET, "MPY: soft reboot")
+
+
+def reset_cause():
+    return RESET_CAUSE
+
+
+def unique_id():
+    # The ESP32 returns its 6-byte base MAC; derive a stable one from the device id.
+    import hashlib
+
+    return hashlib.sha256(DEVICE_ID.encode()).digest()[:6]
+
+
+def freq(*args):
+    return 240000000
+
+
+def idle():
+    time.sleep_ms(1)
+
+
+class WDT:
+    # Task watchdog with panic: expiry resets the chip with WDT_RESET. There is no way to
+    # stop it or read it back (no deinit/timeout_ms on the ESP32 port).
+    def __init__(self, id=0, timeout=5000):
+        if id != 0:
+            raise ValueError("id must be 0")
+        if timeout <= 0:
+            raise ValueError("WDT timeout too short")
+        self._timeout = timeout
+        self._path = CTL_DIR + "/wdt"
+        self.feed()
+
+    def _touch(self):
+        # The runner reads the file's mtime as the last feed and its text as the timeout.
+        with open(self._path, "w") as f:
+            f.write(str(self._timeout))
+
+    def feed(self):
+        hw(self._touch)
