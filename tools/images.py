@@ -57,6 +57,9 @@ class MemFlash:
     def read(self, addr: int, n: int) -> bytes:
         return self.data[addr : addr + n].ljust(n, b"\xff")
 
+    def readinto(self, addr: int, buf) -> None:
+        buf[:] = self.read(addr, len(buf))
+
 
 def _filler(seed: bytes, n: int) -> bytes:
     out = bytearray()

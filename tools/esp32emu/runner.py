@@ -22,12 +22,18 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tools import mpy
 from tools.esp32emu.target import espidf
 from tools.esp32emu.target.norflash import NorFlash
 
 TARGET_DIR = Path(__file__).resolve().parent / "target"
+ROM_CACHE = Path(__file__).resolve().parents[2] / "build" / "cache" / "esp32emu-rom"
 FLASH_SIZE = 4 * 1024 * 1024
 DEFAULT_HEAPSIZE = "112k"  # GC heap of an ESP32 without PSRAM after one growth (MP PR #13219)
+# On the chip, esp32/machine/network are C and cost no GC heap. Here they are MicroPython
+# (.mpy), so the process gets this much extra heap; _emu_boot.py then pins what is free for
+# the firmware to the nominal size (see _emuhw.pin_heap).
+EMULATOR_ALLOWANCE = 64 * 1024
 DEFAULT_CHIP_REV = 301  # v3.1, the current ESP32 revision
 
 # Exit codes shared with target/_emuhw.py.
@@ -39,6 +45,19 @@ PWRON_RESET, HARD_RESET, WDT_RESET, DEEPSLEEP_RESET, SOFT_RESET = 1, 2, 3, 4, 5
 # Marker in a test image's app descriptor: the emulated CPU panics right after the bootloader
 # hands over (a build that crashes during start-up). Kept equal to tools.images.PANIC_ON_BOOT.
 PANIC_ON_BOOT = "emu:panic-on-boot"
+
+
+def parse_size(text: str) -> int:
+    """'112k' / '1m' / '65536' -> bytes, as micropython -X heapsize= reads them."""
+    t = text.strip().lower()
+    mult = {"k": 1024, "m": 1024 * 1024}.get(t[-1:], 1)
+    return int(t[:-1] if t[-1:] in "km" else t) * mult
+
+
+def rom_dir() -> Path:
+    """The emulated chip's built-in modules compiled to .mpy (cached by content)."""
+    sources = [p for p in TARGET_DIR.glob("*.py") if p.name != "_emu_boot.py"]
+    return mpy.compile_tree(sources, ROM_CACHE, TARGET_DIR)
 
 
 def micropython_binary() -> str:
@@ -149,8 +168,11 @@ class Runner:
             ESP32EMU_DEVICE_ID=self.device_id or "",
         )
         env.pop("MICROPYPATH", None)
+        nominal = parse_size(self.heapsize)
+        env.update(ESP32EMU_ROM=str(rom_dir()), ESP32EMU_HEAP=str(nominal))
         proc = subprocess.Popen(
-            [micropython_binary(), "-X", f"heapsize={self.heapsize}", str(TARGET_DIR / "_emu_boot.py")],
+            [micropython_binary(), "-X", f"heapsize={nominal + EMULATOR_ALLOWANCE}",
+             str(TARGET_DIR / "_emu_boot.py")],
             cwd=self.fs,
             env=env,
             stdin=subprocess.DEVNULL,

@@ -2,12 +2,14 @@
 # after the bootloader hands over. Runs boot.py, then main.py, from the device filesystem
 # (the working directory); an exception is printed and the board drops to the REPL.
 
+import os
 import sys
 
-_here = __file__.rsplit("/", 1)[0]
-sys.path[:] = [_here, "", ".frozen", "lib"]
+sys.path[:] = [os.getenv("ESP32EMU_ROM"), "", ".frozen", "lib"]
 
 import _emuhw  # noqa: E402
+
+_emuhw.pin_heap()
 
 
 def _run(name):

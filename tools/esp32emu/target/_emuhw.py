@@ -24,6 +24,28 @@ DEVICE_ID = os.getenv("ESP32EMU_DEVICE_ID") or "esp32emu"
 
 _flash = None
 _parts = None
+_ballast = None
+
+
+def pin_heap():
+    """Load the emulated chip's modules, then hold back the extra heap the runner granted,
+    so the firmware starts with the nominal free GC heap (ESP32EMU_HEAP bytes). The models'
+    small transient allocations (set_boot's image check) then come out of that heap too,
+    which is stricter than the chip, never more lenient."""
+    global _ballast
+    import gc
+
+    import esp32  # noqa: F401
+    import machine  # noqa: F401
+    import network  # noqa: F401
+
+    flash()
+    parts()
+    gc.collect()
+    nominal = int(os.getenv("ESP32EMU_HEAP") or "0")
+    extra = gc.mem_free() - nominal
+    if nominal and extra > 0:
+        _ballast = bytearray(extra)
 
 
 def flash():

@@ -1,0 +1,60 @@
+# config.py Device configuration: defaults here, the site file config.json, secrets.json.
+#
+# config.json (written by provisioning): device_id, broker_host, broker_port, tls_name,
+# wifi_ssid, ... ; secrets.json (never committed): mqtt_password, wifi_password.
+
+import json
+
+DEFAULTS = {
+    "device_id": None,
+    "broker_host": None,
+    "broker_port": 8883,
+    "tls_name": None,  # name the broker/store certificate is checked against; default: host
+    "ca_file": "ca.der",
+    "wifi_ssid": "",
+    "wifi_password": "",
+    "mqtt_password": None,
+    "keepalive_s": 60,
+    "net_timeout_s": 15,
+    "health_deadline_s": 60,  # a new image must prove itself within this time, or roll back
+    "wdt_ms": 120000,
+    "tls_slots": 2,  # TLS connections the board can hold at once; 1: close MQTT to download
+    "max_attempts": 3,  # tries per target for transient failures
+    "ntp_host": None,
+}
+
+
+def _read(path):
+    try:
+        with open(path) as f:
+            d = json.load(f)
+    except OSError:
+        return {}
+    if not isinstance(d, dict):
+        raise ValueError("%s: must hold a JSON object" % path)
+    return d
+
+
+def load(path="config.json", secrets="secrets.json"):
+    """Merge defaults, config.json and secrets.json; raises ValueError naming what is wrong."""
+    from firmware import contract
+
+    cfg = dict(DEFAULTS)
+    for src in (_read(path), _read(secrets)):
+        for k in src:
+            if k not in DEFAULTS:
+                raise ValueError("unknown config key %r" % k)
+            cfg[k] = src[k]
+    if not contract.valid_device_id(cfg["device_id"]):
+        raise ValueError("device_id: missing or invalid")
+    for k in ("broker_host", "mqtt_password"):
+        if not isinstance(cfg[k], str) or not cfg[k]:
+            raise ValueError("%s: missing" % k)
+    for k in ("broker_port", "keepalive_s", "net_timeout_s", "health_deadline_s", "wdt_ms",
+              "tls_slots", "max_attempts"):
+        if not isinstance(cfg[k], int) or cfg[k] < 0:
+            raise ValueError("%s: must be a non-negative integer" % k)
+    cfg["tls_name"] = cfg["tls_name"] or cfg["broker_host"]
+    with open(cfg["ca_file"], "rb") as f:
+        cfg["ca"] = f.read()
+    return cfg

@@ -1,0 +1,137 @@
+# contract.py The wire contract: topics, the firmware document, states and error codes.
+#
+# One module for both sides: the device firmware (MicroPython) and the replica, store and CLI
+# (CPython) import this file, so a topic or a field can't be spelled two ways. Keep it in the
+# common subset of both languages.
+#
+# Topics (seed pattern "Software Update", shadow contract after AWS IoT Device Shadow):
+#   state/<id>/update            desired (operator) or reported (device) state, JSON
+#   state/<id>/update/accepted   replica: the update was stored; echoes it with version
+#   state/<id>/update/rejected   replica: {code, message, clientToken?}
+#   state/<id>/update/delta      replica: desired fields that differ from reported
+#   state/<id>/get               ask for the whole document
+#   state/<id>/get/accepted      replica: {state: {desired, reported, delta}, version, ...}
+#   state/<id>/get/rejected      replica: {code, message}; 404 before the first update
+
+ROOT = "state"
+UPDATE = "update"
+UPDATE_ACCEPTED = "update/accepted"
+UPDATE_REJECTED = "update/rejected"
+UPDATE_DELTA = "update/delta"
+GET = "get"
+GET_ACCEPTED = "get/accepted"
+GET_REJECTED = "get/rejected"
+_SUFFIXES = (UPDATE, UPDATE_ACCEPTED, UPDATE_REJECTED, UPDATE_DELTA, GET, GET_ACCEPTED, GET_REJECTED)
+
+MAX_DEVICE_ID = 64
+MAX_DOCUMENT = 8192  # bytes of desired + reported, as AWS IoT Device Shadow
+MAX_DEPTH = 6  # nesting levels below "desired"/"reported"
+MAX_CLIENT_TOKEN = 64
+MAX_URL = 1024
+MAX_VERSION = 32
+MAX_IMAGE_SIZE = 16 * 1024 * 1024  # esp_image_verify refuses partitions above 16 MB
+
+# Replica rejection codes (HTTP-like, as the shadow service answers).
+R_BAD_REQUEST = 400
+R_NOT_FOUND = 404
+R_CONFLICT = 409
+R_TOO_LARGE = 413
+R_INTERNAL = 500
+
+# Device update states, reported in state.reported.firmware.state.
+ST_IDLE = "idle"
+ST_DOWNLOADING = "downloading"
+ST_VERIFYING = "verifying"
+ST_REBOOTING = "rebooting"
+ST_TRIAL = "trial"
+ST_FAILED = "failed"
+
+# Device error codes, reported in state.reported.firmware.error.
+E_BAD_DESIRED = "bad_desired"  # the desired firmware document is malformed
+E_TOO_BIG = "too_big"  # size larger than the inactive slot
+E_HTTP = "http_status"  # the store answered other than 200
+E_SIZE = "size_mismatch"  # Content-Length or bytes received differ from the desired size
+E_NOT_APP = "not_app_image"  # first block is not an ESP32 app image (e.g. firmware.bin)
+E_HASH = "hash_mismatch"  # SHA-256 of the received bytes differs from the desired sha256
+E_READBACK = "readback_mismatch"  # the slot does not hold what was written
+E_VALIDATE = "validate_failed"  # set_boot() refused the image (ESP_ERR_OTA_VALIDATE_FAILED)
+E_NETWORK = "network"  # connection, TLS or timeout failure
+E_ROLLED_BACK = "rolled_back"  # the new image did not confirm; the bootloader went back
+
+_HEX = "0123456789abcdef"
+
+
+def topic(device_id, suffix):
+    return ROOT + "/" + device_id + "/" + suffix
+
+
+def parse_topic(t):
+    """Split "state/<id>/<suffix>" into (id, suffix); None if it is not a contract topic."""
+    if not t.startswith(ROOT + "/"):
+        return None
+    rest = t[len(ROOT) + 1 :]
+    i = rest.find("/")
+    if i <= 0:
+        return None
+    device_id, suffix = rest[:i], rest[i + 1 :]
+    if not valid_device_id(device_id) or suffix not in _SUFFIXES:
+        return None
+    return device_id, suffix
+
+
+def valid_device_id(s):
+    if not isinstance(s, str) or not 0 < len(s) <= MAX_DEVICE_ID:
+        return False
+    for c in s:
+        if not (c.isalpha() or c.isdigit() or c in "-_."):
+            return False
+    return c.isalpha() or c.isdigit() or c in "-_"
+
+
+def is_sha256_hex(s):
+    if not isinstance(s, str) or len(s) != 64:
+        return False
+    for c in s:
+        if c not in _HEX:
+            return False
+    return True
+
+
+def check_firmware(fw):
+    """Validate a desired `firmware` object; returns a new dict with exactly the known keys.
+
+    Raises ValueError("<field>: <why>") for anything a device must not act on.
+    """
+    if not isinstance(fw, dict):
+        raise ValueError("firmware: must be an object")
+    url = fw.get("url")
+    if not isinstance(url, str) or not url.startswith("https://") or len(url) > MAX_URL:
+        raise ValueError("url: must be an https:// URL of at most %d characters" % MAX_URL)
+    version = fw.get("version")
+    if not isinstance(version, str) or not 0 < len(version) <= MAX_VERSION:
+        raise ValueError("version: must be a string of 1 to %d characters" % MAX_VERSION)
+    if not is_sha256_hex(fw.get("sha256")):
+        raise ValueError("sha256: must be 64 lowercase hex digits")
+    size = fw.get("size")
+    if not isinstance(size, int) or isinstance(size, bool) or not 0 < size <= MAX_IMAGE_SIZE:
+        raise ValueError("size: must be an integer from 1 to %d" % MAX_IMAGE_SIZE)
+    return {"url": url, "version": version, "sha256": fw["sha256"], "size": size}
+
+
+def split_url(url):
+    """https://host[:port]/path?query -> (host, port, "/path?query")."""
+    if not url.startswith("https://"):
+        raise ValueError("url: not https")
+    rest = url[8:]
+    i = rest.find("/")
+    hostport, path = (rest, "/") if i < 0 else (rest[:i], rest[i:])
+    port = 443
+    if hostport.startswith("["):
+        raise ValueError("url: IPv6 literals are not supported")
+    j = hostport.rfind(":")
+    if j >= 0:
+        port = int(hostport[j + 1 :])
+        hostport = hostport[:j]
+    if not hostport or not 0 < port < 65536:
+        raise ValueError("url: bad host or port")
+    return hostport, port, path

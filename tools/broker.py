@@ -1,0 +1,110 @@
+"""The embedded MQTT broker: amqtt with TLS, password auth and a per-device topic ACL.
+
+amqtt's packaged ACL plugin has no `%u` substitution, so "device X may only use state/X/#"
+is this module's DeviceTopicPlugin. Devices must use their username as MQTT client id (so one
+device cannot take over another's session); service identities (`superusers`) may use any
+client id that starts with their name and may use all of `state/`.
+
+Known amqtt 0.12.1 limits (see README): a CONNECT with a taken client id wipes the holder's
+subscriptions before authentication runs, and refused CONNECTs leak sessions. Keep this broker
+on loopback or a trusted network; use mosquitto for anything exposed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from amqtt.broker import Broker
+from amqtt.contexts import Action
+from amqtt.plugins.base import BaseAuthPlugin, BaseTopicPlugin
+
+from tools.credentials import Credentials
+from tools.pki import PKI
+
+log = logging.getLogger("broker")
+
+SERVICE_USERS = ("replica", "operator")
+
+
+def _device_owns(user: str, topic: str) -> bool:
+    """True if `topic` (a name or filter) lies inside state/<user>/."""
+    parts = topic.split("/")
+    return len(parts) >= 3 and parts[0] == "state" and parts[1] == user and "#" not in parts[:2]
+
+
+class PasswordAuthPlugin(BaseAuthPlugin):
+    """Username/password from the shared credentials file; anonymous clients are refused."""
+
+    @dataclass
+    class Config:
+        password_file: str = ""
+        superusers: list[str] = field(default_factory=lambda: list(SERVICE_USERS))
+
+    def __init__(self, context) -> None:
+        super().__init__(context)
+        self._creds = Credentials(Path(self.config.password_file))
+
+    async def authenticate(self, *, session) -> bool:
+        user, password, cid = session.username, session.password, session.client_id or ""
+        if not user or not password:
+            log.info("refused %s: no credentials", cid)
+            return False
+        if user in self.config.superusers:
+            id_ok = cid == user or cid.startswith(user + "-")
+        else:
+            id_ok = cid == user
+        if not id_ok:
+            log.info("refused %s: client id must be the username %s", cid, user)
+            return False
+        ok = await asyncio.to_thread(self._creds.verify, user, password)
+        if not ok:
+            log.info("refused %s: wrong password", cid)
+        return ok
+
+
+class DeviceTopicPlugin(BaseTopicPlugin):
+    """Devices: only state/<own id>/... Services: anything under state/."""
+
+    @dataclass
+    class Config:
+        superusers: list[str] = field(default_factory=lambda: list(SERVICE_USERS))
+
+    async def topic_filtering(self, *, session=None, topic=None, action=None) -> bool:
+        if session is None or not topic or not session.username:
+            return False
+        user = session.username
+        if user in self.config.superusers:
+            return topic.split("/", 1)[0] == "state"
+        allowed = _device_owns(user, topic)
+        if not allowed and action != Action.RECEIVE:
+            log.info("denied %s %s on %s", user, action, topic)
+        return allowed
+
+
+def broker_config(host: str, port: int, pki: PKI, password_file: Path) -> dict:
+    return {
+        "listeners": {
+            "default": {
+                "type": "tcp",
+                "bind": f"{host}:{port}",
+                "ssl": True,
+                "certfile": str(pki.server_cert),
+                "keyfile": str(pki.server_key),
+                "cafile": str(pki.ca_cert),
+            }
+        },
+        "plugins": {
+            "tools.broker.PasswordAuthPlugin": {"password_file": str(password_file)},
+            "tools.broker.DeviceTopicPlugin": {},
+        },
+    }
+
+
+async def start_broker(host: str, port: int, pki: PKI, password_file: Path) -> Broker:
+    """Start amqtt on the running loop; stop it with `await broker.shutdown()`."""
+    broker = Broker(broker_config(host, port, pki, password_file))
+    await broker.start()
+    return broker

@@ -1,0 +1,88 @@
+"""Per-identity passwords shared by the broker and the firmware store.
+
+One line per identity, `name:<argon2 hash>`, in the same shape as amqtt's password file. A
+device proves who it is with the same credential to the broker (MQTT username/password) and
+to the store (HTTP Basic), so revoking a device is removing its line.
+"""
+
+from __future__ import annotations
+
+import hmac
+import os
+import secrets
+import threading
+from pathlib import Path
+
+from argon2 import PasswordHasher
+from argon2.exceptions import InvalidHashError, VerificationError
+
+# OWASP's minimum argon2id profile (19 MiB, t=2, p=1): ~20 ms a check, so connects stay cheap.
+_HASHER = PasswordHasher(time_cost=2, memory_cost=19456, parallelism=1)
+
+
+class Credentials:
+    """A password file that reloads itself when it changes on disk."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self._lock = threading.Lock()
+        self._mtime: float | None = None
+        self._hashes: dict[str, str] = {}
+
+    def _load(self) -> dict[str, str]:
+        with self._lock:
+            try:
+                mtime = self.path.stat().st_mtime_ns
+            except FileNotFoundError:
+                self._hashes, self._mtime = {}, None
+                return self._hashes
+            if mtime != self._mtime:
+                hashes = {}
+                for line in self.path.read_text().splitlines():
+                    name, sep, h = line.partition(":")
+                    if sep and name and h:
+                        hashes[name] = h
+                self._hashes, self._mtime = hashes, mtime
+            return self._hashes
+
+    def names(self) -> list[str]:
+        return sorted(self._load())
+
+    def verify(self, name: str, password: str) -> bool:
+        h = self._load().get(name)
+        if h is None or not password:
+            # Spend the same time either way, so probing for names teaches nothing.
+            _HASHER.hash("x" * 16)
+            return False
+        try:
+            return _HASHER.verify(h, password)
+        except (VerificationError, InvalidHashError):
+            return False
+
+    def set(self, name: str, password: str | None = None) -> str:
+        """Create or replace `name`'s password; returns the password."""
+        if not name or ":" in name or "\n" in name:
+            raise ValueError(f"bad identity name {name!r}")
+        password = password or secrets.token_urlsafe(24)
+        hashes = dict(self._load())
+        hashes[name] = _HASHER.hash(password)
+        self._write(hashes)
+        return password
+
+    def remove(self, name: str) -> bool:
+        hashes = dict(self._load())
+        if hashes.pop(name, None) is None:
+            return False
+        self._write(hashes)
+        return True
+
+    def _write(self, hashes: dict[str, str]) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text("".join(f"{n}:{h}\n" for n, h in sorted(hashes.items())))
+        os.chmod(tmp, 0o600)
+        tmp.replace(self.path)
+
+
+def same(a: str, b: str) -> bool:
+    return hmac.compare_digest(a.encode(), b.encode())

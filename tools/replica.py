@@ -1,0 +1,149 @@
+"""The Device State Replica: an ordinary MQTT client that keeps one shadow per device.
+
+Subscribes `state/+/update` and `state/+/get`; for each update it validates and merges
+(tools.shadow), commits the document to SQLite (WAL, one transaction per update), and only then
+publishes `update/accepted` and, while desired differs from reported, `update/delta`. Bad input
+gets `update/rejected` {code, message}; nothing a client sends can stop the service.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import sqlite3
+import ssl
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiomqtt
+
+from firmware import contract
+from tools import shadow
+
+log = logging.getLogger("replica")
+
+
+class ShadowDB:
+    """SQLite store of shadow documents: one row per device, replaced per update."""
+
+    def __init__(self, path: Path):
+        self.conn = sqlite3.connect(str(path), isolation_level=None)
+        self.conn.execute("PRAGMA journal_mode=WAL")
+        self.conn.execute("PRAGMA synchronous=FULL")  # accepted means on disk
+        self.conn.execute(
+            "CREATE TABLE IF NOT EXISTS shadows ("
+            " device_id TEXT PRIMARY KEY, version INTEGER NOT NULL, doc TEXT NOT NULL)"
+        )
+
+    def get(self, device_id: str) -> dict | None:
+        row = self.conn.execute("SELECT doc FROM shadows WHERE device_id = ?", (device_id,)).fetchone()
+        return json.loads(row[0]) if row else None
+
+    def put(self, device_id: str, doc: dict, expected_version: int) -> bool:
+        """Compare-and-swap on version; False if someone else wrote first."""
+        text = json.dumps(doc, separators=(",", ":"))
+        with self.conn:
+            if expected_version == 0:
+                cur = self.conn.execute(
+                    "INSERT OR IGNORE INTO shadows (device_id, version, doc) VALUES (?, ?, ?)",
+                    (device_id, doc["version"], text),
+                )
+            else:
+                cur = self.conn.execute(
+                    "UPDATE shadows SET version = ?, doc = ? WHERE device_id = ? AND version = ?",
+                    (doc["version"], text, device_id, expected_version),
+                )
+        return cur.rowcount == 1
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+@dataclass
+class MQTTSettings:
+    host: str
+    port: int
+    username: str
+    password: str
+    ca_file: Path
+    client_id: str | None = None
+
+    def tls_context(self) -> ssl.SSLContext:
+        return ssl.create_default_context(cafile=str(self.ca_file))
+
+
+class Replica:
+    def __init__(self, mqtt: MQTTSettings, db_path: Path):
+        self.mqtt = mqtt
+        self.db = ShadowDB(db_path)
+        self.handled = 0
+
+    def handle(self, topic: str, payload: bytes) -> list[tuple[str, dict]]:
+        """Process one message; returns the (topic, message) pairs to publish, in order.
+        Storage happens here, before anything is returned for publishing."""
+        parsed = contract.parse_topic(topic)
+        if parsed is None:
+            return []
+        device_id, suffix = parsed
+        if suffix == contract.GET:
+            token = None
+            try:
+                req = shadow.parse_request(payload) if payload.strip() else {}
+                token = req.get("clientToken")
+            except shadow.ShadowError as e:
+                return [(contract.topic(device_id, contract.GET_REJECTED), e.payload())]
+            doc = self.db.get(device_id)
+            if doc is None:
+                err = shadow.ShadowError(contract.R_NOT_FOUND, f"No shadow exists with name: '{device_id}'", token)
+                return [(contract.topic(device_id, contract.GET_REJECTED), err.payload())]
+            return [(contract.topic(device_id, contract.GET_ACCEPTED), shadow.get_response(doc, token))]
+        if suffix != contract.UPDATE:
+            return []
+        try:
+            req = shadow.parse_request(payload)
+            for _ in range(3):  # compare-and-swap: another worker may write between read and put
+                doc = self.db.get(device_id)
+                new, accepted, delta = shadow.apply_update(doc, req, int(time.time()))
+                if self.db.put(device_id, new, doc["version"] if doc else 0):
+                    break
+            else:
+                raise shadow.ShadowError(contract.R_CONFLICT, "concurrent updates; retry", req.get("clientToken"))
+        except shadow.ShadowError as e:
+            return [(contract.topic(device_id, contract.UPDATE_REJECTED), e.payload())]
+        out = [(contract.topic(device_id, contract.UPDATE_ACCEPTED), accepted)]
+        if delta is not None:
+            out.append((contract.topic(device_id, contract.UPDATE_DELTA), delta))
+        return out
+
+    async def run(self, ready: asyncio.Event | None = None) -> None:
+        """Serve until cancelled; reconnects with backoff if the broker goes away."""
+        m = self.mqtt
+        delay = 0.5
+        while True:
+            try:
+                async with aiomqtt.Client(
+                    m.host, m.port, username=m.username, password=m.password,
+                    identifier=m.client_id or f"{m.username}-replica", tls_context=m.tls_context(),
+                    clean_session=False,
+                ) as client:
+                    await client.subscribe(f"{contract.ROOT}/+/{contract.UPDATE}", qos=1)
+                    await client.subscribe(f"{contract.ROOT}/+/{contract.GET}", qos=1)
+                    log.info("replica subscribed on %s:%d", m.host, m.port)
+                    delay = 0.5
+                    if ready is not None:
+                        ready.set()
+                    async for message in client.messages:
+                        try:
+                            out = self.handle(str(message.topic), bytes(message.payload or b""))
+                        except Exception:  # noqa: BLE001 - one bad message must not stop the service
+                            log.exception("failed to handle %s", message.topic)
+                            continue
+                        self.handled += 1
+                        for topic, msg in out:
+                            await client.publish(topic, json.dumps(msg, separators=(",", ":")), qos=1)
+            except aiomqtt.MqttError as e:
+                log.warning("broker connection lost (%s); reconnecting in %.1fs", e, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 10)

@@ -1,0 +1,107 @@
+"""Broker, replica and firmware store together on one asyncio loop.
+
+Used by `serve`, by `demo` and by the tests. Each is an independent component talking over the
+network (the replica is an ordinary MQTT client of the broker), so they could run apart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import threading
+
+from tools import store
+from tools.broker import start_broker
+from tools.pki import server_ssl_context
+from tools.replica import MQTTSettings, Replica
+from tools.site import Endpoints, Site
+
+log = logging.getLogger("services")
+
+
+def free_port(host: str) -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+class Services:
+    def __init__(self, site: Site, host: str = "127.0.0.1", mqtt_port: int = 0, https_port: int = 0):
+        self.site = site
+        self.host = host
+        self.mqtt_port = mqtt_port
+        self.https_port = https_port
+        self.broker = None
+        self.replica: Replica | None = None
+        self._replica_task: asyncio.Task | None = None
+        self._store_runner = None
+        self.endpoints: Endpoints | None = None
+
+    async def start(self) -> Endpoints:
+        site = self.site
+        mqtt_port = self.mqtt_port or free_port(self.host)
+        self.broker = await start_broker(self.host, mqtt_port, site.pki, site.creds.path)
+        app = store.make_app(site.releases, site.store_key, site.creds)
+        self._store_runner, https_port = await store.start_store(
+            self.host, self.https_port, app, server_ssl_context(site.pki))
+        await self.start_replica(mqtt_port)
+        self.endpoints = Endpoints(self.host, mqtt_port, https_port)
+        site.write_endpoints(self.endpoints)
+        log.info("services up: mqtts://%s:%d https://%s:%d", self.host, mqtt_port, self.host, https_port)
+        return self.endpoints
+
+    async def start_replica(self, mqtt_port: int | None = None) -> None:
+        port = mqtt_port or self.endpoints.mqtt_port
+        settings = MQTTSettings(self.host, port, "replica", self.site.service_password("replica"),
+                                self.site.pki.ca_cert)
+        self.replica = Replica(settings, self.site.db_path)
+        ready = asyncio.Event()
+        self._replica_task = asyncio.create_task(self.replica.run(ready))
+        await asyncio.wait_for(ready.wait(), 20)
+
+    async def stop_replica(self) -> None:
+        if self._replica_task:
+            self._replica_task.cancel()
+            try:
+                await self._replica_task
+            except asyncio.CancelledError:
+                pass
+            self._replica_task = None
+        if self.replica:
+            self.replica.db.close()
+            self.replica = None
+
+    async def stop(self) -> None:
+        await self.stop_replica()
+        if self._store_runner:
+            await self._store_runner.cleanup()
+            self._store_runner = None
+        if self.broker:
+            await self.broker.shutdown()
+            self.broker = None
+
+
+class ServicesThread:
+    """Services on their own loop in a background thread, for synchronous callers (tests)."""
+
+    def __init__(self, site: Site, host: str = "127.0.0.1"):
+        self.services = Services(site, host)
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True, name="services")
+
+    def call(self, coro, timeout: float = 30):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def __enter__(self) -> "ServicesThread":
+        self._thread.start()
+        self.endpoints = self.call(self.services.start())
+        return self
+
+    def __exit__(self, *exc) -> None:
+        try:
+            self.call(self.services.stop())
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self._thread.join(10)
+            self.loop.close()

@@ -1,0 +1,81 @@
+"""One installation on disk: keys, credentials, releases, the replica database, endpoints.
+
+    <root>/pki/            CA (ca.crt, ca.der) and the server certificate for broker and store
+    <root>/passwd          identity:argon2-hash lines (devices, replica, operator)
+    <root>/services.json   passwords of the service identities (mode 0600)
+    <root>/store.key       HMAC key for pre-signed URLs (mode 0600)
+    <root>/releases/       released images and their index
+    <root>/replica.db      shadow documents
+    <root>/endpoints.json  where the running services listen (written by `serve`)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+
+from tools.broker import SERVICE_USERS
+from tools.credentials import Credentials
+from tools.pki import PKI, ensure_pki
+from tools.releases import Registry
+
+
+@dataclass(frozen=True)
+class Endpoints:
+    host: str
+    mqtt_port: int
+    https_port: int
+
+    @property
+    def store_url(self) -> str:
+        return f"https://{self.host}:{self.https_port}"
+
+
+class Site:
+    def __init__(self, root: Path, names: tuple[str, ...] = ("127.0.0.1", "localhost")):
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.pki: PKI = ensure_pki(self.root / "pki", names)
+        self.creds = Credentials(self.root / "passwd")
+        self.releases = Registry(self.root / "releases")
+        self.db_path = self.root / "replica.db"
+        self.devices_dir = self.root / "devices"
+
+    def _secret_file(self, name: str, make) -> bytes:
+        path = self.root / name
+        if not path.exists():
+            tmp = path.with_suffix(".tmp")
+            tmp.write_bytes(make())
+            os.chmod(tmp, 0o600)
+            tmp.replace(path)
+        return path.read_bytes()
+
+    @property
+    def store_key(self) -> bytes:
+        return self._secret_file("store.key", lambda: secrets.token_bytes(32))
+
+    def service_password(self, user: str) -> str:
+        """Password of a service identity (replica, operator), created on first use."""
+        if user not in SERVICE_USERS:
+            raise ValueError(f"{user} is not a service identity")
+        path = self.root / "services.json"
+        data = json.loads(path.read_text()) if path.exists() else {}
+        if user not in data or user not in self.creds.names():
+            data[user] = self.creds.set(user)
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(data))
+            os.chmod(tmp, 0o600)
+            tmp.replace(path)
+        return data[user]
+
+    def write_endpoints(self, ep: Endpoints) -> None:
+        (self.root / "endpoints.json").write_text(json.dumps(ep.__dict__))
+
+    def endpoints(self) -> Endpoints:
+        path = self.root / "endpoints.json"
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: no running services (start them with `serve`)")
+        return Endpoints(**json.loads(path.read_text()))

@@ -1,0 +1,78 @@
+"""The HTTPS firmware store: serves released images to the one device each URL names.
+
+Every request needs (1) a valid pre-signed URL (tools.presign: artifact, device, expiry, HMAC)
+and (2) the device's own credential (HTTP Basic, the same one it uses for MQTT) for the device
+the URL was issued to. Anything else is 403 with the reason, and logged. Range requests get
+206 (aiohttp's FileResponse), so devices can resume.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import logging
+import re
+import ssl
+
+from aiohttp import web
+
+from tools import presign
+from tools.credentials import Credentials
+from tools.releases import Registry
+
+log = logging.getLogger("store")
+
+_ARTIFACT = re.compile(r"^[0-9a-f]{64}\.bin$")
+
+
+def _deny(request: web.Request, reason: str, status: int = 403) -> web.Response:
+    log.warning("%s %s from %s: %d %s", request.method, request.path, request.remote, status, reason)
+    return web.json_response({"error": reason}, status=status)
+
+
+def _basic_auth(header: str | None) -> tuple[str, str] | None:
+    if not header or not header.startswith("Basic "):
+        return None
+    try:
+        user, sep, pw = base64.b64decode(header[6:], validate=True).decode().partition(":")
+    except (binascii.Error, UnicodeDecodeError):
+        return None
+    return (user, pw) if sep else None
+
+
+def make_app(registry: Registry, key: bytes, creds: Credentials) -> web.Application:
+    async def artifact(request: web.Request) -> web.StreamResponse:
+        name = request.match_info["name"]
+        if not _ARTIFACT.match(name):
+            return _deny(request, "no such artifact", 404)
+        try:
+            device = presign.verify(key, request.path, dict(request.query))
+        except presign.PresignError as e:
+            return _deny(request, str(e))
+        auth = _basic_auth(request.headers.get("Authorization"))
+        if auth is None:
+            return _deny(request, "device credential required")
+        if auth[0] != device:
+            return _deny(request, "URL was issued to another device")
+        if not await asyncio.to_thread(creds.verify, auth[0], auth[1]):
+            return _deny(request, "bad device credential")
+        path = registry.path_of(name[:-4])
+        if not path.is_file():
+            return _deny(request, "no such artifact", 404)
+        log.info("serving %s to %s (Range: %s)", name[:12], device, request.headers.get("Range", "-"))
+        return web.FileResponse(path, headers={"Content-Type": "application/octet-stream"})
+
+    app = web.Application()
+    app.router.add_get("/fw/{name}", artifact)
+    return app
+
+
+async def start_store(host: str, port: int, app: web.Application, ssl_context: ssl.SSLContext) -> tuple[web.AppRunner, int]:
+    """Serve `app` over TLS; returns (runner, bound port). Stop with `await runner.cleanup()`."""
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port, ssl_context=ssl_context)
+    await site.start()
+    bound = runner.addresses[0][1]
+    return runner, bound
