@@ -34,7 +34,8 @@ def copy_firmware(fs: Path, compiled: bool = True) -> None:
 
 
 def provision_emulated(site: Site, device_id: str, image: bytes, version: str,
-                       directory: Path | None = None, config: dict | None = None) -> Path:
+                       directory: Path | None = None, config: dict | None = None,
+                       compiled: bool = True) -> Path:
     """Make `<site>/devices/<id>` (or `directory`): flash.bin with `image` in ota_0 (as
     esptool leaves a board), fs/ with the firmware, config, secrets and the CA. Returns it."""
     if not contract.valid_device_id(device_id):
@@ -46,7 +47,7 @@ def provision_emulated(site: Site, device_id: str, image: bytes, version: str,
     fs = root / "fs"
     if fs.exists():
         shutil.rmtree(fs)
-    copy_firmware(fs)
+    copy_firmware(fs, compiled)
     password = site.creds.set(device_id)
     cfg = {"device_id": device_id, "broker_host": ep.host, "broker_port": ep.mqtt_port,
            "wifi_ssid": "emulated"}

@@ -1,0 +1,219 @@
+"""Command line: `python -m tools <command>` (run `python -m tools --help`).
+
+A thin layer over the importable modules: each command parses arguments, calls one function,
+prints the result. Expected failures become one line on stderr and exit status 1 (2 for
+usage errors, from argparse).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import signal
+import sys
+from pathlib import Path
+
+DEFAULT_SITE = Path("build/site")
+
+
+class CommandError(Exception):
+    pass
+
+
+def _site(args):
+    from tools.site import Site
+
+    return Site(args.site)
+
+
+def cmd_image_build(args) -> None:
+    from tools.images import PANIC_ON_BOOT, build_app_image
+
+    data = build_app_image(args.version, args.size, PANIC_ON_BOOT if args.panic_on_boot else args.project)
+    args.output.write_bytes(data)
+    print(f"{args.output}: {len(data)} bytes, ESP32 app image {args.version}")
+
+
+def cmd_image_check(args) -> None:
+    from tools.images import ImageError, check_app_image
+
+    try:
+        r = check_app_image(args.file.read_bytes(), args.slot_size)
+    except ImageError as e:
+        raise CommandError(f"{args.file}: {e.code}: {e}") from None
+    print(json.dumps(r.__dict__, indent=1))
+
+
+def cmd_release(args) -> None:
+    from tools.images import ImageError
+    from tools.releases import ReleaseError
+
+    try:
+        rel = _site(args).releases.add(args.file.read_bytes(), args.version)
+    except ImageError as e:
+        raise CommandError(f"{args.file}: {e.code}: {e}") from None
+    except ReleaseError as e:
+        raise CommandError(str(e)) from None
+    print(json.dumps(rel.__dict__, indent=1))
+
+
+def cmd_releases(args) -> None:
+    for r in _site(args).releases.list():
+        print(f"{r.version:<12} {r.sha256} {r.size:>9} {r.date}")
+
+
+def cmd_serve(args) -> None:
+    from tools.services import Services
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    for noisy in ("transitions", "amqtt"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+    async def main():
+        services = Services(_site(args), args.host, args.mqtt_port, args.https_port)
+        ep = await services.start()
+        print(f"mqtts://{ep.host}:{ep.mqtt_port}  https://{ep.host}:{ep.https_port}  (Ctrl-C stops)", flush=True)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        await services.stop()
+
+    asyncio.run(main())
+
+
+def cmd_provision(args) -> None:
+    from tools.provision import provision_emulated
+
+    root = provision_emulated(_site(args), args.device, args.image.read_bytes(), args.version,
+                              args.dir, compiled=not args.source)
+    print(root)
+
+
+def cmd_emulate(args) -> None:
+    from tools.esp32emu.runner import Runner
+
+    runner = Runner(args.dir, heapsize=args.heapsize, max_boots=args.max_boots)
+    signal.signal(signal.SIGTERM, lambda *_: runner.stop())
+    try:
+        boots = runner.run()
+    except KeyboardInterrupt:
+        runner.stop()
+        return
+    if boots and boots[-1].ended == "no bootable app":
+        raise CommandError("no bootable app partition")
+
+
+def cmd_flash_info(args) -> None:
+    from tools.esp32emu.flashinfo import flash_info
+
+    print(json.dumps(flash_info(args.flash, args.chip_rev), indent=1))
+
+
+def cmd_desired(args) -> None:
+    from tools import operator_client as op
+
+    site = _site(args)
+    rel = site.releases.get(args.version)
+    if rel is None:
+        raise CommandError(f"no release {args.version} (see `releases`)")
+    try:
+        doc = asyncio.run(op.set_desired(site, args.device, rel, args.ttl))
+    except (op.OperatorError, OSError) as e:
+        raise CommandError(str(e)) from None
+    print(json.dumps(doc, indent=1))
+
+
+def cmd_shadow(args) -> None:
+    from tools import operator_client as op
+
+    try:
+        doc = asyncio.run(op.get_shadow(_site(args), args.device))
+    except (op.OperatorError, OSError) as e:
+        raise CommandError(str(e)) from None
+    print(json.dumps(doc, indent=1))
+
+
+def cmd_demo(args) -> None:
+    from tools.demo import run_demo
+
+    logging.basicConfig(level=logging.ERROR)
+    if asyncio.run(run_demo(args.dir)) != 0:
+        raise CommandError("demo failed")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m tools", description="ESP32 fleet OTA: host tools.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def add(name, fn, help):
+        sp = sub.add_parser(name, help=help, description=help)
+        sp.set_defaults(fn=fn)
+        return sp
+
+    def with_site(sp):
+        sp.add_argument("--site", type=Path, default=DEFAULT_SITE, help="installation folder (default: build/site)")
+        return sp
+
+    sp = add("image-build", cmd_image_build, "build a valid ESP32 app image for tests")
+    sp.add_argument("--version", required=True)
+    sp.add_argument("--size", type=int, default=256 * 1024, help="bytes (rounded up to 16)")
+    sp.add_argument("--project", default="micropython", help="app descriptor project name")
+    sp.add_argument("--panic-on-boot", action="store_true", help="emulated chip crashes right after booting it")
+    sp.add_argument("-o", "--output", type=Path, required=True)
+
+    sp = add("image-check", cmd_image_check, "check that a file is an app image a slot can boot")
+    sp.add_argument("file", type=Path)
+    sp.add_argument("--slot-size", type=lambda s: int(s, 0), default=0x180000)
+
+    sp = with_site(add("release", cmd_release, "validate an app image and add it to the store"))
+    sp.add_argument("file", type=Path)
+    sp.add_argument("--version", required=True)
+
+    with_site(add("releases", cmd_releases, "list releases"))
+
+    sp = with_site(add("serve", cmd_serve, "run broker, replica and firmware store"))
+    sp.add_argument("--host", default="127.0.0.1")
+    sp.add_argument("--mqtt-port", type=int, default=8883)
+    sp.add_argument("--https-port", type=int, default=8443)
+
+    sp = with_site(add("provision", cmd_provision, "create an emulated device (needs `serve` running)"))
+    sp.add_argument("device")
+    sp.add_argument("--image", type=Path, required=True, help="app image the device starts with")
+    sp.add_argument("--version", required=True, help="version label of that image")
+    sp.add_argument("--dir", type=Path, help="device folder (default: <site>/devices/<device>)")
+    sp.add_argument("--source", action="store_true", help="copy .py instead of mpy-cross output")
+
+    sp = add("emulate", cmd_emulate, "power on an emulated ESP32 device folder")
+    sp.add_argument("dir", type=Path)
+    sp.add_argument("--heapsize", default="112k", help="GC heap the firmware gets (default 112k)")
+    sp.add_argument("--max-boots", type=int)
+
+    sp = add("flash-info", cmd_flash_info, "show partitions, otadata, next boot and slot images of a flash.bin")
+    sp.add_argument("flash", type=Path)
+    sp.add_argument("--chip-rev", type=int, default=301)
+
+    sp = with_site(add("desired", cmd_desired, "set a device's desired firmware to a release"))
+    sp.add_argument("device")
+    sp.add_argument("version")
+    sp.add_argument("--ttl", type=int, default=900, help="URL lifetime in seconds (max 3600)")
+
+    sp = with_site(add("shadow", cmd_shadow, "print a device's shadow document"))
+    sp.add_argument("device")
+
+    sp = add("demo", cmd_demo, "run the end-to-end demo")
+    sp.add_argument("--dir", type=Path, default=Path("build/demo"))
+    return p
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        args.fn(args)
+    except CommandError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,64 @@
+"""flash-info: what an ESP32 flash image holds and what its bootloader would do next.
+
+Runs the same model the emulated bootloader runs (target/espidf.py), without writing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+from tools.esp32emu.target import espidf
+
+
+class ReadOnlyFlash:
+    def __init__(self, data: bytes):
+        self.data = data
+
+    def read(self, addr: int, n: int) -> bytes:
+        return self.data[addr : addr + n]
+
+    def readinto(self, addr: int, buf) -> None:
+        buf[:] = self.data[addr : addr + len(buf)]
+
+    def erase(self, addr: int, n: int) -> None:
+        raise PermissionError("flash-info never writes")
+
+    write = erase
+
+
+def flash_info(path: Path, chip_rev: int = 301) -> dict:
+    data = Path(path).read_bytes()
+    flash = ReadOnlyFlash(data)
+    out: dict = {"file": str(path), "size": len(data)}
+    try:
+        parts = espidf.read_partition_table(flash, len(data))
+    except ValueError as e:
+        out["partition_table"] = {"error": str(e)}
+        return out
+    out["partition_table"] = [p.as_dict() for p in parts]
+    otadata = espidf.find_part(parts, espidf.TYPE_DATA, espidf.SUBTYPE_DATA_OTA)
+    if otadata is not None:
+        entries = espidf.read_otadata(flash, otadata)
+        active = espidf.active_otadata(entries)
+        out["otadata"] = {"entries": [e.as_dict() for e in entries], "active": None if active < 0 else active}
+    sel = espidf.select_boot(flash, parts, chip_rev, commit=False)
+    out["next_boot"] = {
+        "slot": sel["part"].label if sel["part"] else None,
+        "why": sel["log"],
+        "otadata_writes": sel["writes"],
+    }
+    slots = {}
+    for p in espidf.ota_slots(parts):
+        res = espidf.verify_image(flash, p.offset, p.size, chip_rev)
+        slots[p.label] = {
+            "valid": res["ok"],
+            "error": res["error"],
+            "length": res["length"],
+            # The image file's SHA-256: what releases are named by and devices report.
+            "image_sha256": hashlib.sha256(data[p.offset : p.offset + res["length"]]).hexdigest()
+            if res["ok"] else None,
+            "app_desc": res["desc"],
+        }
+    out["app_slots"] = slots
+    return out
