@@ -9,6 +9,7 @@
 # Steady state: on every (re)connect ask for the whole shadow (state/<id>/get) and act on
 # desired.firmware; a delta only triggers another get. Reports are state.reported.firmware.
 
+import gc
 import json
 import random
 import time
@@ -16,7 +17,7 @@ import time
 from firmware import clock, contract, link, power, slots, state, wifi
 from firmware.updater import UpdateError, Updater
 
-_TRANSIENT = (contract.E_NETWORK, contract.E_HTTP, contract.E_SIZE)
+_TRANSIENT = (contract.E_NETWORK, contract.E_HTTP, contract.E_SIZE, contract.E_MEMORY)
 
 
 def log(*args):
@@ -175,13 +176,15 @@ class Agent:
             return
         st = self.st
         same_target = st["target"] is not None and st["target"]["sha256"] == fw["sha256"]
-        if st["phase"] == contract.ST_FAILED and same_target:
-            if st["attempts"] >= self.cfg["max_attempts"]:
-                return  # gave up on this image; a new desired state is needed
-            if self.retry_at is not None and time.ticks_diff(self.retry_at, time.ticks_ms()) > 0:
-                return  # serve() asks again when the backoff has passed
-        elif not same_target:
+        if not same_target:
             st["attempts"] = 0
+        elif st["attempts"] >= self.cfg["max_attempts"]:
+            if st["phase"] != contract.ST_FAILED:  # whatever ended the last try, it was the last
+                self._fail(st["error"] or contract.E_NETWORK)
+                self.report()
+            return  # gave up on this image; a new desired state is needed
+        elif self.retry_at is not None and time.ticks_diff(self.retry_at, time.ticks_ms()) > 0:
+            return  # serve() asks again when the backoff has passed
         self.install(fw)
 
     def install(self, fw):
@@ -194,10 +197,13 @@ class Agent:
         state.save(st)
         self._progress_at = (0, time.ticks_ms())
         log("installing", fw["version"], "into", st["slot"], "attempt", st["attempts"])
-        self.report(progress=0)
         if self.cfg["tls_slots"] < 2:
+            self.report(progress=0, mqtt="parked for the download")
             self.link.close()  # one TLS connection at a time on this board
             self.link = None
+        else:
+            self.report(progress=0)
+        gc.collect()
         try:
             self.updater.install(fw, self._on_progress)
         except UpdateError as e:
@@ -208,6 +214,12 @@ class Agent:
         except (OSError, ValueError) as e:  # network; TLS errors arrive as ValueError
             log("update failed: network:", repr(e))
             self._fail(contract.E_NETWORK, transient=True)
+            self.report()
+            return
+        except MemoryError:
+            gc.collect()
+            log("update failed: out of memory")
+            self._fail(contract.E_MEMORY, transient=True)
             self.report()
             return
         st["phase"] = contract.ST_REBOOTING
@@ -224,6 +236,7 @@ class Agent:
             self.link.poll(500)
             while self.link.inbox:
                 suffix, msg = self.link.inbox.pop(0)
+                gc.collect()
                 try:
                     doc = json.loads(msg)
                 except ValueError:
@@ -253,6 +266,7 @@ class Agent:
             try:
                 wifi.connect(self.cfg["wifi_ssid"], self.cfg["wifi_password"])
                 clock.ensure(self.cfg["ntp_host"])
+                gc.collect()  # the TLS handshake needs its buffers in one piece
                 self.link = link.Link(self.cfg)
                 self.link.connect()
                 if trial:
@@ -264,6 +278,8 @@ class Agent:
                 self.report()
                 self.link.request_get()
                 self.serve()
+            except MemoryError:
+                log("out of memory; reconnecting")  # no formatting: the heap is exhausted
             except (OSError, ValueError) as e:
                 log("link error:", repr(e))
             except Exception as e:  # noqa: BLE001 - umqtt.MQTTException (refused CONNECT)
@@ -271,6 +287,7 @@ class Agent:
             if self.link is not None:
                 self.link.close()
                 self.link = None
+            gc.collect()
             if trial and time.ticks_diff(time.ticks_ms(), t_boot) > self.cfg["health_deadline_s"] * 1000:
                 log("health check deadline passed: resetting without confirming")
                 power.reset()
@@ -284,8 +301,14 @@ class Agent:
 
 
 def main():
+    import sys
+
     from firmware import config
 
     cfg = config.load()
+    # Configuration is read once: drop its code from RAM (it is ~3 KiB of bytecode).
+    del sys.modules["firmware.config"]
+    del config
+    gc.collect()
     power.arm_watchdog(cfg["wdt_ms"])
     Agent(cfg).run()

@@ -18,7 +18,9 @@ DEFAULTS = {
     "net_timeout_s": 15,
     "health_deadline_s": 60,  # a new image must prove itself within this time, or roll back
     "wdt_ms": 120000,
-    "tls_slots": 2,  # TLS connections the board can hold at once; 1: close MQTT to download
+    # TLS connections the board can hold at once. 1 (ESP32 without PSRAM): MQTT is closed
+    # while the image downloads; 2: MQTT stays up and progress is reported live.
+    "tls_slots": 1,
     "max_attempts": 3,  # tries per target for transient failures
     "ntp_host": None,
 }

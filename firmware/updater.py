@@ -29,7 +29,8 @@ def check_app_header(buf):
         raise UpdateError(contract.E_NOT_APP, "bad magic byte")
     if buf[12] | buf[13] << 8 != 0:
         raise UpdateError(contract.E_NOT_APP, "image is for another chip")
-    if bytes(buf[0x20:0x24]) != b"\x32\x54\xcd\xab":
+    # ESP_APP_DESC_MAGIC_WORD 0xABCD5432, little-endian; compared bytewise to allocate nothing
+    if buf[0x20] != 0x32 or buf[0x21] != 0x54 or buf[0x22] != 0xCD or buf[0x23] != 0xAB:
         raise UpdateError(contract.E_NOT_APP, "no app descriptor (bootloader or combined image?)")
 
 
@@ -69,13 +70,18 @@ class Updater:
         return slots.label(part)
 
     def stream_to(self, part, stream, size, progress=None):
-        """Copy `size` bytes from `stream` into `part` block by block; returns their SHA-256.
-        Allocation-free per block (the tail view is made once, before the loop)."""
-        buf = self.buf
-        nblocks = (size + BLOCK - 1) // BLOCK
+        """Copy `size` bytes from `stream` into `part` block by block; returns their SHA-256."""
         rem = size % BLOCK
-        tail = memoryview(buf)[:rem] if rem else buf
+        tail = memoryview(self.buf)[:rem] if rem else self.buf  # made once, before the loop
         h = hashlib.sha256()
+        self.copy_blocks(part, stream, (size + BLOCK - 1) // BLOCK, tail, h, progress)
+        return h.digest()
+
+    def copy_blocks(self, part, stream, nblocks, tail, h, progress=None):
+        # The per-block loop. Allocates nothing (tests run it under micropython.heap_lock()),
+        # except through `progress`, which reports only every 10 %.
+        buf = self.buf
+        rem = len(tail)
         for blk in range(nblocks):
             into = tail if blk == nblocks - 1 else buf
             if into is not buf:
@@ -90,4 +96,3 @@ class Updater:
             part.writeblocks(blk, buf)
             if progress is not None:
                 progress(blk + 1, nblocks)
-        return h.digest()

@@ -22,7 +22,7 @@ from tools.esp32emu.runner import Runner
 from tools.images import build_app_image
 from tools.operator_client import Recorded, Recorder
 from tools.provision import provision_emulated
-from tools.services import Services
+from tools.services import Services, stop_task
 from tools.site import Site
 
 DEVICE = "esp32-demo-1"
@@ -134,7 +134,9 @@ async def run_demo(root: Path) -> int:
     try:
         old = build_app_image(OLD, 600 * 1024)
         site.releases.add(old, OLD)
-        devdir = provision_emulated(site, DEVICE, old, OLD, directory=root / DEVICE)
+        # Two TLS connections at once, so MQTT stays up and progress is reported live.
+        devdir = provision_emulated(site, DEVICE, old, OLD, directory=root / DEVICE,
+                                    config={"tls_slots": 2})
         print(f"device  {devdir} (flash.bin with {OLD} in ota_0, fs/ with the firmware)")
 
         narrator = Narrator()
@@ -189,6 +191,5 @@ async def run_demo(root: Path) -> int:
         if thread:
             thread.join(10)
         if rec_task:
-            rec_task.cancel()
-            await asyncio.gather(rec_task, return_exceptions=True)
+            await stop_task(rec_task)
         await services.stop()

@@ -20,6 +20,20 @@ from tools.site import Endpoints, Site
 log = logging.getLogger("services")
 
 
+async def stop_task(task: asyncio.Task, tries: int = 50) -> None:
+    """Cancel `task` and wait until it has ended.
+
+    Python 3.11's asyncio.wait_for (used inside aiomqtt) can swallow a cancellation that
+    races with completion, so cancel again until the task is really done (bounded).
+    """
+    for _ in range(tries):
+        task.cancel()
+        done, _ = await asyncio.wait({task}, timeout=0.2)
+        if done:
+            return
+    log.error("task %s did not stop", task.get_name())
+
+
 def free_port(host: str) -> int:
     with socket.socket() as s:
         s.bind((host, 0))
@@ -62,11 +76,7 @@ class Services:
 
     async def stop_replica(self) -> None:
         if self._replica_task:
-            self._replica_task.cancel()
-            try:
-                await self._replica_task
-            except asyncio.CancelledError:
-                pass
+            await stop_task(self._replica_task)
             self._replica_task = None
         if self.replica:
             self.replica.db.close()
@@ -88,7 +98,20 @@ class ServicesThread:
     def __init__(self, site: Site, host: str = "127.0.0.1"):
         self.services = Services(site, host)
         self.loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True, name="services")
+        self._thread = threading.Thread(target=self._run, daemon=True, name="services")
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        try:
+            self.loop.run_forever()
+        finally:
+            # Let every task still alive (clients a test left open) finish before closing.
+            pending = asyncio.all_tasks(self.loop)
+            for t in pending:
+                t.cancel()
+            self.loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+            self.loop.run_until_complete(self.loop.shutdown_asyncgens())
+            self.loop.close()
 
     def call(self, coro, timeout: float = 30):
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
@@ -101,7 +124,13 @@ class ServicesThread:
     def __exit__(self, *exc) -> None:
         try:
             self.call(self.services.stop())
+        except TimeoutError:
+            import io
+            buf = io.StringIO()
+            for t in asyncio.all_tasks(self.loop):
+                t.print_stack(file=buf)
+            log.error("services did not stop in time; tasks:\n%s", buf.getvalue())
+            raise
         finally:
             self.loop.call_soon_threadsafe(self.loop.stop)
-            self._thread.join(10)
-            self.loop.close()
+            self._thread.join(30)

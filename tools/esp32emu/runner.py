@@ -211,7 +211,10 @@ class Runner:
         return code if (code := proc.poll()) is not None else EXIT_REPL
 
     def _idle_at_repl(self) -> bool:
-        """Board sits at the REPL. Returns True if an armed watchdog then resets it."""
+        """Board sits at the REPL. Returns True if an armed watchdog then resets it; False at
+        once if none is armed (nothing can change the board's state any more)."""
+        if not (self.ctl / "wdt").exists():
+            return False
         while not self._stop.is_set():
             if self._wdt_expired():
                 return True
@@ -264,6 +267,7 @@ class Runner:
                     rec.ended, cause = "watchdog", WDT_RESET
                     self.say("E (wdt) Task watchdog got triggered: resetting")
                 else:
+                    self.say("emulator: board idle at the REPL with no watchdog armed: powering off")
                     break
         self.stop()
         return self.boots

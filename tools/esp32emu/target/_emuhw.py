@@ -3,7 +3,7 @@
 # The runner passes the chip's state in environment variables and reads back how the
 # MicroPython process ended; a control folder carries live signals (watchdog feeds).
 # Emulated hardware runs outside the firmware's heap discipline: real flash and watchdog
-# calls allocate nothing on the GC heap, so `hw()` lifts a heap_lock() for their duration.
+# calls allocate nothing on the GC heap, so unlock()/relock() lift a heap_lock() around them.
 
 import os
 import sys
@@ -74,16 +74,21 @@ def _heap_locked():
         return True
 
 
-def hw(fn, *args):
-    """Run an emulated hardware operation even inside micropython.heap_lock()."""
+def unlock():
+    """Lift micropython.heap_lock() for an emulated hardware operation; returns whether it was
+    locked (pass that to relock). Called with no arguments, so it allocates nothing itself."""
     if not _heap_locked():
-        return fn(*args)
+        return False
     import micropython
 
     micropython.heap_unlock()
-    try:
-        return fn(*args)
-    finally:
+    return True
+
+
+def relock(was_locked):
+    if was_locked:
+        import micropython
+
         micropython.heap_lock()
 
 

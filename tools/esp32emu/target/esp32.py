@@ -6,7 +6,7 @@
 # table abort() the chip (CONFIG_SPI_FLASH_DANGEROUS_WRITE_ABORTS).
 
 import espidf
-from _emuhw import CHIP_REV, RUNNING_OFFSET, flash, hw, panic, parts
+from _emuhw import CHIP_REV, RUNNING_OFFSET, flash, panic, parts, relock, unlock
 
 _NATIVE_BLOCK = 4096
 _ENOENT = 2
@@ -85,7 +85,7 @@ class Partition:
         elif id == Partition.BOOT:
             if espidf.find_part(parts(), espidf.TYPE_DATA, espidf.SUBTYPE_DATA_OTA) is None:
                 raise OSError(_ENOENT)
-            part = hw(espidf.boot_partition, flash(), parts())
+            part = espidf.boot_partition(flash(), parts())
         elif id == Partition.RUNNING:
             part = _running()
         else:
@@ -113,19 +113,30 @@ class Partition:
         return "<Partition type=%d, subtype=%d, address=%d, size=%d, label=%s, encrypted=%d>" % (
             p.type, p.subtype, p.offset, p.size, p.label, p.flags & 1)
 
+    # Block I/O is C on the chip and allocates nothing; here each call lifts a heap_lock()
+    # around the model (unlock/relock) so firmware can prove its own loops allocation-free.
+
     def readblocks(self, block_num, buf, offset=0):
-        hw(_read, self._part, block_num * self._bs + offset, buf)
+        locked = unlock()
+        try:
+            _read(self._part, block_num * self._bs + offset, buf)
+        finally:
+            relock(locked)
 
     def writeblocks(self, block_num, buf, offset=None):
         if self._bs < _NATIVE_BLOCK:
             raise NotImplementedError("block_size < 4096 is not emulated")
-        addr = block_num * self._bs
-        if offset is None:
-            # Simple write: erase len(buf) first, like esp32_partition_writeblocks().
-            hw(_erase, self._part, addr, len(buf))
-        else:
-            addr += offset
-        hw(_write, self._part, addr, buf)
+        locked = unlock()
+        try:
+            addr = block_num * self._bs
+            if offset is None:
+                # Simple write: erase len(buf) first, like esp32_partition_writeblocks().
+                _erase(self._part, addr, len(buf))
+            else:
+                addr += offset
+            _write(self._part, addr, buf)
+        finally:
+            relock(locked)
 
     def ioctl(self, cmd, arg):
         if cmd in (1, 2, 3):  # INIT, DEINIT, SYNC
@@ -137,12 +148,20 @@ class Partition:
         if cmd == 6:  # BLOCK_ERASE
             if self._bs != _NATIVE_BLOCK:
                 return -_EINVAL
-            hw(_erase, self._part, arg * _NATIVE_BLOCK, _NATIVE_BLOCK)
+            locked = unlock()
+            try:
+                _erase(self._part, arg * _NATIVE_BLOCK, _NATIVE_BLOCK)
+            finally:
+                relock(locked)
             return 0
         return None
 
     def set_boot(self):
-        hw(self._set_boot)
+        locked = unlock()
+        try:
+            self._set_boot()
+        finally:
+            relock(locked)
 
     def _set_boot(self):
         import gc
@@ -175,4 +194,8 @@ class Partition:
 
     @classmethod
     def mark_app_valid_cancel_rollback(cls):
-        hw(espidf.mark_app_valid, flash(), parts())
+        locked = unlock()
+        try:
+            espidf.mark_app_valid(flash(), parts())
+        finally:
+            relock(locked)

@@ -368,7 +368,7 @@ def verify_image(flash, offset, part_size, chip_rev=301):
     if stored != checksum:
         res["error"] = "checksum failed, calculated 0x%02x read 0x%02x" % (checksum, stored)
         return res
-    if hash_appended == 1:
+    if hash_appended:  # IDF tests it for truth, not == 1
         h = hashlib.sha256()
         done = 0
         while done < length:

@@ -11,8 +11,9 @@ from _emuhw import (
     EXIT_RESET,
     EXIT_SOFT_RESET,
     RESET_CAUSE,
-    hw,
+    relock,
     stop,
+    unlock,
 )
 
 PWRON_RESET = 1
@@ -68,4 +69,8 @@ class WDT:
             f.write(str(self._timeout))
 
     def feed(self):
-        hw(self._touch)
+        locked = unlock()
+        try:
+            self._touch()
+        finally:
+            relock(locked)

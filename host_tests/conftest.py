@@ -1,0 +1,226 @@
+"""Fixtures: a site on disk, the services on loopback, emulated devices, MicroPython runs.
+
+Everything a test starts is stopped by its fixture: services (broker, replica, store) on a
+background loop, emulated devices (runner thread + MicroPython process), recorders.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from tools.esp32emu.runner import Runner, TARGET_DIR, micropython_binary, rom_dir
+from tools.images import build_app_image
+from tools.operator_client import Recorder
+from tools.provision import provision_emulated
+from tools.services import ServicesThread, stop_task
+from tools.site import Site
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def wait_until(predicate, timeout: float, what: str, interval: float = 0.05):
+    """Poll `predicate` until it returns a truthy value; fail the test at the deadline."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+@pytest.fixture(scope="session")
+def images():
+    """Two releases-to-be and helpers, built once per session."""
+    return {
+        "A": build_app_image("1.0.0", 200 * 1024),
+        "B": build_app_image("1.1.0", 300 * 1024),
+    }
+
+
+@pytest.fixture
+def site(tmp_path) -> Site:
+    return Site(tmp_path / "site")
+
+
+@pytest.fixture
+def services(site):
+    with ServicesThread(site) as svc:
+        yield svc
+
+
+@dataclass
+class EmuDevice:
+    runner: Runner
+    thread: threading.Thread
+    root: Path
+    lines: list[str] = field(default_factory=list)
+
+    @property
+    def flash(self) -> Path:
+        return self.root / "flash.bin"
+
+    def output(self) -> str:
+        return "\n".join(self.lines)
+
+    def stop(self) -> None:
+        self.runner.stop()
+        self.thread.join(15)
+
+
+@pytest.fixture
+def devices(site, services, tmp_path):
+    """Factory: devices(id, image, version) provisions and powers on an emulated ESP32."""
+    started: list[EmuDevice] = []
+
+    def start(device_id: str, image: bytes, version: str, max_boots: int = 20,
+              heapsize: str = "112k", **cfg) -> EmuDevice:
+        root = provision_emulated(site, device_id, image, version, directory=tmp_path / device_id,
+                                  config=cfg or None)
+        lines: list[str] = []
+        runner = Runner(root, heapsize=heapsize, max_boots=max_boots, on_line=lines.append)
+        thread = threading.Thread(target=runner.run, daemon=True, name=device_id)
+        dev = EmuDevice(runner, thread, root, lines)
+        started.append(dev)
+        thread.start()
+        return dev
+
+    yield start
+    for dev in started:
+        dev.stop()
+        print(f"--- console of {dev.root.name} ---\n{dev.output()}")  # shown when a test fails
+
+
+@pytest.fixture
+def recorder(site, services):
+    """Factory: recorder(device) subscribes as the operator to state/<device>/#."""
+    tasks = []
+
+    async def _start(rec: Recorder):
+        ready = asyncio.Event()
+        task = asyncio.create_task(rec.run(ready))
+        await asyncio.wait_for(ready.wait(), 10)
+        return task
+
+    def make(device: str) -> Recorder:
+        rec = Recorder(site, device)
+        tasks.append(services.call(_start(rec)))
+        return rec
+
+    yield make
+
+    async def _stop():
+        for t in tasks:
+            await stop_task(t)
+
+    services.call(_stop())
+
+
+def run_micropython(code: str, cwd: Path, env: dict | None = None, heapsize: str = "256k",
+                    timeout: float = 60) -> subprocess.CompletedProcess:
+    """Run `code` under the MicroPython unix port with the repo and emulated chip importable."""
+    script = cwd / "_test_script.py"
+    script.write_text(code)
+    full_env = dict(os.environ)
+    full_env["MICROPYPATH"] = ":".join([str(rom_dir()), str(REPO), str(REPO / "build" / "cache"), ""])
+    full_env.update(env or {})
+    return subprocess.run([micropython_binary(), "-X", f"heapsize={heapsize}", str(script)],
+                          cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+def chip_env(flash: Path, running: int = 0x10000, cause: int = 1) -> dict:
+    """Environment for running code "on" an emulated chip without its boot loop."""
+    ctl = flash.parent / "run"
+    ctl.mkdir(exist_ok=True)
+    return {
+        "ESP32EMU_FLASH": str(flash),
+        "ESP32EMU_CTL": str(ctl),
+        "ESP32EMU_RUNNING": str(running),
+        "ESP32EMU_RESET_CAUSE": str(cause),
+    }
+
+
+def last_json_line(out: str):
+    for line in reversed(out.strip().splitlines()):
+        if line.startswith("{") or line.startswith("["):
+            return json.loads(line)
+    raise AssertionError(f"no JSON line in output:\n{out}")
+
+
+__all__ = ["wait_until", "run_micropython", "chip_env", "last_json_line", "TARGET_DIR"]
+
+
+class MQTTProbe:
+    """A synchronous paho MQTT 3.1.1 client for tests: TLS to the site's broker."""
+
+    def __init__(self, site, user: str, password: str | None, client_id: str | None = None):
+        import queue
+
+        import paho.mqtt.client as mqtt
+
+        ep = site.endpoints()
+        self.messages: "queue.Queue" = queue.Queue()
+        self.suback: "queue.Queue" = queue.Queue()
+        self.connack: "queue.Queue" = queue.Queue()
+        self.c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id or user,
+                             protocol=mqtt.MQTTv311)
+        self.c.tls_set(ca_certs=str(site.pki.ca_cert))
+        if password is not None:
+            self.c.username_pw_set(user, password)
+        self.c.on_message = lambda c, u, m: self.messages.put((m.topic, m.payload))
+        self.c.on_subscribe = lambda c, u, mid, codes, p: self.suback.put([rc.value for rc in codes])
+        self.c.on_connect = lambda c, u, f, rc, p: self.connack.put(rc.value)
+        self.c.connect(ep.host, ep.mqtt_port)
+        self.c.loop_start()
+
+    def connected(self, timeout: float = 10) -> int:
+        """CONNACK return code (0 = accepted)."""
+        import queue
+
+        try:
+            return self.connack.get(timeout=timeout)
+        except queue.Empty:
+            return -1
+
+    def subscribe(self, topic: str, timeout: float = 10) -> list[int]:
+        self.c.subscribe(topic, qos=1)
+        return self.suback.get(timeout=timeout)
+
+    def publish(self, topic: str, payload, qos: int = 1) -> None:
+        self.c.publish(topic, payload, qos=qos).wait_for_publish(10)
+
+    def next_message(self, timeout: float):
+        import queue
+
+        try:
+            return self.messages.get(timeout=timeout)
+        except queue.Empty:
+            return None
+
+    def close(self) -> None:
+        self.c.disconnect()
+        self.c.loop_stop()
+
+
+@pytest.fixture
+def mqtt_probe(site, services):
+    made: list[MQTTProbe] = []
+
+    def make(user: str, password: str | None, client_id: str | None = None) -> MQTTProbe:
+        p = MQTTProbe(site, user, password, client_id)
+        made.append(p)
+        return p
+
+    yield make
+    for p in made:
+        p.close()

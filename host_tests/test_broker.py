@@ -1,0 +1,40 @@
+"""The broker confines each device to state/<its id>/ and refuses bad credentials."""
+
+import pytest
+
+from conftest import wait_until
+
+
+def test_device_cannot_reach_another_devices_topics(site, services, mqtt_probe):
+    pw1, pw2 = site.creds.set("dev1"), site.creds.set("dev2")
+    dev1 = mqtt_probe("dev1", pw1)
+    dev2 = mqtt_probe("dev2", pw2)
+    assert dev1.connected() == 0 and dev2.connected() == 0
+    assert dev1.subscribe("state/dev1/update/delta") == [1]
+    for foreign in ("state/dev2/update/delta", "state/+/update", "#", "state/#"):
+        assert dev1.subscribe(foreign) == [128], foreign
+    assert dev2.subscribe("state/dev2/#") == [1]
+    # dev1 publishing on dev2's topics is dropped (3.1.1 has no publish refusal)
+    dev1.publish("state/dev2/update/delta", b'{"state": {"evil": 1}}')
+    dev1.publish("state/dev1/update", b'{"state": {"reported": {"ok": 1}}}')
+    assert dev2.next_message(1.5) is None
+    # while a legitimate message on dev2's topic does arrive
+    op = mqtt_probe("operator", site.service_password("operator"), "operator-test")
+    assert op.connected() == 0
+    op.publish("state/dev2/update/delta", b"{}")
+    assert dev2.next_message(5) == ("state/dev2/update/delta", b"{}")
+
+
+@pytest.mark.parametrize("who", ["wrong password", "anonymous", "client id is another device"])
+def test_refused_connections(site, services, mqtt_probe, who):
+    pw = site.creds.set("dev1")
+    site.creds.set("dev2")
+    if who == "wrong password":
+        p = mqtt_probe("dev1", pw + "x")
+    elif who == "anonymous":
+        p = mqtt_probe("dev1", None)
+    else:
+        p = mqtt_probe("dev1", pw, client_id="dev2")
+    rc = p.connected()
+    assert rc not in (0, -1) or wait_until(lambda: not p.c.is_connected(), 5, "disconnect")
+    assert rc != 0

@@ -1,0 +1,233 @@
+"""The emulated ESP32 fails where the chip fails: esp32.Partition, resets, watchdog, rollback.
+
+Device code here is small MicroPython programs run on the emulated chip, either once
+(run_micropython + chip_env) or through the power/reset loop (Runner).
+"""
+
+import json
+import textwrap
+
+import pytest
+
+from conftest import chip_env, last_json_line, run_micropython
+from tools.esp32emu.flashinfo import flash_info
+from tools.esp32emu.runner import HARD_RESET, PWRON_RESET, WDT_RESET, Runner, make_flash
+from tools.images import PANIC_ON_BOOT, build_app_image
+
+
+@pytest.fixture(scope="module")
+def app_a():
+    return build_app_image("1.0.0", 90_000)
+
+
+def make_device(tmp_path, image, main_py):
+    root = tmp_path / "dev"
+    (root / "fs").mkdir(parents=True)
+    make_flash(root / "flash.bin", image)
+    (root / "fs" / "main.py").write_text(textwrap.dedent(main_py))
+    return root
+
+
+def run_device(root, max_boots):
+    lines = []
+    runner = Runner(root, max_boots=max_boots, on_line=lines.append)
+    boots = runner.run()
+    return boots, "\n".join(lines)
+
+
+# MicroPython's tests/ports/esp32/partition_ota.py flow, as our own program: copy the
+# running app into the next slot, set_boot, reset unconfirmed (must come back), then again
+# confirming (must stay).
+PARTITION_OTA = """
+import esp32, machine
+try:
+    step = int(open("step").read())
+except OSError:
+    step = 0
+run = esp32.Partition(esp32.Partition.RUNNING)
+print("STEP", step, run.info()[4], machine.reset_cause())
+def copy_and_set_boot():
+    nxt = run.get_next_update()
+    buf = bytearray(4096)
+    for blk in range(run.ioctl(4, 0)):
+        run.readblocks(blk, buf)
+        nxt.writeblocks(blk, buf)
+    nxt.set_boot()
+if step in (0, 2):
+    copy_and_set_boot()
+elif step == 3:
+    esp32.Partition.mark_app_valid_cancel_rollback()
+open("step", "w").write(str(step + 1))
+if step < 4:
+    machine.reset()
+"""
+
+
+def test_partition_ota_flow_rolls_back_unless_confirmed(tmp_path, app_a):
+    root = make_device(tmp_path, app_a, PARTITION_OTA)
+    boots, out = run_device(root, max_boots=6)
+    assert [b.slot for b in boots] == ["ota_0", "ota_1", "ota_0", "ota_1", "ota_1"], out
+    assert [b.reset_cause for b in boots] == [PWRON_RESET] + [HARD_RESET] * 4
+    assert "STEP 1 ota_1 2" in out and "STEP 2 ota_0 2" in out and "STEP 4 ota_1 2" in out
+    assert any("ABORTED" in w for w in boots[2].writes)  # unconfirmed trial aborted
+    info = flash_info(root / "flash.bin")
+    assert info["next_boot"]["slot"] == "ota_1"
+    assert info["otadata"]["entries"][1]["state"] == "VALID"
+
+
+def test_write_into_running_slot_panics_and_resets(tmp_path, app_a):
+    root = make_device(tmp_path, app_a, """
+        import esp32
+        esp32.Partition(esp32.Partition.RUNNING).writeblocks(3, bytearray(4096))
+        print("NOT REACHED")
+    """)
+    boots, out = run_device(root, max_boots=2)
+    assert boots[0].ended == "panic" and boots[1].reset_cause == HARD_RESET
+    assert "overlaps the running app" in out and "NOT REACHED" not in out
+    # the running image is untouched
+    assert (root / "flash.bin").read_bytes()[0x10000 : 0x10000 + len(app_a)] == app_a
+
+
+def test_watchdog_resets_a_hung_board(tmp_path, app_a):
+    root = make_device(tmp_path, app_a, """
+        import machine, time
+        wdt = machine.WDT(timeout=300)
+        print("CAUSE", machine.reset_cause())
+        while True:
+            time.sleep_ms(50)
+    """)
+    boots, out = run_device(root, max_boots=2)
+    assert boots[0].ended == "watchdog" and boots[1].reset_cause == WDT_RESET
+    assert "CAUSE 3" in out
+
+
+def test_image_that_crashes_at_start_is_rolled_back(tmp_path, app_a):
+    crashing = build_app_image("9.9.9", 90_000, PANIC_ON_BOOT)
+    root = make_device(tmp_path, app_a, """
+        import esp32, machine
+        try:
+            open("done").read()
+        except OSError:
+            nxt = esp32.Partition(esp32.Partition.RUNNING).get_next_update()
+            f = open("../crash.bin", "rb")
+            buf = bytearray(4096)
+            blk = 0
+            while True:
+                for i in range(4096):
+                    buf[i] = 0xFF
+                if not f.readinto(buf):
+                    break
+                nxt.writeblocks(blk, buf)
+                blk += 1
+            nxt.set_boot()
+            open("done", "w").write("1")
+            machine.reset()
+        print("RUNNING", esp32.Partition(esp32.Partition.RUNNING).info()[4])
+    """)
+    (root / "crash.bin").write_bytes(crashing)
+    boots, out = run_device(root, max_boots=3)
+    assert [(b.slot, b.ended) for b in boots[:2]] == [("ota_0", "reset"), ("ota_1", "panic")]
+    assert boots[2].slot == "ota_0" and "RUNNING ota_0" in out
+
+
+API_CHECKS = """
+import esp32, json
+P = esp32.Partition
+out = {}
+def err(fn):
+    try:
+        fn()
+        return None
+    except Exception as e:
+        return [type(e).__name__] + list(e.args)
+run = P(P.RUNNING)
+nxt = run.get_next_update()
+out["running"] = list(run.info())
+out["next"] = list(nxt.info())
+out["boot"] = P(P.BOOT).info()[4]
+out["otadata"] = list(P("otadata").info())
+out["find"] = [p.info()[4] for p in P.find(P.TYPE_APP)]
+out["find_data"] = [p.info()[4] for p in P.find(P.TYPE_DATA, label="nvs")]
+out["ioctl"] = [nxt.ioctl(4, 0), nxt.ioctl(5, 0), nxt.ioctl(1, 0), nxt.ioctl(99, 0)]
+out["no_label"] = err(lambda: P("nope"))
+out["bad_id"] = err(lambda: P(7))
+out["short_write"] = err(lambda: nxt.writeblocks(0, bytearray(100)))
+out["at_end"] = err(lambda: nxt.readblocks(384, bytearray(4096)))
+out["past_end"] = err(lambda: nxt.readblocks(385, bytearray(4096)))
+out["set_boot_blank"] = err(lambda: nxt.set_boot())
+# NOR: extended writes do not erase; data is ANDed into what is there
+nxt.writeblocks(1, b"\\x0f" * 4096)
+nxt.writeblocks(1, b"\\xf3" * 4096, 0)
+b = bytearray(4)
+nxt.readblocks(1, b)
+out["nor_and"] = list(b)
+nxt.ioctl(6, 1)
+nxt.readblocks(1, b)
+out["erased"] = list(b)
+out["mark_valid_blank_otadata"] = err(lambda: P.mark_app_valid_cancel_rollback())
+print(json.dumps(out))
+"""
+
+
+def test_partition_api_values_match_micropython_on_esp_idf(tmp_path, app_a):
+    make_flash(tmp_path / "flash.bin", app_a)
+    proc = run_micropython(API_CHECKS, tmp_path, chip_env(tmp_path / "flash.bin"))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    out = last_json_line(proc.stdout)
+    assert out["running"] == [0, 16, 65536, 1572864, "ota_0", False]
+    assert out["next"] == [0, 17, 1638400, 1572864, "ota_1", False]
+    assert out["otadata"] == [1, 0, 53248, 8192, "otadata", False]
+    assert out["boot"] == "ota_0"
+    assert out["find"] == ["ota_0", "ota_1"] and out["find_data"] == ["nvs"]
+    assert out["ioctl"] == [384, 4096, 0, None]
+    assert out["no_label"] == ["OSError", 2]
+    assert out["bad_id"][0] == "ValueError"
+    assert out["short_write"] == ["OSError", -260, "ESP_ERR_INVALID_SIZE"]
+    # esp_partition_read: offset > size -> INVALID_ARG; offset + len > size -> INVALID_SIZE
+    assert out["at_end"] == ["OSError", -260, "ESP_ERR_INVALID_SIZE"]
+    assert out["past_end"] == ["OSError", -258, "ESP_ERR_INVALID_ARG"]
+    assert out["set_boot_blank"] == ["OSError", -5379, "ESP_ERR_OTA_VALIDATE_FAILED"]
+    assert out["nor_and"] == [0x03] * 4
+    assert out["erased"] == [0xFF] * 4
+    assert out["mark_valid_blank_otadata"] == ["OSError", 1, "ESP_FAIL"]
+
+
+def test_set_boot_refuses_one_flipped_byte_and_leaves_otadata(tmp_path, app_a):
+    b = bytearray(build_app_image("2.0.0", 90_000))
+    b[40000] ^= 0x80
+    (tmp_path / "b.bin").write_bytes(b)
+    make_flash(tmp_path / "flash.bin", app_a)
+    before = (tmp_path / "flash.bin").read_bytes()[0xD000:0xF000]
+    proc = run_micropython("""
+import esp32, json
+nxt = esp32.Partition(esp32.Partition.RUNNING).get_next_update()
+f = open("b.bin", "rb")
+buf = bytearray(4096)
+blk = 0
+while True:
+    for i in range(4096):
+        buf[i] = 0xFF
+    if not f.readinto(buf):
+        break
+    nxt.writeblocks(blk, buf)
+    blk += 1
+try:
+    nxt.set_boot()
+    print(json.dumps("accepted"))
+except OSError as e:
+    print(json.dumps(list(e.args)))
+""", tmp_path, chip_env(tmp_path / "flash.bin"))
+    assert last_json_line(proc.stdout) == [-5379, "ESP_ERR_OTA_VALIDATE_FAILED"], proc.stdout + proc.stderr
+    assert (tmp_path / "flash.bin").read_bytes()[0xD000:0xF000] == before
+
+
+def test_flash_info_reports_slots_and_next_boot(tmp_path, app_a):
+    make_flash(tmp_path / "flash.bin", app_a)
+    info = flash_info(tmp_path / "flash.bin")
+    assert info["next_boot"]["slot"] == "ota_0"
+    assert info["next_boot"]["otadata_writes"] == ["otadata[0] <- seq 1 VALID (first boot: otadata was blank)"]
+    assert info["app_slots"]["ota_0"]["valid"] and info["app_slots"]["ota_0"]["app_desc"]["version"] == "1.0.0"
+    assert not info["app_slots"]["ota_1"]["valid"]
+    assert json.dumps(info)  # serialisable for the CLI
+    # flash-info never writes
+    assert info["otadata"]["entries"][0]["seq"] == 0xFFFFFFFF

@@ -1,0 +1,110 @@
+"""Firmware properties under the real MicroPython unix port: memory and hostile input."""
+
+import hashlib
+import json
+
+from conftest import chip_env, last_json_line, run_micropython, wait_until
+from firmware import contract
+from tools import operator_client as op
+from tools.esp32emu.runner import make_flash
+from tools.images import build_app_image
+from tools.provision import copy_firmware
+
+COPY_LOCKED = """
+import io, json, hashlib, micropython
+from firmware import slots
+from firmware.updater import Updater, BLOCK
+u = Updater(None, {})
+data = open("b.bin", "rb").read()
+size = len(data)
+stream = io.BytesIO(data)
+part = slots.next_update()
+rem = size % BLOCK
+tail = memoryview(u.buf)[:rem] if rem else u.buf
+h = hashlib.sha256()
+nblocks = (size + BLOCK - 1) // BLOCK
+micropython.heap_lock()
+try:
+    u.copy_blocks(part, stream, nblocks, tail, h)
+    err = None
+except MemoryError:
+    err = "allocated"
+micropython.heap_unlock()
+del data
+import binascii
+print(json.dumps({"err": err, "sha": binascii.hexlify(h.digest()).decode(),
+                  "readback": binascii.hexlify(slots.sha256_of(part, size, u.buf)).decode()}))
+"""
+
+
+def test_download_loop_allocates_nothing_per_block(tmp_path):
+    image = build_app_image("2.0.0", 150_001 // 16 * 16)
+    (tmp_path / "b.bin").write_bytes(image)
+    make_flash(tmp_path / "flash.bin", build_app_image("1.0.0", 80_000))
+    copy_firmware(tmp_path / "fs")
+    (tmp_path / "fs" / "b.bin").write_bytes(image)
+    proc = run_micropython(COPY_LOCKED, tmp_path / "fs", chip_env(tmp_path / "flash.bin"))
+    out = last_json_line(proc.stdout + "\n" + proc.stderr) if "{" in proc.stdout else proc.stdout + proc.stderr
+    assert isinstance(out, dict), out
+    want = hashlib.sha256(image).hexdigest()
+    assert out == {"err": None, "sha": want, "readback": want}
+
+
+def test_whole_update_runs_in_a_64k_heap(site, services, devices, images):
+    site.releases.add(images["A"], "1.0.0")
+    rel = site.releases.add(images["B"], "1.1.0")
+    dev = devices("tiny", images["A"], "1.0.0", heapsize="64k", tls_slots=1)
+
+    def reported():
+        try:
+            return services.call(op.get_shadow(site, "tiny"))["state"].get("reported", {}).get("firmware", {})
+        except op.OperatorError:
+            return {}
+
+    wait_until(lambda: reported().get("version") == "1.0.0", 60, "first report", 0.5)
+    services.call(op.set_desired(site, "tiny", rel))
+    fw = wait_until(lambda: (lambda f: f if f.get("version") == "1.1.0" and f.get("state") == "idle" else None)(reported()),
+                    90, "1.1.0 at 64 KiB heap", 0.5)
+    assert fw["sha256"] == rel.sha256
+    assert "MemoryError" not in dev.output()
+
+
+HOSTILE = [
+    b"not json at all",
+    b"[]",
+    b"{\"state\": 5}",
+    b"{\"state\": {\"firmware\": [1, 2, 3]}}",
+    json.dumps({"state": {"firmware": {"url": "x" * 3000}}}).encode(),
+    b"\xff\xfe\x00",
+    b"",
+]
+
+
+def test_hostile_deltas_and_desired_states_do_not_crash_the_device(site, services, devices, images, mqtt_probe):
+    site.releases.add(images["A"], "1.0.0")
+    rel = site.releases.add(images["B"], "1.1.0")
+    dev = devices("victim", images["A"], "1.0.0")
+
+    def reported():
+        try:
+            return services.call(op.get_shadow(site, "victim"))["state"].get("reported", {}).get("firmware", {})
+        except op.OperatorError:
+            return {}
+
+    wait_until(lambda: reported().get("version") == "1.0.0", 60, "first report", 0.5)
+    probe = mqtt_probe("operator", site.service_password("operator"), "operator-hostile")
+    assert probe.connected() == 0
+    for payload in HOSTILE:
+        probe.publish(contract.topic("victim", contract.UPDATE_DELTA), payload)
+    # a desired firmware of the wrong shape: the device refuses it and says why
+    outcome, _ = services.call(op.request(site, "victim", contract.UPDATE,
+                                          {"state": {"desired": {"firmware": {"url": 5, "size": "big"}}}}))
+    assert outcome == "accepted"
+    fw = wait_until(lambda: (lambda f: f if f.get("error") == contract.E_BAD_DESIRED else None)(reported()),
+                    30, "bad_desired report", 0.5)
+    assert fw["version"] == "1.0.0" and fw["state"] == "failed"
+    # still alive and still obeys a valid desired state
+    services.call(op.set_desired(site, "victim", rel))
+    wait_until(lambda: reported().get("version") == "1.1.0", 90, "update after hostile input", 0.5)
+    assert "Traceback" not in dev.output()
+    assert [b.ended for b in dev.runner.boots[:1]] == ["reset"]  # only the update's reboot

@@ -1,0 +1,77 @@
+"""Test images are real ESP32 app images, and release checks refuse what a slot can't boot."""
+
+import struct
+import subprocess
+import sys
+
+import pytest
+
+from tools.images import ImageError, build_app_image, check_app_image
+from tools.releases import Registry, ReleaseError
+
+
+def test_built_image_passes_esptool_image_info(tmp_path):
+    path = tmp_path / "app.bin"
+    path.write_bytes(build_app_image("3.2.1", 150_000))
+    out = subprocess.run([sys.executable, "-m", "esptool", "image-info", str(path)],
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "Checksum: " in out.stdout and "(valid)" in out.stdout.split("Checksum: ")[1].splitlines()[0]
+    assert "Validation hash: " in out.stdout
+    assert "(valid)" in out.stdout.split("Validation hash: ")[1].splitlines()[0]
+    assert "App version: 3.2.1" in out.stdout
+
+
+def test_size_and_identity():
+    a = build_app_image("1.0.0", 500_000)
+    assert len(a) == 500_000
+    assert build_app_image("1.0.0", 500_000) == a  # deterministic
+    assert build_app_image("1.0.1", 500_000) != a
+    assert check_app_image(a).version == "1.0.0"
+
+
+def _combined(app: bytes) -> bytes:
+    # firmware.bin as MicroPython's makeimg.py writes it, from flash offset 0x1000: bootloader
+    # image, partition table at 0x8000 (file 0x7000), app at 0x10000 (file 0xF000).
+    from tools.esp32emu.target import espidf
+
+    out = bytearray(b"\xff" * 0xF000)
+    boot = bytearray(app[:0x4000])
+    struct.pack_into("<I", boot, 0x20, 0x50)  # a bootloader descriptor, not an app one
+    out[: len(boot)] = boot
+    table = espidf.make_partition_table()
+    out[0x7000 : 0x7000 + len(table)] = table
+    return bytes(out) + app
+
+
+@pytest.mark.parametrize("make,code", [
+    (lambda a: _combined(a), "combined_image"),
+    (lambda a: b"\x00" + a[1:], "not_app_image"),
+    (lambda a: a[:12] + b"\x05\x00" + a[14:], "wrong_chip"),
+    (lambda a: a[:5000] + bytes([a[5000] ^ 1]) + a[5001:], "bad_checksum"),
+    (lambda a: a[:-1] + bytes([a[-1] ^ 1]), "bad_digest"),
+    (lambda a: a[:0x20] + b"\0\0\0\0" + a[0x24:], "not_app_image"),
+    (lambda a: a[:100], "not_app_image"),
+    (lambda a: a[:1000], "corrupt"),
+])
+def test_check_refuses_bad_images(make, code):
+    with pytest.raises(ImageError) as e:
+        check_app_image(make(build_app_image("1.0.0", 80_000)))
+    assert e.value.code == code
+
+
+def test_check_refuses_image_bigger_than_the_slot():
+    with pytest.raises(ImageError) as e:
+        check_app_image(build_app_image("1.0.0", 0x180000 + 16))
+    assert e.value.code == "too_big"
+
+
+def test_releases_are_immutable(tmp_path):
+    reg = Registry(tmp_path)
+    a = build_app_image("1.0.0", 70_000)
+    rel = reg.add(a, "1.0.0")
+    assert reg.path_of(rel.sha256).read_bytes() == a
+    assert reg.add(a, "1.0.0") == rel  # same bytes again: no-op
+    with pytest.raises(ReleaseError):
+        reg.add(build_app_image("other", 70_000), "1.0.0")
+    assert [r.version for r in reg.list()] == ["1.0.0"]

@@ -1,0 +1,57 @@
+"""The replica answers bad input with `rejected`, keeps serving, and survives a restart."""
+
+import json
+
+import pytest
+
+from firmware import contract
+
+
+def _answer(probe, timeout=5):
+    msg = probe.next_message(timeout)
+    assert msg is not None, "no answer from the replica"
+    return msg[0].rsplit("/", 2)[-2:], json.loads(msg[1])
+
+
+@pytest.fixture
+def operator(site, mqtt_probe):
+    op = mqtt_probe("operator", site.service_password("operator"), "operator-t")
+    assert op.connected() == 0
+    assert op.subscribe("state/dev1/update/+") == [1]
+    assert op.subscribe("state/dev1/get/+") == [1]
+    return op
+
+
+@pytest.mark.parametrize("payload,code", [
+    (b"{broken", 400),
+    (b'"a string"', 400),
+    (json.dumps({"state": {"desired": 3}}).encode(), 400),
+    (json.dumps({"state": {"desired": {"x": "y" * 9000}}}).encode(), 413),
+    (json.dumps({"state": {"desired": {"x": 1}}, "clientToken": 5}).encode(), 400),
+])
+def test_bad_updates_are_rejected_and_the_service_stays_up(operator, payload, code):
+    operator.publish("state/dev1/update", payload)
+    (kind, outcome), doc = _answer(operator)
+    assert (kind, outcome) == ("update", "rejected") and doc["code"] == code and doc["message"]
+    operator.publish("state/dev1/update", json.dumps({"state": {"desired": {"ok": 1}}, "clientToken": "c1"}))
+    (kind, outcome), doc = _answer(operator)
+    assert outcome == "accepted" and doc["clientToken"] == "c1" and doc["version"] == 1
+
+
+def test_get_before_any_update_is_404(operator):
+    operator.publish("state/dev1/get", b"{}")
+    (kind, outcome), doc = _answer(operator)
+    assert (kind, outcome) == ("get", "rejected") and doc["code"] == contract.R_NOT_FOUND
+
+
+def test_document_survives_a_replica_restart(services, operator):
+    operator.publish("state/dev1/update", json.dumps({"state": {"desired": {"firmware": {"version": "2"}}}}))
+    assert _answer(operator)[0][1] == "accepted"
+    _answer(operator)  # the delta
+    services.call(services.services.stop_replica())
+    services.call(services.services.start_replica())
+    operator.publish("state/dev1/get", json.dumps({"clientToken": "after"}))
+    (kind, outcome), doc = _answer(operator)
+    assert outcome == "accepted" and doc["clientToken"] == "after"
+    assert doc["version"] == 1 and doc["state"]["desired"]["firmware"]["version"] == "2"
+    assert doc["state"]["delta"] == {"firmware": {"version": "2"}}

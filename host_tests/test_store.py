@@ -1,0 +1,93 @@
+"""The firmware store serves an artifact only to the device its pre-signed URL names."""
+
+import base64
+import ssl
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+
+from tools import presign
+from tools.images import build_app_image
+
+
+@pytest.fixture
+def store(site, services):
+    image = build_app_image("1.0.0", 100_000)
+    rel = site.releases.add(image, "1.0.0")
+    creds = {"dev1": site.creds.set("dev1"), "dev2": site.creds.set("dev2")}
+    ctx = ssl.create_default_context(cafile=str(site.pki.ca_cert))
+
+    def get(url, device="dev1", password=None, headers=None):
+        h = dict(headers or {})
+        if device:
+            token = base64.b64encode(f"{device}:{password or creds[device]}".encode()).decode()
+            h["Authorization"] = "Basic " + token
+        req = urllib.request.Request(url, headers=h)
+        try:
+            with urllib.request.urlopen(req, context=ctx, timeout=10) as r:
+                return r.status, dict(r.headers), r.read()
+        except urllib.error.HTTPError as e:
+            return e.code, dict(e.headers), e.read()
+
+    def url(device="dev1", ttl=60, now=None):
+        return presign.sign(site.store_key, site.endpoints().store_url, rel.sha256, device, ttl, now)
+
+    return image, rel, get, url
+
+
+def test_full_download(store):
+    image, rel, get, url = store
+    status, headers, body = get(url())
+    assert status == 200 and body == image
+
+
+def test_range_request_gets_206_with_the_right_bytes(store):
+    image, rel, get, url = store
+    status, headers, body = get(url(), headers={"Range": "bytes=40960-"})
+    assert status == 206
+    assert body == image[40960:]
+    assert headers["Content-Range"] == f"bytes 40960-{len(image) - 1}/{len(image)}"
+
+
+@pytest.mark.parametrize("case,reason", [
+    ("other device's credential", b"another device"),
+    ("wrong password", b"bad device credential"),
+    ("no credential", b"credential required"),
+    ("expired", b"expired"),
+    ("tampered signature", b"signature"),
+    ("tampered path", b"signature"),
+    ("tampered device", b"signature"),
+    ("unsigned", b"not a pre-signed URL"),
+])
+def test_refusals_are_403_with_a_reason(store, site, case, reason):
+    image, rel, get, url = store
+    u = url()
+    kwargs = {}
+    if case == "other device's credential":
+        kwargs = {"device": "dev2"}
+    elif case == "wrong password":
+        kwargs = {"password": "nope"}
+    elif case == "no credential":
+        kwargs = {"device": None}
+    elif case == "expired":
+        u = url(ttl=60, now=time.time() - 120)
+    elif case == "tampered signature":
+        u = u[:-1] + ("0" if u[-1] != "0" else "1")
+    elif case == "tampered path":
+        other = site.releases.add(build_app_image("2.0.0", 100_000), "2.0.0")
+        u = u.replace(rel.sha256, other.sha256)
+    elif case == "tampered device":
+        u = u.replace("device=dev1", "device=dev2")
+        kwargs = {"device": "dev2"}
+    elif case == "unsigned":
+        u = u.split("?")[0]
+    status, _, body = get(u, **kwargs)
+    assert status == 403
+    assert reason in body
+
+
+def test_presign_refuses_long_lifetimes(site):
+    with pytest.raises(ValueError):
+        presign.sign(site.store_key, "https://h", "a" * 64, "dev1", ttl=presign.MAX_TTL + 1)
