@@ -90,6 +90,9 @@ class Agent:
         if self.link is None:
             return
         rec = self.running_image()
+        failed = self.st["phase"] == contract.ST_FAILED and self.st["target"]
+        # Every field the device owns, every time: null deletes what no longer applies, so
+        # no stale progress or error survives in the shadow (reported objects are merged).
         fw = {
             "version": rec["version"],
             "sha256": rec["sha256"],
@@ -98,10 +101,12 @@ class Agent:
             "slot": self.run_label,
             "state": self.st["phase"],
             "error": self.st["error"],
+            "target": self.st["target"]["version"] if failed else None,
+            "attempts": self.st["attempts"] if failed else None,
+            "progress": None,
+            "mqtt": None,
+            "detail": None,
         }
-        if self.st["phase"] == contract.ST_FAILED and self.st["target"]:
-            fw["target"] = self.st["target"]["version"]
-            fw["attempts"] = self.st["attempts"]
         fw.update(extra)
         self.link.report(fw)
 

@@ -70,7 +70,8 @@ def test_device_updates_itself(site, services, recorder, images, device_a):
     fw, doc = wait_reported(services, site,
                             lambda fw, d: fw.get("version") == "1.1.0" and fw.get("state") == "idle",
                             "the device to report 1.1.0")
-    assert fw["sha256"] == rel.sha256 and fw["slot"] == "ota_1" and fw.get("error") is None
+    assert fw["sha256"] == rel.sha256 and fw["slot"] == "ota_1"
+    assert set(fw) == {"version", "sha256", "size", "url", "slot", "state"}  # nothing stale left
     assert "delta" not in doc["state"]
     wait_until(lambda: any(m.topic.endswith("/update/accepted") and (_fw(m, "reported") or {}).get("version") == "1.1.0"
                            for m in rec.messages), 10, "accepted for the new version")
