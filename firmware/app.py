@@ -214,6 +214,8 @@ class Agent:
         except UpdateError as e:
             log("update failed:", e.code, e.detail)
             self._fail(e.code, transient=e.code in _TRANSIENT)
+            if self.link is None:
+                self._reconnect()
             self.report()
             return
         except (OSError, ValueError) as e:  # network; TLS errors arrive as ValueError
@@ -229,11 +231,25 @@ class Agent:
             return
         st["phase"] = contract.ST_REBOOTING
         state.save(st)
+        if self.link is None:
+            self._reconnect()  # MQTT was parked for the download: say what happens next
         self.report()
         log("rebooting into", st["slot"])
         if self.link is not None:
             self.link.close()
         power.reset()
+
+    def _reconnect(self):
+        """One bounded attempt to bring MQTT back; on failure the report waits for later."""
+        gc.collect()
+        try:
+            self.link = link.Link(self.cfg)
+            self.link.connect()
+        except Exception as e:  # noqa: BLE001 - best effort; the state is already persisted
+            log("could not reconnect to report:", repr(e))
+            if self.link is not None:
+                self.link.close()
+            self.link = None
 
     def serve(self):
         while True:
