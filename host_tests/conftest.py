@@ -39,6 +39,25 @@ def wait_until(predicate, timeout: float, what: str, interval: float = 0.05):
         time.sleep(interval)
 
 
+def reported_firmware(services, site, device: str) -> tuple[dict, dict | None]:
+    """(state.reported.firmware, whole document) from the replica; ({}, None) before any."""
+    from tools import operator_client as op
+
+    try:
+        doc = services.call(op.get_shadow(site, device))
+    except op.OperatorError:
+        return {}, None
+    return doc["state"].get("reported", {}).get("firmware", {}), doc
+
+
+def wait_reported(services, site, device: str, pred, what: str, timeout: float = 90):
+    """Poll the shadow until pred(firmware, document) holds; returns (firmware, document)."""
+    def check():
+        fw, doc = reported_firmware(services, site, device)
+        return (fw, doc) if fw and pred(fw, doc) else None
+    return wait_until(check, timeout, what, interval=0.5)
+
+
 @pytest.fixture(scope="session")
 def images():
     """Two releases-to-be and helpers, built once per session."""

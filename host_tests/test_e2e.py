@@ -9,7 +9,7 @@ import json
 import pytest
 from esptool.bin_image import LoadFirmwareImage
 
-from conftest import wait_until
+from conftest import wait_reported, wait_until
 from firmware import contract
 from tools import operator_client as op
 from tools import presign
@@ -18,20 +18,6 @@ from tools.images import PANIC_ON_BOOT, build_app_image
 
 DEV = "esp32-e2e"
 
-
-def reported_fw(services, site):
-    try:
-        doc = services.call(op.get_shadow(site, DEV))
-    except op.OperatorError:
-        return {}, None
-    return doc["state"].get("reported", {}).get("firmware", {}), doc
-
-
-def wait_reported(services, site, pred, what, timeout=90):
-    def check():
-        fw, doc = reported_fw(services, site)
-        return (fw, doc) if fw and pred(fw, doc) else None
-    return wait_until(check, timeout, what, interval=0.5)
 
 
 def find_in_order(messages, steps):
@@ -59,7 +45,7 @@ def device_a(request, site, services, devices, images):
     site.releases.add(images["A"], "1.0.0")
     dev = devices(DEV, images["A"], "1.0.0", tls_slots=request.param)
     dev.tls_slots = request.param
-    wait_reported(services, site, lambda fw, d: fw.get("version") == "1.0.0", "first report")
+    wait_reported(services, site, DEV, lambda fw, d: fw.get("version") == "1.0.0", "first report")
     return dev
 
 
@@ -67,7 +53,7 @@ def test_device_updates_itself(site, services, recorder, images, device_a):
     rec = recorder(DEV)
     rel = site.releases.add(images["B"], "1.1.0")
     services.call(op.set_desired(site, DEV, rel))
-    fw, doc = wait_reported(services, site,
+    fw, doc = wait_reported(services, site, DEV,
                             lambda fw, d: fw.get("version") == "1.1.0" and fw.get("state") == "idle",
                             "the device to report 1.1.0")
     assert fw["sha256"] == rel.sha256 and fw["slot"] == "ota_1"
@@ -122,7 +108,7 @@ def test_wrong_bytes_are_refused_and_nothing_changes(site, services, images, dev
     fw = {"url": url, "version": "1.1.0", "sha256": rel_b.sha256, "size": rel_b.size}
     outcome, _ = services.call(op.request(site, DEV, contract.UPDATE, {"state": {"desired": {"firmware": fw}}}))
     assert outcome == "accepted"
-    fw, doc = wait_reported(services, site, lambda fw, d: fw.get("state") == "failed", "a failure report")
+    fw, doc = wait_reported(services, site, DEV, lambda fw, d: fw.get("state") == "failed", "a failure report")
     assert fw["error"] == contract.E_HASH
     assert fw["version"] == "1.0.0" and fw["slot"] == "ota_0" and fw["sha256"] == device_a_sha(images)
     assert device_a.flash.read_bytes()[0xD000:0xF000] == otadata_before
@@ -139,7 +125,7 @@ def device_a_sha(images):
 def test_image_that_never_confirms_is_rolled_back(site, services, images, device_a):
     bad = site.releases.add(build_app_image("1.2.0", 150 * 1024, PANIC_ON_BOOT), "1.2.0")
     services.call(op.set_desired(site, DEV, bad))
-    fw, doc = wait_reported(services, site,
+    fw, doc = wait_reported(services, site, DEV,
                             lambda fw, d: fw.get("state") == "failed" and fw.get("error") == contract.E_ROLLED_BACK,
                             "a rolled_back report")
     assert fw["version"] == "1.0.0" and fw["slot"] == "ota_0" and fw["target"] == "1.2.0"

@@ -28,6 +28,25 @@ def make_device(tmp_path, image, main_py):
     return root
 
 
+# MicroPython: write_next(path) streams a file into the next OTA slot, 0xFF-padded, and returns
+# that Partition. Prepended to the device programs below.
+WRITE_NEXT = """
+import esp32
+def write_next(path):
+    nxt = esp32.Partition(esp32.Partition.RUNNING).get_next_update()
+    f = open(path, "rb")
+    buf = bytearray(4096)
+    blk = 0
+    while True:
+        for i in range(4096):
+            buf[i] = 0xFF
+        if not f.readinto(buf):
+            return nxt
+        nxt.writeblocks(blk, buf)
+        blk += 1
+"""
+
+
 def run_device(root, max_boots):
     lines = []
     runner = Runner(root, max_boots=max_boots, on_line=lines.append)
@@ -103,27 +122,16 @@ def test_watchdog_resets_a_hung_board(tmp_path, app_a):
 
 def test_image_that_crashes_at_start_is_rolled_back(tmp_path, app_a):
     crashing = build_app_image("9.9.9", 90_000, PANIC_ON_BOOT)
-    root = make_device(tmp_path, app_a, """
-        import esp32, machine
+    root = make_device(tmp_path, app_a, WRITE_NEXT + textwrap.dedent("""
+        import machine
         try:
             open("done").read()
         except OSError:
-            nxt = esp32.Partition(esp32.Partition.RUNNING).get_next_update()
-            f = open("../crash.bin", "rb")
-            buf = bytearray(4096)
-            blk = 0
-            while True:
-                for i in range(4096):
-                    buf[i] = 0xFF
-                if not f.readinto(buf):
-                    break
-                nxt.writeblocks(blk, buf)
-                blk += 1
-            nxt.set_boot()
+            write_next("../crash.bin").set_boot()
             open("done", "w").write("1")
             machine.reset()
         print("RUNNING", esp32.Partition(esp32.Partition.RUNNING).info()[4])
-    """)
+    """))
     (root / "crash.bin").write_bytes(crashing)
     boots, out = run_device(root, max_boots=3)
     assert [(b.slot, b.ended) for b in boots[:2]] == [("ota_0", "reset"), ("ota_1", "panic")]
@@ -198,19 +206,9 @@ def test_set_boot_refuses_one_flipped_byte_and_leaves_otadata(tmp_path, app_a):
     (tmp_path / "b.bin").write_bytes(b)
     make_flash(tmp_path / "flash.bin", app_a)
     before = (tmp_path / "flash.bin").read_bytes()[0xD000:0xF000]
-    proc = run_micropython("""
-import esp32, json
-nxt = esp32.Partition(esp32.Partition.RUNNING).get_next_update()
-f = open("b.bin", "rb")
-buf = bytearray(4096)
-blk = 0
-while True:
-    for i in range(4096):
-        buf[i] = 0xFF
-    if not f.readinto(buf):
-        break
-    nxt.writeblocks(blk, buf)
-    blk += 1
+    proc = run_micropython(WRITE_NEXT + """
+import json
+nxt = write_next("b.bin")
 try:
     nxt.set_boot()
     print(json.dumps("accepted"))

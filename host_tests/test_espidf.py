@@ -60,6 +60,18 @@ class BytesFlash:
         return espidf.find_part(self.parts, espidf.TYPE_DATA, espidf.SUBTYPE_DATA_OTA)
 
 
+def flash_with(ota_0=None, ota_1=None, entries=()):
+    """A flash with images in the slots and otadata entries (index, seq, state[, crc])."""
+    f = BytesFlash()
+    if ota_0:
+        f.put_image(0x10000, ota_0)
+    if ota_1:
+        f.put_image(0x190000, ota_1)
+    for e in entries:
+        f.put_entry(*e)
+    return f
+
+
 @pytest.fixture(scope="module")
 def image_a():
     return build_app_image("1.0.0", 100_000)
@@ -113,8 +125,7 @@ def test_active_entry_tie_goes_to_entry_0():
 
 
 def test_set_boot_sequence_numbers_follow_esp_rewrite_ota_data():
-    f = BytesFlash()
-    f.put_entry(0, 1, espidf.OTA_VALID)
+    f = flash_with(entries=[(0, 1, espidf.OTA_VALID)])
     espidf.set_boot_slot(f, f.parts, 1)  # ota_1: seq 2 into the other sector, state NEW
     assert f.entries() == [(1, espidf.OTA_VALID), (2, espidf.OTA_NEW)]
     espidf.set_boot_slot(f, f.parts, 0)  # back to ota_0: seq 3 into entry 0
@@ -127,18 +138,14 @@ def test_set_boot_sequence_numbers_follow_esp_rewrite_ota_data():
 
 
 def test_first_boot_on_blank_otadata_writes_entry_0(image_a):
-    f = BytesFlash()
-    f.put_image(0x10000, image_a)
+    f = flash_with(image_a)
     sel = espidf.select_boot(f, f.parts)
     assert sel["part"].label == "ota_0"
     assert f.entries()[0] == (1, espidf.OTA_VALID)
 
 
 def test_new_image_gets_one_boot_then_rolls_back(image_a, image_b):
-    f = BytesFlash()
-    f.put_image(0x10000, image_a)
-    f.put_image(0x190000, image_b)
-    f.put_entry(0, 1, espidf.OTA_VALID)
+    f = flash_with(image_a, image_b, [(0, 1, espidf.OTA_VALID)])
     espidf.set_boot_slot(f, f.parts, 1)
     assert espidf.select_boot(f, f.parts)["part"].label == "ota_1"
     assert f.entries()[1] == (2, espidf.OTA_PENDING_VERIFY)
@@ -148,10 +155,7 @@ def test_new_image_gets_one_boot_then_rolls_back(image_a, image_b):
 
 
 def test_confirmed_image_stays(image_a, image_b):
-    f = BytesFlash()
-    f.put_image(0x10000, image_a)
-    f.put_image(0x190000, image_b)
-    f.put_entry(0, 1, espidf.OTA_VALID)
+    f = flash_with(image_a, image_b, [(0, 1, espidf.OTA_VALID)])
     espidf.set_boot_slot(f, f.parts, 1)
     espidf.select_boot(f, f.parts)
     espidf.mark_app_valid(f, f.parts)
@@ -164,33 +168,22 @@ def test_confirmed_image_stays(image_a, image_b):
 
 
 def test_both_entries_aborted_boots_ota_0_without_rewriting(image_a, image_b):
-    f = BytesFlash()
-    f.put_image(0x10000, image_a)
-    f.put_image(0x190000, image_b)
-    f.put_entry(0, 1, espidf.OTA_ABORTED)
-    f.put_entry(1, 2, espidf.OTA_ABORTED)
+    f = flash_with(image_a, image_b, [(0, 1, espidf.OTA_ABORTED), (1, 2, espidf.OTA_ABORTED)])
     sel = espidf.select_boot(f, f.parts)
     assert sel["part"].label == "ota_0" and sel["writes"] == []
 
 
 def test_bad_crc_on_both_entries_tries_every_slot(image_b):
-    f = BytesFlash()
-    f.put_image(0x190000, image_b)  # ota_0 empty
-    f.put_entry(0, 1, espidf.OTA_VALID, crc=0)
-    f.put_entry(1, 2, espidf.OTA_VALID, crc=0)
+    f = flash_with(None, image_b, [(0, 1, espidf.OTA_VALID, 0), (1, 2, espidf.OTA_VALID, 0)])  # ota_0 empty
     sel = espidf.select_boot(f, f.parts)
     assert sel["part"].label == "ota_1"
     assert "invalid magic" in sel["images"]["ota_0"]["error"]
 
 
 def test_corrupted_image_in_selected_slot_falls_back(image_a, image_b):
-    f = BytesFlash()
-    f.put_image(0x10000, image_a)
     bad = bytearray(image_b)
     bad[5000] ^= 0x01
-    f.put_image(0x190000, bytes(bad))
-    f.put_entry(0, 1, espidf.OTA_VALID)
-    f.put_entry(1, 2, espidf.OTA_VALID)
+    f = flash_with(image_a, bytes(bad), [(0, 1, espidf.OTA_VALID), (1, 2, espidf.OTA_VALID)])
     sel = espidf.select_boot(f, f.parts)
     assert sel["part"].label == "ota_0"
     assert "checksum" in sel["images"]["ota_1"]["error"] or "hash" in sel["images"]["ota_1"]["error"]

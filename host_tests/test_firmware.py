@@ -3,7 +3,7 @@
 import hashlib
 import json
 
-from conftest import chip_env, last_json_line, run_micropython, wait_until
+from conftest import chip_env, last_json_line, run_micropython, wait_reported
 from firmware import contract
 from tools import operator_client as op
 from tools.esp32emu.runner import make_flash
@@ -54,17 +54,11 @@ def test_whole_update_runs_in_a_64k_heap(site, services, devices, images):
     site.releases.add(images["A"], "1.0.0")
     rel = site.releases.add(images["B"], "1.1.0")
     dev = devices("tiny", images["A"], "1.0.0", heapsize="64k", tls_slots=1)
-
-    def reported():
-        try:
-            return services.call(op.get_shadow(site, "tiny"))["state"].get("reported", {}).get("firmware", {})
-        except op.OperatorError:
-            return {}
-
-    wait_until(lambda: reported().get("version") == "1.0.0", 60, "first report", 0.5)
+    wait_reported(services, site, "tiny", lambda fw, d: fw.get("version") == "1.0.0", "first report")
     services.call(op.set_desired(site, "tiny", rel))
-    fw = wait_until(lambda: (lambda f: f if f.get("version") == "1.1.0" and f.get("state") == "idle" else None)(reported()),
-                    90, "1.1.0 at 64 KiB heap", 0.5)
+    fw, _ = wait_reported(services, site, "tiny",
+                          lambda fw, d: fw.get("version") == "1.1.0" and fw.get("state") == "idle",
+                          "1.1.0 at 64 KiB heap")
     assert fw["sha256"] == rel.sha256
     assert "MemoryError" not in dev.output()
 
@@ -84,14 +78,7 @@ def test_hostile_deltas_and_desired_states_do_not_crash_the_device(site, service
     site.releases.add(images["A"], "1.0.0")
     rel = site.releases.add(images["B"], "1.1.0")
     dev = devices("victim", images["A"], "1.0.0")
-
-    def reported():
-        try:
-            return services.call(op.get_shadow(site, "victim"))["state"].get("reported", {}).get("firmware", {})
-        except op.OperatorError:
-            return {}
-
-    wait_until(lambda: reported().get("version") == "1.0.0", 60, "first report", 0.5)
+    wait_reported(services, site, "victim", lambda fw, d: fw.get("version") == "1.0.0", "first report")
     probe = mqtt_probe("operator", site.service_password("operator"), "operator-hostile")
     assert probe.connected() == 0
     for payload in HOSTILE:
@@ -100,11 +87,11 @@ def test_hostile_deltas_and_desired_states_do_not_crash_the_device(site, service
     outcome, _ = services.call(op.request(site, "victim", contract.UPDATE,
                                           {"state": {"desired": {"firmware": {"url": 5, "size": "big"}}}}))
     assert outcome == "accepted"
-    fw = wait_until(lambda: (lambda f: f if f.get("error") == contract.E_BAD_DESIRED else None)(reported()),
-                    30, "bad_desired report", 0.5)
+    fw, _ = wait_reported(services, site, "victim", lambda fw, d: fw.get("error") == contract.E_BAD_DESIRED,
+                          "bad_desired report", 30)
     assert fw["version"] == "1.0.0" and fw["state"] == "failed"
     # still alive and still obeys a valid desired state
     services.call(op.set_desired(site, "victim", rel))
-    wait_until(lambda: reported().get("version") == "1.1.0", 90, "update after hostile input", 0.5)
+    wait_reported(services, site, "victim", lambda fw, d: fw.get("version") == "1.1.0", "update after hostile input")
     assert "Traceback" not in dev.output()
     assert [b.ended for b in dev.runner.boots[:1]] == ["reset"]  # only the update's reboot
