@@ -80,7 +80,8 @@ class Agent:
     # -- reports ------------------------------------------------------------------------
 
     def running_image(self):
-        """The record of the running image; computed from flash when it is not known yet."""
+        """What we know of the running image: recorded at provisioning or when this device
+        confirmed it (hashed from the slot). Unknown images are reported as such."""
         rec = self.st["images"].get(self.run_label)
         if rec is None:
             return {"version": "unknown", "sha256": None, "size": None, "url": None}

@@ -21,12 +21,18 @@ def load(path=PATH):
             st = json.load(f)
     except (OSError, ValueError):
         return _fresh()
-    if not isinstance(st, dict):
-        return _fresh()
     fresh = _fresh()
-    for k in fresh:
-        if k not in st or not isinstance(st[k], type(fresh[k])) and fresh[k] is not None:
+    if not isinstance(st, dict):
+        return fresh
+    # Keep only well-typed fields; anything else falls back to the fresh value.
+    for k, ok in (("phase", str), ("attempts", int), ("images", dict)):
+        if not isinstance(st.get(k), ok):
             st[k] = fresh[k]
+    for k in ("target", "slot", "error"):
+        if k not in st:
+            st[k] = None
+    if st["target"] is not None and not isinstance(st["target"], dict):
+        st["target"] = None
     return st
 
 

@@ -7,7 +7,6 @@ to the store (HTTP Basic), so revoking a device is removing its line.
 
 from __future__ import annotations
 
-import hmac
 import os
 import secrets
 import threading
@@ -83,6 +82,3 @@ class Credentials:
         os.chmod(tmp, 0o600)
         tmp.replace(self.path)
 
-
-def same(a: str, b: str) -> bool:
-    return hmac.compare_digest(a.encode(), b.encode())

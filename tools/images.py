@@ -17,13 +17,11 @@ from esptool.bin_image import ELFSection, ESP32FirmwareImage, LoadFirmwareImage
 from esptool.targets import ESP32ROM
 from esptool.util import FatalError
 
+from tools.esp32emu.runner import PANIC_ON_BOOT  # noqa: F401 - re-exported for callers
 from tools.esp32emu.target import espidf
 
 SLOT_SIZE = 0x180000  # ota_0/ota_1 in MicroPython's partitions-4MiB-ota.csv
 
-# The emulated chip panics right after the bootloader hands over to an image whose app
-# descriptor carries this project name: a stand-in for a build that crashes during start-up.
-PANIC_ON_BOOT = "emu:panic-on-boot"
 
 _DROM = 0x3F400020
 _IROM = 0x400D0020

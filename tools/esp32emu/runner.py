@@ -24,6 +24,13 @@ from pathlib import Path
 
 from tools import mpy
 from tools.esp32emu.target import espidf
+from tools.esp32emu.target._emuhw import (  # how a MicroPython run of the chip ended
+    EXIT_DEEPSLEEP,
+    EXIT_PANIC,
+    EXIT_REPL,
+    EXIT_RESET,
+    EXIT_SOFT_RESET,
+)
 from tools.esp32emu.target.norflash import NorFlash
 
 TARGET_DIR = Path(__file__).resolve().parent / "target"
@@ -36,14 +43,12 @@ DEFAULT_HEAPSIZE = "112k"  # GC heap of an ESP32 without PSRAM after one growth 
 EMULATOR_ALLOWANCE = 64 * 1024
 DEFAULT_CHIP_REV = 301  # v3.1, the current ESP32 revision
 
-# Exit codes shared with target/_emuhw.py.
-EXIT_REPL, EXIT_SOFT_RESET, EXIT_RESET, EXIT_PANIC, EXIT_DEEPSLEEP = 0, 80, 81, 82, 83
 
 # machine.reset_cause() values (MicroPython ports/esp32/modmachine.c)
 PWRON_RESET, HARD_RESET, WDT_RESET, DEEPSLEEP_RESET, SOFT_RESET = 1, 2, 3, 4, 5
 
 # Marker in a test image's app descriptor: the emulated CPU panics right after the bootloader
-# hands over (a build that crashes during start-up). Kept equal to tools.images.PANIC_ON_BOOT.
+# hands over (a build that crashes during start-up). `image-build --panic-on-boot` sets it.
 PANIC_ON_BOOT = "emu:panic-on-boot"
 
 
@@ -201,14 +206,13 @@ class Runner:
         while not self._stop.is_set():
             code = proc.poll()
             if code is not None:
-                proc.stdout and proc.wait()
                 return code
             if self._wdt_expired():
                 proc.kill()
                 proc.wait()
                 return None
             time.sleep(0.02)
-        return code if (code := proc.poll()) is not None else EXIT_REPL
+        return EXIT_REPL  # stopped from outside
 
     def _idle_at_repl(self) -> bool:
         """Board sits at the REPL. Returns True if an armed watchdog then resets it; False at
