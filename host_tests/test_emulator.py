@@ -229,3 +229,88 @@ def test_flash_info_reports_slots_and_next_boot(tmp_path, app_a):
     assert json.dumps(info)  # serialisable for the CLI
     # flash-info never writes
     assert info["otadata"]["entries"][0]["seq"] == 0xFFFFFFFF
+
+
+# ---- power cuts -------------------------------------------------------------------------
+
+UPDATE_ONCE = WRITE_NEXT + textwrap.dedent("""
+    import machine
+    try:
+        open("started").read()  # one attempt only, even if the power dies during it
+    except OSError:
+        open("started", "w").write("1")
+        write_next("../b.bin").set_boot()
+        machine.reset()
+    print("RUNNING", esp32.Partition(esp32.Partition.RUNNING).info()[4])
+""")
+
+
+def _power_device(tmp_path, app_a, image_b):
+    root = make_device(tmp_path, app_a, UPDATE_ONCE)
+    (root / "b.bin").write_bytes(image_b)
+    return root
+
+
+def _ops_before_set_boot(image):
+    # power-on on blank otadata writes entry 0 (erase + program), then each 4 KiB block is
+    # one erase + one program
+    return 2 + 2 * ((len(image) + 4095) // 4096)
+
+
+@pytest.mark.parametrize("which,tear,expect_slot,entry1", [
+    ("erase", True, "ota_0", (0xFFFFFFFF, "UNDEFINED")),  # otadata[1] sector half erased
+    ("program", True, "ota_0", (2, "UNDEFINED")),  # seq written, state and CRC not: invalid
+    ("program", False, "ota_1", (2, "PENDING_VERIFY")),  # set_boot done, reset never came
+])
+def test_power_cut_during_set_boot(tmp_path, app_a, which, tear, expect_slot, entry1):
+    image_b = build_app_image("2.0.0", 90_000)
+    root = _power_device(tmp_path, app_a, image_b)
+    runner = Runner(root, max_boots=2, on_line=lambda s: None)
+    n = _ops_before_set_boot(image_b) + (1 if which == "erase" else 2)
+    runner.arm_power_cut(n, tear)
+    boots = runner.run()
+    assert boots[0].ended == "power cut" and boots[1].reset_cause == PWRON_RESET
+    assert boots[1].slot == expect_slot
+    e1 = flash_info(root / "flash.bin")["otadata"]["entries"][1]
+    assert (e1["seq"], e1["state"]) == entry1
+    if tear:
+        assert not e1["valid"]
+
+
+def test_power_cut_while_the_bootloader_rewrites_otadata(tmp_path, app_a):
+    # Cut the bootloader's NEW -> PENDING_VERIFY write halfway: the entry is destroyed and the
+    # chip comes back on the old image.
+    image_b = build_app_image("2.0.0", 90_000)
+    root = _power_device(tmp_path, app_a, image_b)
+    runner = Runner(root, max_boots=3, on_line=lambda s: None)
+    runner.arm_power_cut(_ops_before_set_boot(image_b) + 2 + 1, tear=True)
+    boots = runner.run()
+    assert boots[0].ended == "reset" and boots[1].ended == "power cut in bootloader"
+    assert boots[2].slot == "ota_0" and boots[2].reset_cause == PWRON_RESET
+
+
+def test_power_cut_at_a_wall_clock_moment(tmp_path, app_a):
+    root = make_device(tmp_path, app_a, """
+        import time
+        try:
+            open("looped").read()  # second boot: finish, the board idles at the REPL
+        except OSError:
+            open("looped", "w").write("1")
+            while True:
+                time.sleep_ms(20)
+    """)
+    runner = Runner(root, max_boots=2, cut_at=0.8, on_line=lambda s: None)
+    boots = runner.run()
+    assert boots[0].ended == "power cut" and boots[1].reset_cause == PWRON_RESET
+
+
+def test_wear_is_counted_per_sector(tmp_path, app_a):
+    image_b = build_app_image("2.0.0", 90_000)
+    root = _power_device(tmp_path, app_a, image_b)
+    boots, _ = run_device(root, max_boots=2)
+    wear = flash_info(root / "flash.bin")["wear"]
+    nblocks = (len(image_b) + 4095) // 4096
+    assert wear["ota_1"]["erases"] == nblocks and wear["ota_1"]["max_sector_erases"] == 1
+    assert wear["ota_0"]["erases"] == 0  # the running image was never touched
+    # otadata: first boot (entry 0), set_boot (entry 1), NEW -> PENDING_VERIFY (entry 1)
+    assert wear["otadata"]["erases"] == 3

@@ -96,7 +96,9 @@ def cmd_provision(args) -> None:
 def cmd_emulate(args) -> None:
     from tools.esp32emu.runner import Runner
 
-    runner = Runner(args.dir, heapsize=args.heapsize, max_boots=args.max_boots)
+    runner = Runner(args.dir, heapsize=args.heapsize, max_boots=args.max_boots, cut_at=args.cut_at)
+    if args.cut_after_ops:
+        runner.arm_power_cut(args.cut_after_ops, args.tear)
     signal.signal(signal.SIGTERM, lambda *_: runner.stop())
     try:
         boots = runner.run()
@@ -191,6 +193,10 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("dir", type=Path)
     sp.add_argument("--heapsize", default="112k", help="GC heap the firmware gets (default 112k)")
     sp.add_argument("--max-boots", type=int)
+    sp.add_argument("--cut-after-ops", type=int, metavar="N",
+                    help="cut the power at the N-th flash erase/program (bootloader included)")
+    sp.add_argument("--tear", action="store_true", help="with --cut-after-ops: halfway through it")
+    sp.add_argument("--cut-at", type=float, metavar="SECONDS", help="cut the power after this long")
 
     sp = add("flash-info", cmd_flash_info, "show partitions, otadata, next boot and slot images of a flash.bin")
     sp.add_argument("flash", type=Path)

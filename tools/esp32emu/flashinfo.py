@@ -6,6 +6,7 @@ Runs the same model the emulated bootloader runs (target/espidf.py), without wri
 from __future__ import annotations
 
 import hashlib
+import struct
 from pathlib import Path
 
 from tools.esp32emu.target import espidf
@@ -61,4 +62,15 @@ def flash_info(path: Path, chip_rev: int = 301) -> dict:
             "app_desc": res["desc"],
         }
     out["app_slots"] = slots
+    wear_path = Path(str(path) + ".wear")
+    if wear_path.exists():
+        wear = wear_path.read_bytes()
+        out["wear"] = {}
+        for p in parts:
+            counts = [struct.unpack_from("<II", wear, 8 * s) for s in range(p.offset // 4096, (p.offset + p.size) // 4096)]
+            out["wear"][p.label] = {
+                "erases": sum(c[0] for c in counts),
+                "programs": sum(c[1] for c in counts),
+                "max_sector_erases": max((c[0] for c in counts), default=0),
+            }
     return out

@@ -31,7 +31,7 @@ from tools.esp32emu.target._emuhw import (  # how a MicroPython run of the chip 
     EXIT_RESET,
     EXIT_SOFT_RESET,
 )
-from tools.esp32emu.target.norflash import NorFlash
+from tools.esp32emu.target.norflash import NorFlash, PowerCut, PowerPlan, arm_power_cut
 
 TARGET_DIR = Path(__file__).resolve().parent / "target"
 ROM_CACHE = Path(__file__).resolve().parents[2] / "build" / "cache" / "esp32emu-rom"
@@ -112,6 +112,7 @@ class Runner:
     heapsize: str = DEFAULT_HEAPSIZE
     chip_rev: int = DEFAULT_CHIP_REV
     max_boots: int | None = None
+    cut_at: float | None = None  # cut the power this many seconds after run() starts
     on_line: Callable[[str], None] | None = None
     device_id: str | None = None
     boots: list[BootRecord] = field(default_factory=list)
@@ -137,6 +138,19 @@ class Runner:
     def say(self, line: str) -> None:
         (self.on_line or (lambda s: print(s, flush=True)))(line)
 
+    @property
+    def power_plan(self) -> Path:
+        return self.ctl / "powercut"
+
+    def arm_power_cut(self, after: int, tear: bool = False) -> None:
+        """Cut the power at the `after`-th flash erase/program from now (bootloader writes
+        included); with `tear`, halfway through that operation. One-shot."""
+        self.ctl.mkdir(parents=True, exist_ok=True)
+        arm_power_cut(str(self.power_plan), after, tear)
+
+    def _raise_cut(self) -> None:
+        raise PowerCut()
+
     def stop(self) -> None:
         self._stop.set()
         proc = self._proc
@@ -146,7 +160,8 @@ class Runner:
     # -- one chip boot --------------------------------------------------------------
 
     def _bootloader(self, cause: int) -> BootRecord:
-        flash = NorFlash(str(self.flash_path))
+        power = PowerPlan(str(self.power_plan), self._raise_cut) if self.power_plan.exists() else None
+        flash = NorFlash(str(self.flash_path), power=power)
         try:
             parts = espidf.read_partition_table(flash, flash.size)
             sel = espidf.select_boot(flash, parts, self.chip_rev, commit=True)
@@ -201,9 +216,19 @@ class Runner:
             return False
         return timeout_ms > 0 and (time.time() - st.st_mtime) * 1000 > timeout_ms
 
-    def _wait(self, proc: subprocess.Popen) -> int | None:
-        """Wait for the run to end; returns its exit code, or None on a watchdog reset."""
+    def _cut_due(self) -> bool:
+        if (self.ctl / "cut").exists():  # the device side hit a planned cut
+            return True
+        return self.cut_at is not None and time.monotonic() - self._t_start >= self.cut_at
+
+    def _wait(self, proc: subprocess.Popen) -> int | str | None:
+        """Wait for the run to end; returns its exit code, None on a watchdog reset, or
+        "cut" when the power is cut."""
         while not self._stop.is_set():
+            if self._cut_due():
+                proc.kill()
+                proc.wait()
+                return "cut"
             code = proc.poll()
             if code is not None:
                 return code
@@ -213,6 +238,12 @@ class Runner:
                 return None
             time.sleep(0.02)
         return EXIT_REPL  # stopped from outside
+
+    def _power_restored(self) -> None:
+        self.cut_at = None
+        self.power_plan.unlink(missing_ok=True)
+        (self.ctl / "cut").unlink(missing_ok=True)
+        self.say("emulator: power cut; powering on again")
 
     def _idle_at_repl(self) -> bool:
         """Board sits at the REPL. Returns True if an armed watchdog then resets it; False at
@@ -230,12 +261,19 @@ class Runner:
     def run(self) -> list[BootRecord]:
         cause = PWRON_RESET
         chip_reset = True
+        self._t_start = time.monotonic()
         while not self._stop.is_set():
             if chip_reset:
                 if self.max_boots is not None and len(self.boots) >= self.max_boots:
                     break
                 (self.ctl / "wdt").unlink(missing_ok=True)  # a chip reset stops the task WDT
-                rec = self._bootloader(cause)
+                try:
+                    rec = self._bootloader(cause)
+                except PowerCut:
+                    self.boots.append(BootRecord(len(self.boots) + 1, cause, None, [], [], "power cut in bootloader"))
+                    self._power_restored()
+                    cause = PWRON_RESET
+                    continue
                 if self._booted["part"] is None:
                     rec.ended = "no bootable app"
                     self.say("boot: no bootable app partition: the board is bricked")
@@ -254,7 +292,10 @@ class Runner:
                 rec.ended = "stopped"
                 break
             chip_reset = True
-            if code is None:
+            if code == "cut":
+                rec.ended, cause = "power cut", PWRON_RESET
+                self._power_restored()
+            elif code is None:
                 rec.ended, cause = "watchdog", WDT_RESET
                 self.say("E (wdt) Task watchdog got triggered: resetting")
             elif code == EXIT_RESET:

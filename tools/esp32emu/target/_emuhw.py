@@ -51,10 +51,27 @@ def pin_heap():
 def flash():
     global _flash
     if _flash is None:
-        from norflash import NorFlash
+        from norflash import NorFlash, PowerPlan
 
-        _flash = NorFlash(FLASH_PATH)
+        plan = CTL_DIR + "/powercut"
+        try:
+            os.stat(plan)
+            power = PowerPlan(plan, power_cut)
+        except OSError:
+            power = None
+        _flash = NorFlash(FLASH_PATH, power=power)
     return _flash
+
+
+def power_cut():
+    """The planned power cut: tell the runner and stop dead. The runner kills this process,
+    so nothing after the cut (finally blocks, file writes) ever runs."""
+    import time
+
+    with open(CTL_DIR + "/cut", "w") as f:
+        f.write("cut")
+    while True:
+        time.sleep(1)
 
 
 def parts():

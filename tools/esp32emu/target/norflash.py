@@ -1,31 +1,103 @@
-# norflash.py File-backed NOR flash with the chip's erase/program rules.
+# norflash.py File-backed NOR flash with the chip's erase/program rules, wear counts and
+# power-cut injection.
 #
 # Common subset of CPython and MicroPython: the emulated bootloader (host) and the emulated
 # esp32.Partition (device) both go through this class. NOR rules: erase sets whole 4 KiB
 # sectors to 0xFF; programming can only clear bits, so new = old AND data. Writing over
 # unerased data corrupts it exactly as the chip would.
+#
+# Wear: `<flash>.wear` holds, per sector, two little-endian u32: erases and program
+# operations. Power cuts: see PowerPlan.
+
+import json
+import struct
 
 SECTOR = 4096
 
 
+class PowerCut(Exception):
+    """Raised on the host side when a planned power cut happens (the device side never
+    returns: the runner kills the MicroPython process)."""
+
+
+class PowerPlan:
+    """Cut the power at the N-th flash operation counted from when the plan was armed.
+
+    An operation is one sector erase or one program call. The plan file holds
+    {"after": N, "tear": bool, "done": count}. Without tear the N-th operation completes and
+    the power dies right after it; with tear it dies halfway: a sector half erased (first
+    half 0xFF, the rest as it was) or a program with only the first half of its bytes.
+    """
+
+    def __init__(self, path, on_cut):
+        self.path = path
+        self.on_cut = on_cut
+
+    def step(self):
+        """Count one operation; returns None (carry on), "after" or "tear"."""
+        try:
+            with open(self.path) as f:
+                plan = json.load(f)
+        except (OSError, ValueError):
+            return None
+        plan["done"] = plan.get("done", 0) + 1
+        with open(self.path, "w") as f:
+            json.dump(plan, f)
+        if plan["done"] < plan["after"]:
+            return None
+        if plan["done"] > plan["after"]:
+            return None  # already cut (the runner removes the plan on power-on)
+        return "tear" if plan.get("tear") else "after"
+
+
+def arm_power_cut(path, after, tear=False):
+    with open(path, "w") as f:
+        json.dump({"after": after, "tear": bool(tear), "done": 0}, f)
+
+
 class NorFlash:
-    def __init__(self, path, size=None):
+    def __init__(self, path, size=None, power=None):
         self._f = open(path, "r+b")
         if size is None:
             self._f.seek(0, 2)
             size = self._f.tell()
         self.size = size
+        self.power = power
         self._old = bytearray(SECTOR)  # reused for read-modify-write; no per-call allocation
         self._ff = b"\xff" * SECTOR
-        self.erases = 0
-        self.writes = 0
+        self._wear_rec = bytearray(8)
+        nsect = size // SECTOR
+        try:
+            self._wear = open(path + ".wear", "r+b")
+        except OSError:
+            with open(path + ".wear", "wb") as w:
+                w.write(bytes(8 * nsect))
+            self._wear = open(path + ".wear", "r+b")
 
     def close(self):
         self._f.close()
+        self._wear.close()
 
     def _check(self, addr, n):
         if addr < 0 or n < 0 or addr + n > self.size:
             raise ValueError("flash access 0x%x+%d outside %d bytes" % (addr, n, self.size))
+
+    def _count(self, sector, field):
+        # field 0: erases, 1: program operations. Preallocated record: no allocation.
+        rec = self._wear_rec
+        self._wear.seek(sector * 8)
+        self._wear.readinto(rec)
+        struct.pack_into("<I", rec, field * 4, struct.unpack_from("<I", rec, field * 4)[0] + 1)
+        self._wear.seek(sector * 8)
+        self._wear.write(rec)
+
+    def wear(self, sector):
+        """(erases, program operations) of one sector."""
+        self._wear.seek(sector * 8)
+        return struct.unpack("<II", self._wear.read(8))
+
+    def _step(self):
+        return self.power.step() if self.power is not None else None
 
     def read(self, addr, n):
         self._check(addr, n)
@@ -41,21 +113,30 @@ class NorFlash:
         if addr % SECTOR or n % SECTOR:
             raise ValueError("erase 0x%x+%d is not sector aligned" % (addr, n))
         self._check(addr, n)
-        self._f.seek(addr)
         while n:
-            self._f.write(self._ff)
+            cut = self._step()
+            self._f.seek(addr)
+            if cut == "tear":
+                self._f.write(self._ff[: SECTOR // 2])
+            else:
+                self._f.write(self._ff)
+            self._count(addr // SECTOR, 0)
+            if cut:
+                self.power.on_cut()
+            addr += SECTOR
             n -= SECTOR
-            self.erases += 1
 
     def write(self, addr, data):
         n = len(data)
         self._check(addr, n)
-        self.writes += 1
+        cut = self._step()
+        if cut == "tear":
+            n //= 2
         done = 0
         while done < n:
             # One sector-bounded piece at a time, ANDed into what the flash holds.
             take = min(n - done, SECTOR - (addr + done) % SECTOR)
-            piece = data[done : done + take] if (done or take != n) else data
+            piece = data[done : done + take] if (done or take != len(data)) else data
             self._f.seek(addr + done)
             if take == SECTOR:
                 self._f.readinto(self._old)
@@ -70,4 +151,7 @@ class NorFlash:
                     piece = a.to_bytes(take, "little")
             self._f.seek(addr + done)
             self._f.write(piece)
+            self._count((addr + done) // SECTOR, 1)
             done += take
+        if cut:
+            self.power.on_cut()
