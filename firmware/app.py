@@ -220,14 +220,20 @@ class Agent:
             self.report()
             return
         except (OSError, ValueError) as e:  # network; TLS errors arrive as ValueError
-            log("update failed: network:", repr(e))
-            self._fail(contract.E_NETWORK, transient=True)
+            log("update failed:", repr(e))
+            # wrap_socket raises OSError(ENOMEM) when the board has no memory for TLS
+            code = contract.E_MEMORY if e.args and e.args[0] == 12 else contract.E_NETWORK
+            self._fail(code, transient=True)
+            if self.link is None:
+                self._reconnect()
             self.report()
             return
         except MemoryError:
             gc.collect()
             log("update failed: out of memory")
             self._fail(contract.E_MEMORY, transient=True)
+            if self.link is None:
+                self._reconnect()
             self.report()
             return
         st["phase"] = contract.ST_REBOOTING

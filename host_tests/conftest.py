@@ -103,11 +103,12 @@ def devices(site, services, tmp_path):
     started: list[EmuDevice] = []
 
     def start(device_id: str, image: bytes, version: str, max_boots: int = 20,
-              heapsize: str = "112k", **cfg) -> EmuDevice:
+              heapsize: str = "112k", tls_budget: int = 2, **cfg) -> EmuDevice:
         root = provision_emulated(site, device_id, image, version, directory=tmp_path / device_id,
                                   config=cfg or None)
         lines: list[str] = []
-        runner = Runner(root, heapsize=heapsize, max_boots=max_boots, on_line=lines.append)
+        runner = Runner(root, heapsize=heapsize, tls_budget=tls_budget, max_boots=max_boots,
+                        on_line=lines.append)
         thread = threading.Thread(target=runner.run, daemon=True, name=device_id)
         dev = EmuDevice(runner, thread, root, lines)
         started.append(dev)

@@ -314,3 +314,66 @@ def test_wear_is_counted_per_sector(tmp_path, app_a):
     assert wear["ota_0"]["erases"] == 0  # the running image was never touched
     # otadata: first boot (entry 0), set_boot (entry 1), NEW -> PENDING_VERIFY (entry 1)
     assert wear["otadata"]["erases"] == 3
+
+
+# ---- resources ----------------------------------------------------------------------------
+
+TLS_BUDGET = """
+import socket, ssl, json
+ca = open("ca.der", "rb").read()
+def connect():
+    s = socket.socket()
+    s.connect(socket.getaddrinfo("127.0.0.1", PORT)[0][-1])
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    ctx.load_verify_locations(cadata=ca)
+    try:
+        return ctx.wrap_socket(s, server_hostname="127.0.0.1"), None
+    except OSError as e:
+        s.close()
+        return None, e.args[0]
+a, _ = connect()
+b, _ = connect()
+c, err3 = connect()
+b.close()
+d, err4 = connect()
+print(json.dumps({"third": err3, "after_close": err4, "open": ssl.open_connections()}))
+"""
+
+
+def test_tls_budget_fails_wrap_socket_with_enomem(tmp_path, app_a, site):
+    import socket
+    import ssl
+    import threading
+
+    from tools.pki import server_ssl_context
+
+    ctx = server_ssl_context(site.pki)
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(8)
+    held = []
+
+    def serve():
+        while True:
+            try:
+                c, _ = srv.accept()
+            except OSError:
+                return
+            try:
+                held.append(ctx.wrap_socket(c, server_side=True))
+            except (OSError, ssl.SSLError):
+                c.close()
+
+    threading.Thread(target=serve, daemon=True).start()
+    try:
+        make_flash(tmp_path / "flash.bin", app_a)
+        (tmp_path / "ca.der").write_bytes(site.pki.ca_der.read_bytes())
+        code = TLS_BUDGET.replace("PORT", str(srv.getsockname()[1]))
+        env = dict(chip_env(tmp_path / "flash.bin"), ESP32EMU_TLS_BUDGET="2")
+        proc = run_micropython(code, tmp_path, env)
+        assert last_json_line(proc.stdout) == {"third": 12, "after_close": None, "open": 2}, proc.stderr
+    finally:
+        srv.close()
+        for s in held:
+            s.close()

@@ -50,10 +50,10 @@ def test_download_loop_allocates_nothing_per_block(tmp_path):
     assert out == {"err": None, "sha": want, "readback": want}
 
 
-def test_whole_update_runs_in_a_64k_heap(site, services, devices, images):
+def test_whole_update_runs_in_a_64k_heap_with_one_tls_connection(site, services, devices, images):
     site.releases.add(images["A"], "1.0.0")
     rel = site.releases.add(images["B"], "1.1.0")
-    dev = devices("tiny", images["A"], "1.0.0", heapsize="64k", tls_slots=1)
+    dev = devices("tiny", images["A"], "1.0.0", heapsize="64k", tls_budget=1, tls_slots=1)
     wait_reported(services, site, "tiny", lambda fw, d: fw.get("version") == "1.0.0", "first report")
     services.call(op.set_desired(site, "tiny", rel))
     fw, _ = wait_reported(services, site, "tiny",
@@ -61,6 +61,19 @@ def test_whole_update_runs_in_a_64k_heap(site, services, devices, images):
                           "1.1.0 at 64 KiB heap")
     assert fw["sha256"] == rel.sha256
     assert "MemoryError" not in dev.output()
+
+
+def test_board_that_holds_one_tls_connection_reports_out_of_memory(site, services, devices, images):
+    # Configured for two TLS connections on a board that holds one: the HTTPS connection
+    # fails with ENOMEM while MQTT is up; the device says so and stays on its image.
+    site.releases.add(images["A"], "1.0.0")
+    rel = site.releases.add(images["B"], "1.1.0")
+    dev = devices("small", images["A"], "1.0.0", tls_budget=1, tls_slots=2, max_attempts=1)
+    wait_reported(services, site, "small", lambda fw, d: fw.get("version") == "1.0.0", "first report")
+    services.call(op.set_desired(site, "small", rel))
+    fw, _ = wait_reported(services, site, "small", lambda fw, d: fw.get("state") == "failed", "a failure report")
+    assert fw["error"] == contract.E_MEMORY and fw["version"] == "1.0.0" and fw["slot"] == "ota_0"
+    assert len(dev.runner.boots) == 1
 
 
 HOSTILE = [

@@ -42,6 +42,7 @@ DEFAULT_HEAPSIZE = "112k"  # GC heap of an ESP32 without PSRAM after one growth 
 # the firmware to the nominal size (see _emuhw.pin_heap).
 EMULATOR_ALLOWANCE = 64 * 1024
 DEFAULT_CHIP_REV = 301  # v3.1, the current ESP32 revision
+DEFAULT_TLS_BUDGET = 2  # TLS connections an ESP32 without PSRAM holds at once (target/ssl.py)
 
 
 # machine.reset_cause() values (MicroPython ports/esp32/modmachine.c)
@@ -112,6 +113,7 @@ class Runner:
     heapsize: str = DEFAULT_HEAPSIZE
     chip_rev: int = DEFAULT_CHIP_REV
     max_boots: int | None = None
+    tls_budget: int = DEFAULT_TLS_BUDGET
     cut_at: float | None = None  # cut the power this many seconds after run() starts
     on_line: Callable[[str], None] | None = None
     device_id: str | None = None
@@ -186,6 +188,7 @@ class Runner:
             ESP32EMU_RESET_CAUSE=str(cause),
             ESP32EMU_CHIP_REV=str(self.chip_rev),
             ESP32EMU_DEVICE_ID=self.device_id or "",
+            ESP32EMU_TLS_BUDGET=str(self.tls_budget),
         )
         env.pop("MICROPYPATH", None)
         nominal = parse_size(self.heapsize)

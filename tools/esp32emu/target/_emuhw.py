@@ -38,6 +38,7 @@ def pin_heap():
     import esp32  # noqa: F401
     import machine  # noqa: F401
     import network  # noqa: F401
+    import ssl  # noqa: F401
 
     flash()
     parts()

@@ -1,0 +1,80 @@
+# ssl.py Emulated `ssl` for the ESP32: micropython-lib's ssl API over the built-in `tls`, with
+# the chip's memory budget for TLS connections.
+#
+# On an ESP32 without PSRAM each TLS connection takes ~20 KiB of the ESP-IDF heap (16 KiB in,
+# 4 KiB out, MicroPython #6065) plus a handshake peak; beyond what the board holds,
+# wrap_socket fails with OSError(ENOMEM) and gc.collect() does not help (#5355, #12790).
+# The budget (ESP32EMU_TLS_BUDGET, default 2) counts connections whose socket is still open:
+# closing the TLS socket closes it; a socket never closed keeps its slot, as leaked memory
+# would on the chip.
+
+import os
+
+import tls
+from tls import (  # noqa: F401 - re-exported API
+    CERT_NONE,
+    CERT_OPTIONAL,
+    CERT_REQUIRED,
+    MBEDTLS_VERSION,
+    PROTOCOL_TLS_CLIENT,
+    PROTOCOL_TLS_SERVER,
+)
+
+_ENOMEM = 12
+_BUDGET = int(os.getenv("ESP32EMU_TLS_BUDGET") or "2")
+_live = []  # raw sockets under open TLS connections
+
+
+def open_connections():
+    for s in list(_live):
+        if s.fileno() < 0:
+            _live.remove(s)
+    return len(_live)
+
+
+class SSLContext:
+    def __init__(self, *args):
+        self._ctx = tls.SSLContext(*args)
+        self._ctx.verify_mode = CERT_NONE  # MicroPython's default, unlike CPython's
+
+    @property
+    def verify_mode(self):
+        return self._ctx.verify_mode
+
+    @verify_mode.setter
+    def verify_mode(self, mode):
+        self._ctx.verify_mode = mode
+
+    def load_cert_chain(self, certfile, keyfile):
+        self._ctx.load_cert_chain(_data(certfile), _data(keyfile))
+
+    def load_verify_locations(self, cafile=None, cadata=None):
+        self._ctx.load_verify_locations(_data(cafile) if cafile else cadata)
+
+    def wrap_socket(self, sock, server_side=False, do_handshake_on_connect=True, server_hostname=None):
+        if open_connections() >= _BUDGET:
+            raise OSError(_ENOMEM)
+        s = self._ctx.wrap_socket(sock, server_side=server_side,
+                                  do_handshake_on_connect=do_handshake_on_connect,
+                                  server_hostname=server_hostname)
+        _live.append(sock)
+        return s
+
+
+def _data(x):
+    if isinstance(x, str):
+        with open(x, "rb") as f:
+            return f.read()
+    return x
+
+
+def wrap_socket(sock, server_side=False, key=None, cert=None, cert_reqs=CERT_NONE, cadata=None,
+                server_hostname=None, do_handshake=True):
+    ctx = SSLContext(PROTOCOL_TLS_SERVER if server_side else PROTOCOL_TLS_CLIENT)
+    if cert or key:
+        ctx.load_cert_chain(cert, key)
+    if cadata:
+        ctx.load_verify_locations(cadata=cadata)
+    ctx.verify_mode = cert_reqs
+    return ctx.wrap_socket(sock, server_side=server_side, do_handshake_on_connect=do_handshake,
+                           server_hostname=server_hostname)
