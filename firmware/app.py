@@ -1,10 +1,11 @@
 # app.py The device agent: follow the desired firmware in the shadow, report what runs.
 #
-# Boot: decide from the persisted update state and the running slot whether this boot is
-# the trial of a new image, a rollback, or ordinary. A trial must pass a health check
-# (broker over TLS, shadow round trip) before mark_app_valid_cancel_rollback(); if it does not,
-# the device resets unconfirmed and the bootloader goes back to the old image, which then
-# reports `failed: rolled_back`. Identity is the SHA-256 of the running image, never a claim.
+# Boot: the persisted phase (phases.py) and the running slot say whether this boot is the
+# trial of a new image, a rollback, an interrupted download to resume, or ordinary. A trial
+# must pass a health check (broker over TLS, shadow round trip) before
+# mark_app_valid_cancel_rollback(); if it does not, the device resets unconfirmed and the
+# bootloader goes back to the old image, which then reports `failed: rolled_back`. Identity
+# is the SHA-256 of the running image, never a claim.
 #
 # Steady state: on every (re)connect ask for the whole shadow (state/<id>/get) and act on
 # desired.firmware; a delta only triggers another get. Reports are state.reported.firmware.
@@ -14,70 +15,79 @@ import json
 import random
 import time
 
-from firmware import clock, contract, link, power, slots, state, wifi
-from firmware.updater import UpdateError, Updater
+from firmware import clock, contract, phases, power, slots, state, wifi
+from firmware.install import Installer, _new_link, log
 
-_TRANSIENT = (contract.E_NETWORK, contract.E_HTTP, contract.E_SIZE, contract.E_MEMORY)
+# Failures worth another try (with backoff, up to max_attempts); the rest wait for a new
+# desired state. url_expired waits for a fresh URL (reported with need_url).
+_TRANSIENT = (contract.E_NETWORK, contract.E_HTTP, contract.E_SIZE, contract.E_MEMORY,
+              contract.E_ROLLED_BACK, contract.E_READBACK)
 
 
-def log(*args):
-    print("[ota]", *args)
-
-
-class Agent:
+class Agent(Installer):
     def __init__(self, cfg):
         self.cfg = cfg
         self.st = state.load()
         self.run_label = slots.label(slots.running())
         self.link = None
+        self.updater = None  # loaded only while installing: RAM is tight on an ESP32
         self.doc_version = -1
         self.retry_at = None  # ticks_ms when a transient failure may be retried
         self._progress_at = (0, 0)  # (percent, ticks_ms) of the last progress report
-        from firmware import https
 
-        import binascii
+    # -- persisted phase ------------------------------------------------------------------
 
-        cred = binascii.b2a_base64(("%s:%s" % (cfg["device_id"], cfg["mqtt_password"])).encode())
-        self.updater = Updater(
-            https.tls_context(cfg["ca"]),
-            {"Authorization": "Basic " + cred.decode().strip()},
-            cfg["net_timeout_s"],
-        )
+    def _go(self, event, **fields):
+        """Apply a table transition and persist it (with any other changed fields)."""
+        self.st["phase"] = phases.step(self.st["phase"], event)
+        self.st.update(fields)
+        state.save(self.st)
 
-    # -- what happened across the last reset ---------------------------------------------
+    def _fail(self, code, event="error"):
+        st = self.st
+        st["error"] = code
+        if code in _TRANSIENT:
+            st["attempts"] += 1
+        else:
+            st["attempts"] = self.cfg["max_attempts"]  # permanent: wait for a new desired
+        if code in _TRANSIENT and st["attempts"] < self.cfg["max_attempts"]:
+            # Capped exponential backoff with jitter, so a fleet does not retry in step.
+            delay = min(60000, 1000 * 2 ** st["attempts"])
+            self.retry_at = time.ticks_add(time.ticks_ms(), delay // 2 + random.getrandbits(16) % (delay // 2 + 1))
+        else:
+            self.retry_at = None
+        self._go(event)
+
+    # -- what happened across the last reset ------------------------------------------------
 
     def boot_check(self):
         """Returns True if this boot is the trial of a freshly installed image."""
         st = self.st
-        if st["phase"] == contract.ST_REBOOTING and st["slot"]:
-            if self.run_label == st["slot"]:
+        if st["phase"] in (phases.DOWNLOADING, phases.VERIFYING, phases.REBOOTING, phases.TRIAL):
+            event = "booted_target" if self.run_label == st["slot"] else "booted_old"
+            try:
+                nxt = phases.step(st["phase"], event)
+            except ValueError:  # e.g. "downloading" into the slot we run: state is corrupt
+                log("inconsistent update state: starting over")
+                st.update(phase=phases.IDLE, target=None, slot=None, written=0)
+                state.save(st)
+                return False
+            if nxt == phases.FAILED:
+                log("back on", self.run_label, ": the trial of", st["slot"], "did not confirm")
+                self._fail(contract.E_ROLLED_BACK, event)
+            elif nxt == phases.TRIAL:
                 log("trial boot of", st["target"]["version"], "in", self.run_label)
+                self._go(event)
                 return True
-            # The new image did not confirm itself and the bootloader went back.
-            log("back on", self.run_label, ": the trial of", st["slot"], "failed")
-            self._fail(contract.E_ROLLED_BACK)
-        elif st["phase"] == contract.ST_DOWNLOADING:
-            log("a reset interrupted the download")
-            self._fail(contract.E_NETWORK, transient=True)
-        elif st["phase"] == contract.ST_IDLE and slots.pending_verify():
+            else:
+                log("a reset interrupted", st["phase"], "of", st["target"]["version"], "at", st["written"])
+        elif slots.pending_verify():
             # Running an unconfirmed image we know nothing about: do not keep it.
             log("unconfirmed image with no update record: resetting to roll back")
             power.reset()
         return False
 
-    def _fail(self, code, transient=False):
-        st = self.st
-        st["phase"], st["error"] = contract.ST_FAILED, code
-        if transient and st["attempts"] < self.cfg["max_attempts"]:
-            # Capped exponential backoff with jitter, so a fleet does not retry in step.
-            delay = min(60000, 1000 * 2 ** st["attempts"])
-            self.retry_at = time.ticks_add(time.ticks_ms(), delay // 2 + random.getrandbits(16) % (delay // 2 + 1))
-        else:
-            st["attempts"] = max(st["attempts"], self.cfg["max_attempts"])  # permanent: stop
-            self.retry_at = None
-        state.save(st)
-
-    # -- reports ------------------------------------------------------------------------
+    # -- reports --------------------------------------------------------------------------
 
     def running_image(self):
         """What we know of the running image: recorded at provisioning or when this device
@@ -90,8 +100,9 @@ class Agent:
     def report(self, **extra):
         if self.link is None:
             return
+        st = self.st
         rec = self.running_image()
-        failed = self.st["phase"] == contract.ST_FAILED and self.st["target"]
+        pending = st["target"] if st["phase"] != phases.IDLE else None
         # Every field the device owns, every time: null deletes what no longer applies, so
         # no stale progress or error survives in the shadow (reported objects are merged).
         fw = {
@@ -100,10 +111,11 @@ class Agent:
             "size": rec["size"],
             "url": rec["url"],
             "slot": self.run_label,
-            "state": self.st["phase"],
-            "error": self.st["error"],
-            "target": self.st["target"]["version"] if failed else None,
-            "attempts": self.st["attempts"] if failed else None,
+            "state": st["phase"],
+            "error": st["error"] if st["phase"] == phases.FAILED else None,
+            "target": pending["version"] if pending else None,
+            "attempts": st["attempts"] if st["phase"] == phases.FAILED else None,
+            "need_url": True if st["error"] == contract.E_URL_EXPIRED and pending else None,
             "progress": None,
             "mqtt": None,
             "detail": None,
@@ -122,7 +134,19 @@ class Agent:
             if self.link is not None:
                 self.report(progress=pct)
 
-    # -- trial ---------------------------------------------------------------------------
+    def _reconnect(self):
+        """One bounded attempt to bring MQTT back; on failure the report waits for later."""
+        gc.collect()
+        try:
+            self.link = _new_link(self.cfg)
+            self.link.connect()
+        except Exception as e:  # noqa: BLE001 - best effort; the state is already persisted
+            log("could not reconnect:", repr(e))
+            if self.link is not None:
+                self.link.close()
+            self.link = None
+
+    # -- trial ------------------------------------------------------------------------------
 
     def health_check(self):
         """The new image can reach the broker over TLS and round-trip the shadow."""
@@ -132,11 +156,11 @@ class Agent:
         return doc is not None
 
     def finish_trial(self):
-        st = self.st
-        target = st["target"]
-        digest = slots.sha256_of(slots.running(), target["size"], self.updater.buf)
         import binascii
 
+        st = self.st
+        target = st["target"]
+        digest = slots.sha256_of(slots.running(), target["size"], bytearray(4096))
         if binascii.hexlify(digest).decode() != target["sha256"]:
             # Not the image we installed: never confirm it.
             log("running image does not hash to the target: rolling back")
@@ -144,119 +168,8 @@ class Agent:
             power.reset()
         slots.confirm()  # before saving: a reset in between re-runs the trial, harmlessly
         st["images"][self.run_label] = dict(target)
-        st["phase"], st["target"], st["slot"], st["error"], st["attempts"] = (
-            contract.ST_IDLE, None, None, None, 0)
-        state.save(st)
+        self._go("confirmed", target=None, slot=None, error=None, attempts=0, written=0)
         log("confirmed", target["version"], "in", self.run_label)
-
-    # -- acting on the shadow -----------------------------------------------------------
-
-    def on_document(self, doc):
-        if not isinstance(doc, dict) or not isinstance(doc.get("state"), dict):
-            return
-        version = doc.get("version")
-        if isinstance(version, int):
-            if version < self.doc_version:
-                return  # stale answer
-            self.doc_version = version
-        desired = doc["state"].get("desired")
-        if not isinstance(desired, dict) or "firmware" not in desired:
-            return
-        try:
-            fw = contract.check_firmware(desired["firmware"])
-        except ValueError as e:
-            if self.st["error"] != contract.E_BAD_DESIRED:
-                log("ignoring desired firmware:", e)
-                self.st["phase"], self.st["error"] = contract.ST_FAILED, contract.E_BAD_DESIRED
-                state.save(self.st)
-                self.report(detail=str(e))
-            return
-        rec = self.running_image()
-        if rec["sha256"] == fw["sha256"]:
-            if rec["url"] != fw["url"] or rec["version"] != fw["version"] or self.st["phase"] != "idle":
-                # Same image under a new URL or name: adopt the labels, no download.
-                self.st["images"][self.run_label] = dict(fw)
-                self.st["phase"], self.st["error"], self.st["target"] = contract.ST_IDLE, None, None
-                state.save(self.st)
-                self.report()
-            return
-        st = self.st
-        same_target = st["target"] is not None and st["target"]["sha256"] == fw["sha256"]
-        if not same_target:
-            st["attempts"] = 0
-        elif st["attempts"] >= self.cfg["max_attempts"]:
-            if st["phase"] != contract.ST_FAILED:  # whatever ended the last try, it was the last
-                self._fail(st["error"] or contract.E_NETWORK)
-                self.report()
-            return  # gave up on this image; a new desired state is needed
-        elif self.retry_at is not None and time.ticks_diff(self.retry_at, time.ticks_ms()) > 0:
-            return  # serve() asks again when the backoff has passed
-        self.install(fw)
-
-    def install(self, fw):
-        st = self.st
-        part = slots.next_update()
-        st["images"].pop(slots.label(part), None)  # its contents are about to be erased
-        st["phase"], st["target"], st["slot"], st["error"] = (
-            contract.ST_DOWNLOADING, fw, slots.label(part), None)
-        st["attempts"] += 1
-        state.save(st)
-        self._progress_at = (0, time.ticks_ms())
-        log("installing", fw["version"], "into", st["slot"], "attempt", st["attempts"])
-        if self.cfg["tls_slots"] < 2:
-            self.report(progress=0, mqtt="parked for the download")
-            self.link.close()  # one TLS connection at a time on this board
-            self.link = None
-        else:
-            self.report(progress=0)
-        gc.collect()
-        try:
-            self.updater.install(fw, self._on_progress)
-        except UpdateError as e:
-            log("update failed:", e.code, e.detail)
-            self._fail(e.code, transient=e.code in _TRANSIENT)
-            if self.link is None:
-                self._reconnect()
-            self.report()
-            return
-        except (OSError, ValueError) as e:  # network; TLS errors arrive as ValueError
-            log("update failed:", repr(e))
-            # wrap_socket raises OSError(ENOMEM) when the board has no memory for TLS
-            code = contract.E_MEMORY if e.args and e.args[0] == 12 else contract.E_NETWORK
-            self._fail(code, transient=True)
-            if self.link is None:
-                self._reconnect()
-            self.report()
-            return
-        except MemoryError:
-            gc.collect()
-            log("update failed: out of memory")
-            self._fail(contract.E_MEMORY, transient=True)
-            if self.link is None:
-                self._reconnect()
-            self.report()
-            return
-        st["phase"] = contract.ST_REBOOTING
-        state.save(st)
-        if self.link is None:
-            self._reconnect()  # MQTT was parked for the download: say what happens next
-        self.report()
-        log("rebooting into", st["slot"])
-        if self.link is not None:
-            self.link.close()
-        power.reset()
-
-    def _reconnect(self):
-        """One bounded attempt to bring MQTT back; on failure the report waits for later."""
-        gc.collect()
-        try:
-            self.link = link.Link(self.cfg)
-            self.link.connect()
-        except Exception as e:  # noqa: BLE001 - best effort; the state is already persisted
-            log("could not reconnect to report:", repr(e))
-            if self.link is not None:
-                self.link.close()
-            self.link = None
 
     def serve(self):
         while True:
@@ -275,16 +188,20 @@ class Agent:
                         if "firmware" in doc["state"]:
                             self.link.request_get()
                 elif suffix == contract.GET_ACCEPTED:
-                    self.on_document(doc)
-                    if self.link is None:
-                        return  # install() dropped the link to free TLS memory
+                    action = self.on_document(doc)
+                    if action is not None:
+                        doc = msg = None
+                        gc.collect()
+                        self.install(*action)
+                        if self.link is None:
+                            return  # the link could not be brought back after an install
                 elif suffix == contract.UPDATE_REJECTED:
                     log("replica rejected a report:", doc)
             if self.retry_at is not None and time.ticks_diff(time.ticks_ms(), self.retry_at) >= 0:
                 self.retry_at = None
                 self.link.request_get()  # act on the desired state as it is now
 
-    # -- main loop ------------------------------------------------------------------------
+    # -- main loop ----------------------------------------------------------------------------
 
     def run(self):
         trial = self.boot_check()
@@ -295,7 +212,7 @@ class Agent:
                 wifi.connect(self.cfg["wifi_ssid"], self.cfg["wifi_password"])
                 clock.ensure(self.cfg["ntp_host"])
                 gc.collect()  # the TLS handshake needs its buffers in one piece
-                self.link = link.Link(self.cfg)
+                self.link = _new_link(self.cfg)
                 self.link.connect()
                 if trial:
                     if not self.health_check():

@@ -49,7 +49,11 @@ ST_FAILED = "failed"
 # Device error codes, reported in state.reported.firmware.error.
 E_BAD_DESIRED = "bad_desired"  # the desired firmware document is malformed
 E_TOO_BIG = "too_big"  # size larger than the inactive slot
-E_HTTP = "http_status"  # the store answered other than 200
+E_HTTP = "http_status"  # the store answered other than 200/206 (transient: 5xx, bad range)
+E_FORBIDDEN = "forbidden"  # 403: the store refuses this device or URL (permanent)
+E_URL_EXPIRED = "url_expired"  # 403: the pre-signed URL expired; reported with need_url
+E_NOT_FOUND = "not_found"  # 404: no such artifact (permanent)
+E_DOWNGRADE = "downgrade_refused"  # desired is older than what runs, without allow_downgrade
 E_SIZE = "size_mismatch"  # Content-Length or bytes received differ from the desired size
 E_NOT_APP = "not_app_image"  # first block is not an ESP32 app image (e.g. firmware.bin)
 E_HASH = "hash_mismatch"  # SHA-256 of the received bytes differs from the desired sha256
@@ -116,7 +120,28 @@ def check_firmware(fw):
     size = fw.get("size")
     if not isinstance(size, int) or isinstance(size, bool) or not 0 < size <= MAX_IMAGE_SIZE:
         raise ValueError("size: must be an integer from 1 to %d" % MAX_IMAGE_SIZE)
-    return {"url": url, "version": version, "sha256": fw["sha256"], "size": size}
+    out = {"url": url, "version": version, "sha256": fw["sha256"], "size": size}
+    allow = fw.get("allow_downgrade", False)
+    if not isinstance(allow, bool):
+        raise ValueError("allow_downgrade: must be true or false")
+    if allow:
+        out["allow_downgrade"] = True
+    return out
+
+
+def compare_versions(a, b):
+    """-1, 0 or 1 for dotted numeric versions ("1.10.2" > "1.9"); None if either is not
+    of that form (then no order is assumed)."""
+    pa, pb = a.split("."), b.split(".")
+    for p in pa + pb:
+        if not p.isdigit():
+            return None
+    na = [int(p) for p in pa]
+    nb = [int(p) for p in pb]
+    n = max(len(na), len(nb))
+    na += [0] * (n - len(na))
+    nb += [0] * (n - len(nb))
+    return (na > nb) - (na < nb)
 
 
 def split_url(url):

@@ -4,8 +4,13 @@
 # Updater is made and reused for every block; the loop allocates nothing per block.
 # Order of trust: the first block must be an ESP32 app image before anything is erased; the
 # SHA-256 of the received bytes must equal the desired sha256 (from the shadow, not from the
-# store); the slot is read back and hashed again; only then set_boot(), which runs the
-# bootloader's own image check.
+# store); the slot is read back and hashed again; only then does the caller set_boot(),
+# which runs the bootloader's own image check.
+#
+# Resume: a download interrupted after `written` bytes (a multiple of 4096, checkpointed by
+# the caller) continues with Range: bytes=written-; the prefix already in flash is hashed
+# again first. Only a 206 whose Content-Range matches is accepted; a 200 (Range ignored)
+# starts over from zero.
 
 import binascii
 import hashlib
@@ -13,6 +18,7 @@ import hashlib
 from firmware import contract, https, slots
 
 BLOCK = 4096
+CHECKPOINT_BLOCKS = 16  # persist progress every 64 KiB: resumable, without wearing the fs
 
 
 class UpdateError(Exception):
@@ -34,6 +40,22 @@ def check_app_header(buf):
         raise UpdateError(contract.E_NOT_APP, "no app descriptor (bootloader or combined image?)")
 
 
+def _http_error(resp):
+    """Turn a refused download into an UpdateError with a code that says what to do next."""
+    status = resp.status
+    if status == 403:
+        try:
+            reason = resp.stream.read(120)
+        except OSError:
+            reason = b""
+        if b"expired" in reason:
+            return UpdateError(contract.E_URL_EXPIRED, "pre-signed URL expired")
+        return UpdateError(contract.E_FORBIDDEN, reason.decode())
+    if status == 404:
+        return UpdateError(contract.E_NOT_FOUND, "no such artifact")
+    return UpdateError(contract.E_HTTP, str(status))
+
+
 class Updater:
     def __init__(self, ctx, headers, timeout_s=15, server_hostname=None):
         self.buf = bytearray(BLOCK)
@@ -42,47 +64,74 @@ class Updater:
         self.timeout_s = timeout_s
         self.server_hostname = server_hostname
 
-    def install(self, fw, progress=None):
-        """Download fw (a contract.check_firmware dict) into the inactive slot and make it
-        the boot slot. Returns the slot label. Raises UpdateError, or OSError for network."""
+    def download(self, fw, written=0, checkpoint=None, progress=None):
+        """Fetch fw (a contract.check_firmware dict) into the inactive slot, continuing after
+        `written` bytes already there. Returns (SHA-256 of the whole image, resumed?).
+        Raises UpdateError, or OSError/ValueError for network and TLS failures."""
         part = slots.next_update()
         size = fw["size"]
         if size > slots.slot_size(part):
             raise UpdateError(contract.E_TOO_BIG, "%d > slot %d" % (size, slots.slot_size(part)))
-        resp = https.get(self.ctx, fw["url"], self.headers, self.timeout_s, self.server_hostname)
+        if written % BLOCK or not 0 <= written < size:
+            written = 0
+        h = hashlib.sha256()
+        headers = self.headers
+        if written:
+            self.hash_slot(part, written, h)  # the prefix already in flash
+            headers = dict(headers)
+            headers["Range"] = "bytes=%d-" % written
+        resp = https.get(self.ctx, fw["url"], headers, self.timeout_s, self.server_hostname)
         try:
-            if resp.status != 200:
-                raise UpdateError(contract.E_HTTP, str(resp.status))
-            if resp.length != size:
-                raise UpdateError(contract.E_SIZE, "Content-Length %s, want %d" % (resp.length, size))
-            digest = self.stream_to(part, resp.stream, size, progress)
+            if written and resp.status == 206:
+                want = "bytes %d-%d/%d" % (written, size - 1, size)
+                if resp.headers.get("content-range") != want:
+                    raise UpdateError(contract.E_HTTP, "Content-Range %s, want %s"
+                                      % (resp.headers.get("content-range"), want))
+            elif resp.status == 200:
+                if written:  # the server ignored Range: start over from zero
+                    written = 0
+                    h = hashlib.sha256()
+            else:
+                raise _http_error(resp)
+            if resp.length != size - written:
+                raise UpdateError(contract.E_SIZE, "Content-Length %s, want %d" % (resp.length, size - written))
+            self.stream_to(part, resp.stream, size, written, h, checkpoint, progress)
         finally:
             resp.close()
-        want = binascii.unhexlify(fw["sha256"])
-        if digest != want:
-            raise UpdateError(contract.E_HASH, "received bytes do not match sha256")
-        if slots.sha256_of(part, size, self.buf) != want:
-            raise UpdateError(contract.E_READBACK, "slot content differs from what was written")
-        try:
-            part.set_boot()
-        except OSError as e:
-            raise UpdateError(contract.E_VALIDATE, str(e))
-        return slots.label(part)
+        return h.digest(), written > 0
 
-    def stream_to(self, part, stream, size, progress=None):
-        """Copy `size` bytes from `stream` into `part` block by block; returns their SHA-256."""
+    def read_back(self, fw):
+        """Read the whole slot back and hash it again: what set_boot() will switch to must be
+        exactly the desired image, whatever the flash did with the writes."""
+        part = slots.next_update()
+        if slots.sha256_of(part, fw["size"], self.buf) != binascii.unhexlify(fw["sha256"]):
+            raise UpdateError(contract.E_READBACK, "slot content differs from the desired image")
+
+    def hash_slot(self, part, nbytes, h):
+        """Feed the first nbytes (a multiple of BLOCK) of a slot into h."""
+        for blk in range(nbytes // BLOCK):
+            part.readblocks(blk, self.buf)
+            h.update(self.buf)
+
+    def stream_to(self, part, stream, size, written, h, checkpoint=None, progress=None):
+        """Copy bytes written..size from `stream` into `part`, block by block, into h."""
         rem = size % BLOCK
         tail = memoryview(self.buf)[:rem] if rem else self.buf  # made once, before the loop
-        h = hashlib.sha256()
-        self.copy_blocks(part, stream, (size + BLOCK - 1) // BLOCK, tail, h, progress)
-        return h.digest()
+        nblocks = (size + BLOCK - 1) // BLOCK
+        first = written // BLOCK
+        while first < nblocks:
+            last = min(nblocks, first + CHECKPOINT_BLOCKS)
+            self.copy_blocks(part, stream, first, last, nblocks, tail, h, progress)
+            first = last
+            if checkpoint is not None and first < nblocks:
+                checkpoint(first * BLOCK)
 
-    def copy_blocks(self, part, stream, nblocks, tail, h, progress=None):
+    def copy_blocks(self, part, stream, first, last, nblocks, tail, h, progress=None):
         # The per-block loop. Allocates nothing (tests run it under micropython.heap_lock()),
         # except through `progress`, which reports only every 10 %.
         buf = self.buf
         rem = len(tail)
-        for blk in range(nblocks):
+        for blk in range(first, last):
             into = tail if blk == nblocks - 1 else buf
             if into is not buf:
                 for i in range(rem, BLOCK):

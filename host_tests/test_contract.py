@@ -27,6 +27,13 @@ CASES = [
     ("check_firmware", [{"url": "https://h/x", "version": "1", "sha256": "a" * 64, "size": 0}]),
     ("check_firmware", [{"url": "https://h/x", "version": 1, "sha256": "a" * 64, "size": 5}]),
     ("check_firmware", [["not", "a", "dict"]]),
+    ("check_firmware", [{"url": "https://h/x", "version": "1", "sha256": "a" * 64, "size": 5, "allow_downgrade": True}]),
+    ("check_firmware", [{"url": "https://h/x", "version": "1", "sha256": "a" * 64, "size": 5, "allow_downgrade": 1}]),
+    ("compare_versions", ["1.10.0", "1.9"]),
+    ("compare_versions", ["1.0", "1.0.0"]),
+    ("compare_versions", ["0.9.9", "1.0"]),
+    ("compare_versions", ["1.0-rc1", "1.0"]),
+    ("compare_versions", ["1..0", "1.0"]),
 ]
 
 

@@ -25,7 +25,7 @@ h = hashlib.sha256()
 nblocks = (size + BLOCK - 1) // BLOCK
 micropython.heap_lock()
 try:
-    u.copy_blocks(part, stream, nblocks, tail, h)
+    u.copy_blocks(part, stream, 0, nblocks, nblocks, tail, h)
     err = None
 except MemoryError:
     err = "allocated"

@@ -1,0 +1,239 @@
+# install.py Deciding what a desired firmware asks for, and installing it: download (or
+# resume), verify, check it is still wanted, set_boot(), reset. Part of the Agent (app.py).
+#
+# RAM is the constraint on an ESP32 without PSRAM: the download code, its 4 KiB buffer and
+# the MQTT code are loaded only while they are needed and dropped afterwards (_unload).
+
+import gc
+import json
+import random
+import time
+
+from firmware import contract, phases, power, slots, state
+
+
+def log(*args):
+    print("[ota]", *args)
+
+
+def _unload(*names):
+    """Drop modules from RAM until they are imported again (bytecode is ~2x its .mpy size
+    in RAM; on a board without frozen firmware that matters). The parent package holds a
+    reference to each submodule too, so that goes as well."""
+    import sys
+
+    for name in names:
+        sys.modules.pop(name, None)
+        parent, _, child = name.rpartition(".")
+        if parent in sys.modules:
+            try:
+                delattr(sys.modules[parent], child)
+            except (AttributeError, KeyError):  # MicroPython raises KeyError
+                pass
+    gc.collect()
+
+
+def _new_link(cfg):
+    from firmware.link import Link
+
+    return Link(cfg)
+
+
+class Abandon(Exception):
+    """The desired firmware changed while this one was being installed."""
+
+
+def _unhex(s):
+    import binascii
+
+    return binascii.unhexlify(s)
+
+
+class Installer:
+    """Mixin for Agent: needs self.cfg, self.st, self.link, self.updater, self.report(),
+    self._reconnect(), self._go(), self._fail(), self._on_progress()."""
+
+    def _load_updater(self):
+        if self.updater is None:
+            import binascii
+
+            from firmware import https
+            from firmware.updater import Updater
+
+            cfg = self.cfg
+            cred = binascii.b2a_base64(("%s:%s" % (cfg["device_id"], cfg["mqtt_password"])).encode())
+            self.updater = Updater(https.tls_context(cfg["ca"]),
+                                   {"Authorization": "Basic " + cred.decode().strip()},
+                                   cfg["net_timeout_s"])
+        return self.updater
+
+    def _drop_updater(self):
+        # The download code and its 4 KiB buffer are ~11 KiB of heap: give them back.
+        self.updater = None
+        _unload("firmware.updater", "firmware.https")
+
+    def _park_link(self):
+        # One TLS connection at a time on this board: close MQTT and drop its code.
+        if self.link is not None:
+            self.link.close()
+            self.link = None
+        _unload("firmware.link", "umqtt.simple", "umqtt")
+
+    def _checkpoint(self, written):
+        # Persisted every 64 KiB: after a reset the download resumes from here.
+        self.st["written"] = written
+        state.save(self.st)
+        power.feed()
+        if self.link is not None and self.cfg["tls_slots"] >= 2:
+            self.link.poll(0)
+            want = self.st["target"]["sha256"]
+            for suffix, msg in self.link.inbox:
+                if suffix == contract.UPDATE_DELTA and b"sha256" in msg:
+                    try:
+                        sha = json.loads(msg)["state"]["firmware"]["sha256"]
+                    except (ValueError, TypeError, KeyError):
+                        continue
+                    if sha != want:
+                        raise Abandon()  # a different image is desired now: stop and look
+
+    def _still_wanted(self, fw):
+        """Before committing: is this still the desired image? (True if we cannot tell.)"""
+        if self.link is None:
+            self._reconnect()
+        if self.link is None:
+            return True
+        token = "check-%d" % random.getrandbits(24)
+        self.link.request_get(token)
+        doc = self.link.wait_for(contract.GET_ACCEPTED, 5000, token)
+        try:
+            return doc["state"]["desired"]["firmware"]["sha256"] == fw["sha256"]
+        except (TypeError, KeyError):
+            return True
+
+    # -- acting on the shadow ---------------------------------------------------------------
+
+    def on_document(self, doc):
+        """Decide what the desired firmware in a shadow document asks for. Returns
+        (firmware, resume) to install, or None. The caller drops the document (several KiB
+        with its metadata) before installing."""
+        if not isinstance(doc, dict) or not isinstance(doc.get("state"), dict):
+            return None
+        version = doc.get("version")
+        if isinstance(version, int):
+            if version < self.doc_version:
+                return None  # stale answer
+            self.doc_version = version
+        desired = doc["state"].get("desired")
+        if not isinstance(desired, dict) or "firmware" not in desired:
+            return None
+        st = self.st
+        try:
+            fw = contract.check_firmware(desired["firmware"])
+        except ValueError as e:
+            if st["error"] != contract.E_BAD_DESIRED:
+                log("ignoring desired firmware:", e)
+                self._fail(contract.E_BAD_DESIRED)
+                self.report(detail=str(e))
+            return None
+        rec = self.running_image()
+        if rec["sha256"] == fw["sha256"]:
+            if rec["url"] != fw["url"] or rec["version"] != fw["version"] or st["phase"] != phases.IDLE:
+                # Same image under a new URL or name: adopt the labels, no download.
+                st["images"][self.run_label] = dict(fw)
+                self._go("adopt", target=None, slot=None, error=None, attempts=0, written=0)
+                self.report()
+            return None
+        order = contract.compare_versions(fw["version"], rec["version"])
+        if order is not None and order < 0 and not fw.get("allow_downgrade"):
+            if st["error"] != contract.E_DOWNGRADE or st["target"] != fw:
+                log("refusing downgrade to", fw["version"])
+                st["target"] = fw
+                self._fail(contract.E_DOWNGRADE)
+                self.report()
+            return None
+        same_target = st["target"] is not None and st["target"]["sha256"] == fw["sha256"]
+        if not same_target:
+            st["attempts"] = 0
+        elif st["phase"] == phases.FAILED:
+            if st["error"] == contract.E_URL_EXPIRED and st["target"]["url"] != fw["url"]:
+                pass  # a fresh URL arrived: carry on where the download stopped
+            elif st["attempts"] >= self.cfg["max_attempts"] or st["error"] == contract.E_URL_EXPIRED:
+                return None  # gave up on this image, or waiting for a new URL
+            elif self.retry_at is not None and time.ticks_diff(self.retry_at, time.ticks_ms()) > 0:
+                return None  # serve() asks again when the backoff has passed
+        return fw, same_target
+
+    def install(self, fw, resume):
+        from firmware.updater import BLOCK, UpdateError
+
+        st = self.st
+        part = slots.next_update()
+        label = slots.label(part)
+        written = st["written"] if resume and st["slot"] == label else 0
+        verify_only = resume and st["phase"] == phases.VERIFYING and st["slot"] == label
+        if not verify_only:
+            if not written:
+                st["images"].pop(label, None)  # its contents are about to be erased
+            self._go("install", target=fw, slot=label, error=None, written=written)
+        self._progress_at = (0, time.ticks_ms())
+        log("installing", fw["version"], "into", label, "from", written, "attempt", st["attempts"] + 1)
+        parked = self.cfg["tls_slots"] < 2
+        self.report(progress=written * 100 // fw["size"], mqtt="parked for the download" if parked else None)
+        if parked:
+            self._park_link()
+        gc.collect()
+        try:
+            updater = self._load_updater()
+            if not verify_only:
+                digest, resumed = updater.download(fw, written, self._checkpoint, self._on_progress)
+                if digest != _unhex(fw["sha256"]) and resumed:
+                    log("hash mismatch after resuming: downloading everything again")
+                    self._go("install", written=0)
+                    digest, _ = updater.download(fw, 0, self._checkpoint, self._on_progress)
+                if digest != _unhex(fw["sha256"]):
+                    raise UpdateError(contract.E_HASH, "received bytes do not match sha256")
+                self._go("downloaded", written=fw["size"] // BLOCK * BLOCK)
+            updater.read_back(fw)
+            updater = None
+            self._drop_updater()  # the rest needs no buffer: make room for MQTT again
+            if not self._still_wanted(fw):
+                raise Abandon()
+            try:
+                slots.next_update().set_boot()  # the bootloader's own image check
+            except OSError as e:
+                raise UpdateError(contract.E_VALIDATE, str(e))
+        except Abandon:
+            log("the desired firmware changed: abandoning", fw["version"])
+            self.st["written"] = 0
+            state.save(self.st)
+            self._drop_updater()
+            if self.link is None:
+                self._reconnect()
+            if self.link is not None:
+                self.link.request_get()
+            return
+        except UpdateError as e:
+            log("update failed:", e.code, e.detail)
+            self._fail(e.code)
+        except (OSError, ValueError) as e:  # network; TLS errors arrive as ValueError
+            log("update failed:", repr(e))
+            # wrap_socket raises OSError(ENOMEM) when the board has no memory for TLS
+            self._fail(contract.E_MEMORY if e.args and e.args[0] == 12 else contract.E_NETWORK)
+        except MemoryError:
+            gc.collect()
+            log("update failed: out of memory")
+            self._fail(contract.E_MEMORY)
+        else:
+            self._go("verified")
+            if self.link is None:
+                self._reconnect()  # MQTT was parked for the download: say what happens next
+            self.report()
+            log("rebooting into", label)
+            if self.link is not None:
+                self.link.close()
+            power.reset()
+        self._drop_updater()
+        if self.link is None:
+            self._reconnect()
+        self.report()
+
