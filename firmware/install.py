@@ -151,15 +151,18 @@ class Installer:
                 self._fail(contract.E_DOWNGRADE)
                 self.report()
             return None
+        # The same image resumes where its download stopped; any change to the desired
+        # document (a fresh URL, allow_downgrade, a new version label) is a new request and
+        # gets a fresh set of attempts. An unchanged one after a failure waits: for the
+        # backoff, for a new URL, or (after max_attempts or a permanent error) for a change.
         same_target = st["target"] is not None and st["target"]["sha256"] == fw["sha256"]
-        if not same_target:
+        if st["target"] != fw:
             st["attempts"] = 0
+            self.retry_at = None
         elif st["phase"] == phases.FAILED:
-            if st["error"] == contract.E_URL_EXPIRED and st["target"]["url"] != fw["url"]:
-                pass  # a fresh URL arrived: carry on where the download stopped
-            elif st["attempts"] >= self.cfg["max_attempts"] or st["error"] == contract.E_URL_EXPIRED:
-                return None  # gave up on this image, or waiting for a new URL
-            elif self.retry_at is not None and time.ticks_diff(self.retry_at, time.ticks_ms()) > 0:
+            if st["attempts"] >= self.cfg["max_attempts"] or st["error"] == contract.E_URL_EXPIRED:
+                return None
+            if self.retry_at is not None and time.ticks_diff(self.retry_at, time.ticks_ms()) > 0:
                 return None  # serve() asks again when the backoff has passed
         return fw, same_target
 

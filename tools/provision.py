@@ -9,7 +9,7 @@ from pathlib import Path
 
 from firmware import contract
 from tools.esp32emu.runner import make_flash
-from tools.mpy import compile_file
+from tools.mpy import compile_tree
 from tools.site import Site
 from tools.umqtt_fetch import fetch as fetch_umqtt
 
@@ -23,14 +23,17 @@ def copy_firmware(fs: Path, compiled: bool = True) -> None:
     fs.mkdir(parents=True, exist_ok=True)
     for name in ("boot.py", "main.py"):
         shutil.copy2(REPO / name, fs / name)
-    modules = [(src, Path("firmware") / src.name) for src in sorted((REPO / "firmware").glob("*.py"))]
-    modules.append((fetch_umqtt(CACHE), Path("lib/umqtt/simple.py")))
-    for src, rel in modules:
-        (fs / rel).parent.mkdir(parents=True, exist_ok=True)
-        if compiled:
-            compile_file(src, fs / rel.with_suffix(".mpy"), str(rel))
-        else:
-            shutil.copy2(src, fs / rel)
+    umqtt = fetch_umqtt(CACHE)
+    if not compiled:
+        shutil.copytree(REPO / "firmware", fs / "firmware", dirs_exist_ok=True,
+                        ignore=shutil.ignore_patterns("__pycache__"))
+        (fs / "lib" / "umqtt").mkdir(parents=True, exist_ok=True)
+        shutil.copy2(umqtt, fs / "lib" / "umqtt" / "simple.py")
+        return
+    built = compile_tree(sorted((REPO / "firmware").glob("*.py")), CACHE / "firmware-mpy", REPO)
+    shutil.copytree(built / "firmware", fs / "firmware", dirs_exist_ok=True)
+    compiled_umqtt = compile_tree([umqtt], CACHE / "umqtt-mpy", CACHE)
+    shutil.copytree(compiled_umqtt / "umqtt", fs / "lib" / "umqtt", dirs_exist_ok=True)
 
 
 def provision_emulated(site: Site, device_id: str, image: bytes, version: str,

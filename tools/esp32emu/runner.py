@@ -115,6 +115,7 @@ class Runner:
     max_boots: int | None = None
     tls_budget: int = DEFAULT_TLS_BUDGET
     cut_at: float | None = None  # cut the power this many seconds after run() starts
+    off_after_cut: float = 0.0  # seconds the board stays dark after a power cut
     on_line: Callable[[str], None] | None = None
     device_id: str | None = None
     boots: list[BootRecord] = field(default_factory=list)
@@ -162,8 +163,7 @@ class Runner:
     # -- one chip boot --------------------------------------------------------------
 
     def _bootloader(self, cause: int) -> BootRecord:
-        power = PowerPlan(str(self.power_plan), self._raise_cut) if self.power_plan.exists() else None
-        flash = NorFlash(str(self.flash_path), power=power)
+        flash = NorFlash(str(self.flash_path), power=PowerPlan(str(self.power_plan), self._raise_cut))
         try:
             parts = espidf.read_partition_table(flash, flash.size)
             sel = espidf.select_boot(flash, parts, self.chip_rev, commit=True)
@@ -247,6 +247,7 @@ class Runner:
         self.power_plan.unlink(missing_ok=True)
         (self.ctl / "cut").unlink(missing_ok=True)
         self.say("emulator: power cut; powering on again")
+        self._stop.wait(self.off_after_cut)
 
     def _idle_at_repl(self) -> bool:
         """Board sits at the REPL. Returns True if an armed watchdog then resets it; False at

@@ -54,13 +54,8 @@ def flash():
     if _flash is None:
         from norflash import NorFlash, PowerPlan
 
-        plan = CTL_DIR + "/powercut"
-        try:
-            os.stat(plan)
-            power = PowerPlan(plan, power_cut)
-        except OSError:
-            power = None
-        _flash = NorFlash(FLASH_PATH, power=power)
+        # The plan file is looked up on every operation: a cut can be armed at any moment.
+        _flash = NorFlash(FLASH_PATH, power=PowerPlan(CTL_DIR + "/powercut", power_cut))
     return _flash
 
 
