@@ -244,3 +244,22 @@ def mqtt_probe(site, services):
     yield make
     for p in made:
         p.close()
+
+
+# ---- options and the end-of-run summary ---------------------------------------------------
+
+SUMMARY: list[str] = []  # lines tests want shown after the run (e.g. the power-cut table)
+
+
+def pytest_addoption(parser):
+    parser.addoption("--sweep", choices=("quick", "full"), default="quick",
+                     help="power-cut sweep: a spread of cut points (quick) or every one (full)")
+    parser.addoption("--sweep-workers", type=int, default=3,
+                     help="emulated devices the power-cut sweep runs at once")
+
+
+def pytest_terminal_summary(terminalreporter):
+    if SUMMARY:
+        terminalreporter.section("summary tables")
+        for line in SUMMARY:
+            terminalreporter.write_line(line)

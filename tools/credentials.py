@@ -7,6 +7,8 @@ to the store (HTTP Basic), so revoking a device is removing its line.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import secrets
 import threading
@@ -58,25 +60,36 @@ class Credentials:
         except (VerificationError, InvalidHashError):
             return False
 
+    @contextlib.contextmanager
+    def _editing(self):
+        """Read-modify-write under an exclusive lock (threads and other processes alike)."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path.with_suffix(".lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                with self._lock:
+                    self._mtime = None  # re-read: another process may have written
+                hashes = dict(self._load())
+                yield hashes
+                self._write(hashes)
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
     def set(self, name: str, password: str | None = None) -> str:
         """Create or replace `name`'s password; returns the password."""
         if not name or ":" in name or "\n" in name:
             raise ValueError(f"bad identity name {name!r}")
         password = password or secrets.token_urlsafe(24)
-        hashes = dict(self._load())
-        hashes[name] = _HASHER.hash(password)
-        self._write(hashes)
+        digest = _HASHER.hash(password)
+        with self._editing() as hashes:
+            hashes[name] = digest
         return password
 
     def remove(self, name: str) -> bool:
-        hashes = dict(self._load())
-        if hashes.pop(name, None) is None:
-            return False
-        self._write(hashes)
-        return True
+        with self._editing() as hashes:
+            return hashes.pop(name, None) is not None
 
     def _write(self, hashes: dict[str, str]) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text("".join(f"{n}:{h}\n" for n, h in sorted(hashes.items())))
         os.chmod(tmp, 0o600)
