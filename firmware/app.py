@@ -43,11 +43,15 @@ class Agent(Installer):
         self.st.update(fields)
         state.save(self.st)
 
-    def _fail(self, code, event="error"):
+    def _fail(self, code, event="error", progressed=False):
+        """Record a failure. A transient one that still moved the download forward (more
+        bytes safely in flash) does not use up an attempt: a link that drops every few
+        KiB converges, bounded by the byte budget instead."""
         st = self.st
         st["error"] = code
         if code in _TRANSIENT:
-            st["attempts"] += 1
+            if not progressed:
+                st["attempts"] += 1
         else:
             st["attempts"] = self.cfg["max_attempts"]  # permanent: wait for a new desired
         if code in _TRANSIENT and st["attempts"] < self.cfg["max_attempts"]:
@@ -168,7 +172,7 @@ class Agent(Installer):
             power.reset()
         slots.confirm()  # before saving: a reset in between re-runs the trial, harmlessly
         st["images"][self.run_label] = dict(target)
-        self._go("confirmed", target=None, slot=None, error=None, attempts=0, written=0)
+        self._go("confirmed", target=None, slot=None, error=None, attempts=0, written=0, fetched=0)
         log("confirmed", target["version"], "in", self.run_label)
 
     def serve(self):

@@ -21,7 +21,8 @@ DEFAULTS = {
     # TLS connections the board can hold at once. 1 (ESP32 without PSRAM): MQTT is closed
     # while the image downloads; 2: MQTT stays up and progress is reported live.
     "tls_slots": 1,
-    "max_attempts": 3,  # tries per target for transient failures
+    "max_attempts": 3,  # tries per target for transient failures that make no progress
+    "min_free_heap": 8192,  # below this (after parking MQTT) do not start a download
     "ntp_host": None,
 }
 
@@ -53,7 +54,7 @@ def load(path="config.json", secrets="secrets.json"):
         if not isinstance(cfg[k], str) or not cfg[k]:
             raise ValueError("%s: missing" % k)
     for k in ("broker_port", "keepalive_s", "net_timeout_s", "health_deadline_s", "wdt_ms",
-              "tls_slots", "max_attempts"):
+              "tls_slots", "max_attempts", "min_free_heap"):
         if not isinstance(cfg[k], int) or cfg[k] < 0:
             raise ValueError("%s: must be a non-negative integer" % k)
     cfg["tls_name"] = cfg["tls_name"] or cfg["broker_host"]

@@ -61,6 +61,9 @@ E_READBACK = "readback_mismatch"  # the slot does not hold what was written
 E_VALIDATE = "validate_failed"  # set_boot() refused the image (ESP_ERR_OTA_VALIDATE_FAILED)
 E_NETWORK = "network"  # connection, TLS or timeout failure
 E_MEMORY = "out_of_memory"  # not enough heap to download (e.g. for a second TLS connection)
+E_BUDGET = "byte_budget"  # downloaded more than BYTE_BUDGET x the image without finishing
+
+BYTE_BUDGET = 4  # a target may cost at most this many times its size in downloaded bytes
 E_ROLLED_BACK = "rolled_back"  # the new image did not confirm; the bootloader went back
 
 _HEX = "0123456789abcdef"

@@ -81,8 +81,10 @@ class Installer:
 
     def _checkpoint(self, written):
         # Persisted every 64 KiB: after a reset the download resumes from here.
-        self.st["written"] = written
-        state.save(self.st)
+        st = self.st
+        st["fetched"] += max(0, written - st["written"])
+        st["written"] = written
+        state.save(st)
         power.feed()
         if self.link is not None and self.cfg["tls_slots"] >= 2:
             self.link.poll(0)
@@ -140,7 +142,7 @@ class Installer:
             if rec["url"] != fw["url"] or rec["version"] != fw["version"] or st["phase"] != phases.IDLE:
                 # Same image under a new URL or name: adopt the labels, no download.
                 st["images"][self.run_label] = dict(fw)
-                self._go("adopt", target=None, slot=None, error=None, attempts=0, written=0)
+                self._go("adopt", target=None, slot=None, error=None, attempts=0, written=0, fetched=0)
                 self.report()
             return None
         order = contract.compare_versions(fw["version"], rec["version"])
@@ -159,6 +161,8 @@ class Installer:
         if st["target"] != fw:
             st["attempts"] = 0
             self.retry_at = None
+            if not same_target:
+                st["fetched"] = 0
         elif st["phase"] == phases.FAILED:
             if st["attempts"] >= self.cfg["max_attempts"] or st["error"] == contract.E_URL_EXPIRED:
                 return None
@@ -179,6 +183,11 @@ class Installer:
                 st["images"].pop(label, None)  # its contents are about to be erased
             self._go("install", target=fw, slot=label, error=None, written=written)
         self._progress_at = (0, time.ticks_ms())
+        if st["fetched"] > contract.BYTE_BUDGET * fw["size"]:
+            log("byte budget spent on", fw["version"])
+            self._fail(contract.E_BUDGET)
+            self.report()
+            return
         log("installing", fw["version"], "into", label, "from", written, "attempt", st["attempts"] + 1)
         parked = self.cfg["tls_slots"] < 2
         self.report(progress=written * 100 // fw["size"], mqtt="parked for the download" if parked else None)
@@ -187,6 +196,8 @@ class Installer:
         gc.collect()
         try:
             updater = self._load_updater()
+            if gc.mem_free() < self.cfg["min_free_heap"]:
+                raise MemoryError()  # not enough for a TLS connection: erase nothing
             if not verify_only:
                 digest, resumed = updater.download(fw, written, self._checkpoint, self._on_progress)
                 if digest != _unhex(fw["sha256"]) and resumed:
@@ -195,6 +206,7 @@ class Installer:
                     digest, _ = updater.download(fw, 0, self._checkpoint, self._on_progress)
                 if digest != _unhex(fw["sha256"]):
                     raise UpdateError(contract.E_HASH, "received bytes do not match sha256")
+                st["fetched"] += fw["size"] - st["written"]
                 self._go("downloaded", written=fw["size"] // BLOCK * BLOCK)
             updater.read_back(fw)
             updater = None
@@ -217,11 +229,12 @@ class Installer:
             return
         except UpdateError as e:
             log("update failed:", e.code, e.detail)
-            self._fail(e.code)
+            self._fail(e.code, progressed=st["written"] > written)
         except (OSError, ValueError) as e:  # network; TLS errors arrive as ValueError
             log("update failed:", repr(e))
             # wrap_socket raises OSError(ENOMEM) when the board has no memory for TLS
-            self._fail(contract.E_MEMORY if e.args and e.args[0] == 12 else contract.E_NETWORK)
+            self._fail(contract.E_MEMORY if e.args and e.args[0] == 12 else contract.E_NETWORK,
+                       progressed=st["written"] > written)
         except MemoryError:
             gc.collect()
             log("update failed: out of memory")

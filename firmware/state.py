@@ -2,8 +2,9 @@
 #
 # Fields: phase (phases.py), target (desired firmware being installed), slot (label of the
 # slot it goes into), written (bytes of it safely in flash, a multiple of 4096), error
-# (contract E_*), attempts (failed tries at this target), images ({slot label: {version,
-# sha256, size, url}} for images whose identity we know).
+# (contract E_*), attempts (failed tries at this target that made no progress), fetched
+# (bytes downloaded for this target, all tries), images ({slot label: {version, sha256, size,
+# url}} for images whose identity we know).
 
 import json
 import os
@@ -13,7 +14,7 @@ PATH = "ota.json"
 
 def _fresh():
     return {"phase": "idle", "target": None, "slot": None, "written": 0, "error": None,
-            "attempts": 0, "images": {}}
+            "attempts": 0, "fetched": 0, "images": {}}
 
 
 def load(path=PATH):
@@ -26,7 +27,8 @@ def load(path=PATH):
     if not isinstance(st, dict):
         return fresh
     # Keep only well-typed fields; anything else falls back to the fresh value.
-    for k, ok in (("phase", str), ("attempts", int), ("written", int), ("images", dict)):
+    for k, ok in (("phase", str), ("attempts", int), ("written", int), ("fetched", int),
+                  ("images", dict)):
         if not isinstance(st.get(k), ok):
             st[k] = fresh[k]
     for k in ("target", "slot", "error"):

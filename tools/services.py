@@ -82,6 +82,12 @@ class Services:
             self.replica.db.close()
             self.replica = None
 
+    async def restart_broker(self, down_s: float = 0.0) -> None:
+        """Stop the broker (every client is disconnected) and start it on the same port."""
+        await self.broker.shutdown()
+        await asyncio.sleep(down_s)
+        self.broker = await start_broker(self.host, self.endpoints.mqtt_port, self.site.pki, self.site.creds.path)
+
     async def stop(self) -> None:
         await self.stop_replica()
         if self._store_runner:

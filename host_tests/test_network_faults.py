@@ -1,0 +1,121 @@
+"""Network faults during an update: everything converges and nothing is lost.
+
+Stores here are test doubles served next to the real one (same pre-signed URLs): one whose
+connection drops after every 64 KiB, one that trickles bytes so that the broker or the replica
+can be restarted while the device is still downloading.
+"""
+
+import asyncio
+import time
+
+import pytest
+from aiohttp import web
+
+from conftest import wait_reported
+from firmware import contract
+from tools import operator_client as op
+from tools import presign, store
+from tools.pki import server_ssl_context
+
+DEV = "esp32-faults"
+
+
+def _range_start(request, size):
+    r = request.headers.get("Range", "")
+    return int(r[6:-1]) if r.startswith("bytes=") and r.endswith("-") else 0
+
+
+def _faulty_store(site, chunk, pause_s=0.0, drop_after=None):
+    """An artifact server with pre-signed URLs and Range, which sends `chunk` bytes per write
+    (pausing between) and closes the connection after `drop_after` bytes, if given."""
+    async def artifact(request):
+        sha = request.match_info["name"][:-4]
+        try:
+            presign.verify(site.store_key, request.path, dict(request.query))
+        except presign.PresignError as e:
+            return web.json_response({"error": str(e)}, status=403)
+        data = site.releases.path_of(sha).read_bytes()
+        start = _range_start(request, len(data))
+        headers = {"Content-Length": str(len(data) - start)}
+        if start:
+            headers["Content-Range"] = f"bytes {start}-{len(data) - 1}/{len(data)}"
+        resp = web.StreamResponse(status=206 if start else 200, headers=headers)
+        await resp.prepare(request)
+        sent, pos = 0, start
+        while pos < len(data):
+            if drop_after is not None and sent >= drop_after:
+                request.transport.close()  # the link drops mid-body
+                return resp
+            await resp.write(data[pos : pos + chunk])
+            sent += min(chunk, len(data) - pos)
+            pos += chunk
+            if pause_s:
+                await asyncio.sleep(pause_s)
+        return resp
+
+    app = web.Application()
+    app.router.add_get("/fw/{name}", artifact)
+    return app
+
+
+@pytest.fixture
+def faulty(site, services):
+    started = []
+
+    def start(**kw):
+        runner, port = services.call(store.start_store("127.0.0.1", 0, _faulty_store(site, **kw),
+                                                       server_ssl_context(site.pki)))
+        started.append(runner)
+        return f"https://127.0.0.1:{port}"
+
+    yield start
+    for r in started:
+        services.call(r.cleanup())
+
+
+def _desire(site, services, rel, base):
+    fw = {"url": presign.sign(site.store_key, base, rel.sha256, DEV), "version": rel.version,
+          "sha256": rel.sha256, "size": rel.size}
+    outcome, _ = services.call(op.request(site, DEV, contract.UPDATE, {"state": {"desired": {"firmware": fw}}}))
+    assert outcome == "accepted"
+
+
+def _device(site, services, devices, images, **cfg):
+    site.releases.add(images["A"], "1.0.0")
+    rel = site.releases.add(images["B"], "1.1.0")
+    dev = devices(DEV, images["A"], "1.0.0", **cfg)
+    wait_reported(services, site, DEV, lambda fw, d: fw.get("version") == "1.0.0", "first report")
+    return dev, rel
+
+
+def _updated(fw, doc):
+    return fw.get("version") == "1.1.0" and fw.get("state") == "idle" and "delta" not in doc["state"]
+
+
+def test_link_dropping_every_64k_still_converges(site, services, devices, images, faulty):
+    dev, rel = _device(site, services, devices, images)
+    base = faulty(chunk=4096, drop_after=64 * 1024)
+    _desire(site, services, rel, base)
+    fw, _ = wait_reported(services, site, DEV, _updated, "1.1.0 over a link that keeps dropping", 120)
+    assert fw["sha256"] == rel.sha256
+    resumes = [ln for ln in dev.lines if "installing 1.1.0" in ln]
+    # 300 KiB in 64 KiB pieces: started once, resumed at each 64 KiB mark
+    assert [ln.split(" from ")[1].split()[0] for ln in resumes] == ["0", "65536", "131072", "196608", "262144"]
+    assert len(dev.runner.boots) == 2  # only the reboot into the new image
+
+
+@pytest.mark.parametrize("what", ["broker", "replica"])
+def test_restart_mid_download_converges(site, services, devices, images, faulty, what):
+    dev, rel = _device(site, services, devices, images, tls_slots=2)
+    base = faulty(chunk=8192, pause_s=0.1)  # ~4 s for 300 KiB
+    _desire(site, services, rel, base)
+    wait_reported(services, site, DEV, lambda fw, d: fw.get("state") == "downloading", "download start")
+    time.sleep(1.0)
+    if what == "broker":
+        services.call(services.services.restart_broker(down_s=1.0))
+    else:
+        services.call(services.services.stop_replica())
+        time.sleep(1.0)
+        services.call(services.services.start_replica())
+    fw, doc = wait_reported(services, site, DEV, _updated, f"1.1.0 after a {what} restart", 120)
+    assert fw["sha256"] == rel.sha256 and doc["state"]["desired"]["firmware"]["sha256"] == rel.sha256
