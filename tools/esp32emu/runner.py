@@ -31,7 +31,7 @@ from tools.esp32emu.target._emuhw import (  # how a MicroPython run of the chip 
     EXIT_RESET,
     EXIT_SOFT_RESET,
 )
-from tools.esp32emu.target.norflash import NorFlash, PowerCut, PowerPlan, arm_power_cut
+from tools.esp32emu.target.norflash import NorFlash, PowerCut, PowerPlan, arm_power_cut, disarm_power_cut
 
 TARGET_DIR = Path(__file__).resolve().parent / "target"
 ROM_CACHE = Path(__file__).resolve().parents[2] / "build" / "cache" / "esp32emu-rom"
@@ -244,7 +244,7 @@ class Runner:
 
     def _power_restored(self) -> None:
         self.cut_at = None
-        self.power_plan.unlink(missing_ok=True)
+        disarm_power_cut(str(self.power_plan))
         (self.ctl / "cut").unlink(missing_ok=True)
         self.say("emulator: power cut; powering on again")
         self._stop.wait(self.off_after_cut)
@@ -266,6 +266,7 @@ class Runner:
         cause = PWRON_RESET
         chip_reset = True
         self._t_start = time.monotonic()
+        self.ctl.mkdir(parents=True, exist_ok=True)
         while not self._stop.is_set():
             if chip_reset:
                 if self.max_boots is not None and len(self.boots) >= self.max_boots:

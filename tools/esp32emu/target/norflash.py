@@ -24,17 +24,33 @@ class PowerPlan:
     """Cut the power at the N-th flash operation counted from when the plan was armed.
 
     An operation is one sector erase or one program call. The plan file holds
-    {"after": N, "tear": bool, "done": count}. Without tear the N-th operation completes and
-    the power dies right after it; with tear it dies halfway: a sector half erased (first
-    half 0xFF, the rest as it was) or a program with only the first half of its bytes.
+    {"after": N, "tear": bool, "done": count}, or nothing while disarmed; it is created empty
+    and overwritten in place, so it can be armed at any moment. Without tear the N-th
+    operation completes and the power dies right after it; with tear it dies halfway: a
+    sector half erased (first half 0xFF, the rest as it was) or a program with only the
+    first half of its bytes.
     """
 
     def __init__(self, path, on_cut):
         self.path = path
         self.on_cut = on_cut
+        self._peek = bytearray(1)
+        try:
+            self._f = open(path, "rb")
+        except OSError:
+            with open(path, "wb"):
+                pass
+            self._f = open(path, "rb")
+
+    def close(self):
+        self._f.close()
 
     def step(self):
-        """Count one operation; returns None (carry on), "after" or "tear"."""
+        """Count one operation; returns None (carry on), "after" or "tear". While disarmed
+        this allocates nothing: the chip's flash driver uses no GC heap either."""
+        self._f.seek(0)
+        if not self._f.readinto(self._peek):
+            return None
         try:
             with open(self.path) as f:
                 plan = json.load(f)
@@ -53,6 +69,11 @@ class PowerPlan:
 def arm_power_cut(path, after, tear=False):
     with open(path, "w") as f:
         json.dump({"after": after, "tear": bool(tear), "done": 0}, f)
+
+
+def disarm_power_cut(path):
+    with open(path, "w"):
+        pass
 
 
 class NorFlash:
@@ -77,17 +98,24 @@ class NorFlash:
     def close(self):
         self._f.close()
         self._wear.close()
+        if self.power is not None:
+            self.power.close()
 
     def _check(self, addr, n):
         if addr < 0 or n < 0 or addr + n > self.size:
             raise ValueError("flash access 0x%x+%d outside %d bytes" % (addr, n, self.size))
 
     def _count(self, sector, field):
-        # field 0: erases, 1: program operations. Preallocated record: no allocation.
+        # field 0: erases, 1: program operations. Byte arithmetic on a preallocated record:
+        # no allocation per operation.
         rec = self._wear_rec
+        o = field * 4
         self._wear.seek(sector * 8)
         self._wear.readinto(rec)
-        struct.pack_into("<I", rec, field * 4, struct.unpack_from("<I", rec, field * 4)[0] + 1)
+        for i in range(o, o + 4):
+            rec[i] = (rec[i] + 1) & 0xFF
+            if rec[i]:
+                break
         self._wear.seek(sector * 8)
         self._wear.write(rec)
 
