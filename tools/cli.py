@@ -96,7 +96,8 @@ def cmd_provision(args) -> None:
 def cmd_emulate(args) -> None:
     from tools.esp32emu.runner import Runner
 
-    runner = Runner(args.dir, heapsize=args.heapsize, max_boots=args.max_boots, cut_at=args.cut_at)
+    runner = Runner(args.dir, heapsize=args.heapsize, max_boots=args.max_boots, cut_at=args.cut_at,
+                    repl_port=args.repl_port)
     if args.cut_after_ops:
         runner.arm_power_cut(args.cut_after_ops, args.tear)
     signal.signal(signal.SIGTERM, lambda *_: runner.stop())
@@ -197,6 +198,8 @@ def parser() -> argparse.ArgumentParser:
                     help="cut the power at the N-th flash erase/program (bootloader included)")
     sp.add_argument("--tear", action="store_true", help="with --cut-after-ops: halfway through it")
     sp.add_argument("--cut-at", type=float, metavar="SECONDS", help="cut the power after this long")
+    sp.add_argument("--repl-port", type=int, metavar="PORT",
+                    help="serve the REPL on 127.0.0.1:PORT for `mpremote connect socket://...` (0: any)")
 
     sp = add("flash-info", cmd_flash_info, "show partitions, otadata, next boot and slot images of a flash.bin")
     sp.add_argument("flash", type=Path)

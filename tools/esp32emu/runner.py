@@ -116,6 +116,7 @@ class Runner:
     tls_budget: int = DEFAULT_TLS_BUDGET
     cut_at: float | None = None  # cut the power this many seconds after run() starts
     off_after_cut: float = 0.0  # seconds the board stays dark after a power cut
+    repl_port: int | None = None  # expose the REPL on 127.0.0.1:PORT for mpremote (0: any)
     on_line: Callable[[str], None] | None = None
     device_id: str | None = None
     boots: list[BootRecord] = field(default_factory=list)
@@ -125,6 +126,7 @@ class Runner:
         self.device_id = self.device_id or self.root.name
         self._stop = threading.Event()
         self._proc: subprocess.Popen | None = None
+        self.repl = None
 
     @property
     def flash_path(self) -> Path:
@@ -159,6 +161,8 @@ class Runner:
         proc = self._proc
         if proc and proc.poll() is None:
             proc.kill()
+        if self.repl is not None:
+            self.repl.close()
 
     # -- one chip boot --------------------------------------------------------------
 
@@ -177,7 +181,7 @@ class Runner:
         self._booted = sel
         return rec
 
-    def _spawn(self, cause: int) -> subprocess.Popen:
+    def _spawn(self, cause: int, skip_main: bool = False) -> subprocess.Popen:
         part = self._booted["part"]
         self.ctl.mkdir(parents=True, exist_ok=True)
         env = dict(os.environ)
@@ -193,16 +197,18 @@ class Runner:
         env.pop("MICROPYPATH", None)
         nominal = parse_size(self.heapsize)
         env.update(ESP32EMU_ROM=str(rom_dir()), ESP32EMU_HEAP=str(nominal))
-        proc = subprocess.Popen(
-            [micropython_binary(), "-X", f"heapsize={nominal + EMULATOR_ALLOWANCE}",
-             str(TARGET_DIR / "_emu_boot.py")],
-            cwd=self.fs,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-        )
-        threading.Thread(target=self._pump, args=(proc,), daemon=True).start()
+        cmd = [micropython_binary(), "-X", f"heapsize={nominal + EMULATOR_ALLOWANCE}"]
+        if self.repl is None:
+            proc = subprocess.Popen(cmd + [str(TARGET_DIR / "_emu_boot.py")], cwd=self.fs, env=env,
+                                    stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+            threading.Thread(target=self._pump, args=(proc,), daemon=True).start()
+            return proc
+        env["ESP32EMU_REPL"] = "1"
+        if skip_main:
+            env["ESP32EMU_SKIP_MAIN"] = "1"
+        proc = subprocess.Popen(cmd + ["-i", str(TARGET_DIR / "_emu_boot.py")], cwd=self.fs, env=env,
+                                **self.repl.spawn_args())
+        self.repl.started()
         return proc
 
     def _pump(self, proc: subprocess.Popen) -> None:
@@ -262,11 +268,21 @@ class Runner:
 
     # -- the power/reset loop -----------------------------------------------------------
 
+    @property
+    def repl_address(self) -> str | None:
+        return f"socket://127.0.0.1:{self.repl.port}" if self.repl else None
+
     def run(self) -> list[BootRecord]:
         cause = PWRON_RESET
         chip_reset = True
         self._t_start = time.monotonic()
         self.ctl.mkdir(parents=True, exist_ok=True)
+        skip_main = False
+        if self.repl_port is not None and self.repl is None:
+            from tools.esp32emu.repl import ReplBridge
+
+            self.repl = ReplBridge(self.repl_port, self.on_line or self.say)
+            self.say(f"emulator: REPL on socket://127.0.0.1:{self.repl.port}")
         while not self._stop.is_set():
             if chip_reset:
                 if self.max_boots is not None and len(self.boots) >= self.max_boots:
@@ -291,7 +307,10 @@ class Runner:
                     continue
             else:
                 rec = self.boots[-1]
-            self._proc = self._spawn(cause)
+            self._proc = self._spawn(cause, skip_main)
+            if skip_main:
+                threading.Thread(target=self.repl.reenter_raw, daemon=True).start()
+            skip_main = False
             code = self._wait(self._proc)
             if self._stop.is_set():
                 rec.ended = "stopped"
@@ -311,6 +330,12 @@ class Runner:
                 rec.ended, cause = "deepsleep", DEEPSLEEP_RESET
             elif code == EXIT_SOFT_RESET:
                 rec.ended, cause, chip_reset = "soft reset", SOFT_RESET, False
+                skip_main = self.repl is not None and self.repl.raw_mode
+            elif self.repl is not None and code == 0:
+                # Ctrl-D at the REPL: the unix port exits where a board soft-resets.
+                rec.ended, cause, chip_reset = "soft reset", SOFT_RESET, False
+                self.repl.soft_reboot()
+                skip_main = self.repl.raw_mode
             else:
                 rec.ended = "repl" if code == EXIT_REPL else f"repl (exit {code})"
                 if self._idle_at_repl():

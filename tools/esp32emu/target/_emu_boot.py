@@ -28,5 +28,8 @@ def _run(name):
 
 
 _run("boot.py")
-_run("main.py")
-_emuhw.stop(_emuhw.EXIT_REPL, "MicroPython (emulated ESP32): main.py finished, REPL idle")
+if not os.getenv("ESP32EMU_SKIP_MAIN"):  # a soft reset from the raw REPL skips main.py
+    _run("main.py")
+if not os.getenv("ESP32EMU_REPL"):
+    _emuhw.stop(_emuhw.EXIT_REPL, "MicroPython (emulated ESP32): main.py finished, REPL idle")
+# With a REPL bridge the process continues into the interactive REPL (micropython -i).
