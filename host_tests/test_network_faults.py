@@ -119,3 +119,22 @@ def test_restart_mid_download_converges(site, services, devices, images, faulty,
         services.call(services.services.start_replica())
     fw, doc = wait_reported(services, site, DEV, _updated, f"1.1.0 after a {what} restart", 120)
     assert fw["sha256"] == rel.sha256 and doc["state"]["desired"]["firmware"]["sha256"] == rel.sha256
+
+
+@pytest.mark.parametrize("tls_slots", [2, 1], ids=["mqtt-up", "mqtt-parked"])
+def test_desired_change_mid_download_is_followed(site, services, devices, images, faulty, tls_slots):
+    """While 1.1.0 trickles in, the operator switches to 1.2.0: the device abandons 1.1.0 (at a
+    checkpoint when MQTT is up, or at the check before set_boot() when it was parked) and
+    installs 1.2.0. 1.1.0 is never booted."""
+    from tools.images import build_app_image
+
+    dev, rel_b = _device(site, services, devices, images, tls_slots=tls_slots)
+    rel_c = site.releases.add(build_app_image("1.2.0", 150 * 1024), "1.2.0")
+    _desire(site, services, rel_b, faulty(chunk=8192, pause_s=0.1))  # ~4 s for 300 KiB
+    wait_reported(services, site, DEV, lambda fw, d: fw.get("state") == "downloading", "download start")
+    services.call(op.set_desired(site, DEV, rel_c))
+    fw, doc = wait_reported(services, site, DEV, lambda fw, d: fw.get("version") == "1.2.0" and fw.get("state") == "idle",
+                            "1.2.0 after the switch", 120)
+    assert fw["sha256"] == rel_c.sha256 and "delta" not in doc["state"]
+    assert "abandoning 1.1.0" in dev.output()
+    assert [b.slot for b in dev.runner.boots] == ["ota_0", "ota_1"]  # one reboot, into 1.2.0

@@ -76,15 +76,19 @@ def test_store_that_ignores_range_makes_the_device_start_over(site, services, de
         services.call(runner.cleanup())
 
 
-def test_expired_url_is_reported_and_a_fresh_one_resumes(site, services, devices, images):
+def test_expired_url_is_reported_and_a_fresh_one_resumes(site, services, recorder, devices, images):
+    rec = recorder(DEV)
     dev, rel = _start(site, services, devices, images)
     dev.runner.off_after_cut = 3.0  # dark for longer than the URL lives
     dev.runner.arm_power_cut(20 * BLOCK_OPS)
     services.call(op.set_desired(site, DEV, rel, ttl=2))
-    fw, _ = wait_reported(services, site, DEV, lambda fw, d: fw.get("need_url"), "need_url")
-    assert fw["state"] == "failed" and fw["error"] == contract.E_URL_EXPIRED and fw["target"] == "1.1.0"
-    services.call(op.set_desired(site, DEV, rel))  # what a rollout does on need_url
-    wait_reported(services, site, DEV, _updated, "1.1.0 with the fresh URL")
+    # the device says need_url; the renewer answers with a freshly signed URL on its own
+    wait_reported(services, site, DEV, _updated, "1.1.0 with a fresh URL")
+    asked = [m for m in rec.messages if m.topic.endswith("/update") and
+             ((m.payload.get("state") or {}).get("reported") or {}).get("firmware", {}).get("need_url")]
+    assert asked and asked[0].payload["state"]["reported"]["firmware"]["error"] == contract.E_URL_EXPIRED
+    renewed = [m for m in rec.messages if m.topic.endswith("/update") and m.payload.get("clientToken") == "renewer"]
+    assert len(renewed) == 1 and services.services.renewer.renewed == 1
     assert dev.output().count("installing 1.1.0 into ota_1 from 65536") == 2
 
 

@@ -1,4 +1,4 @@
-"""Broker, replica and firmware store together on one asyncio loop.
+"""Broker, replica, firmware store and URL renewer together on one asyncio loop.
 
 Used by `serve`, by `demo` and by the tests. Each is an independent component talking over the
 network (the replica is an ordinary MQTT client of the broker), so they could run apart.
@@ -14,6 +14,7 @@ import threading
 from tools import store
 from tools.broker import start_broker
 from tools.pki import server_ssl_context
+from tools.renewer import Renewer
 from tools.replica import MQTTSettings, Replica
 from tools.site import Endpoints, Site
 
@@ -50,6 +51,8 @@ class Services:
         self.replica: Replica | None = None
         self._replica_task: asyncio.Task | None = None
         self._store_runner = None
+        self._renewer_task: asyncio.Task | None = None
+        self.renewer: Renewer | None = None
         self.endpoints: Endpoints | None = None
 
     async def start(self) -> Endpoints:
@@ -62,6 +65,10 @@ class Services:
         await self.start_replica(mqtt_port)
         self.endpoints = Endpoints(self.host, mqtt_port, https_port)
         site.write_endpoints(self.endpoints)
+        self.renewer = Renewer(site, self.host, mqtt_port)
+        ready = asyncio.Event()
+        self._renewer_task = asyncio.create_task(self.renewer.run(ready))
+        await asyncio.wait_for(ready.wait(), 20)
         log.info("services up: mqtts://%s:%d https://%s:%d", self.host, mqtt_port, self.host, https_port)
         return self.endpoints
 
@@ -89,6 +96,9 @@ class Services:
         self.broker = await start_broker(self.host, self.endpoints.mqtt_port, self.site.pki, self.site.creds.path)
 
     async def stop(self) -> None:
+        if self._renewer_task:
+            await stop_task(self._renewer_task)
+            self._renewer_task = None
         await self.stop_replica()
         if self._store_runner:
             await self._store_runner.cleanup()
