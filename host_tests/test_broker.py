@@ -38,3 +38,42 @@ def test_refused_connections(site, services, mqtt_probe, who):
     rc = p.connected()
     assert rc not in (0, -1) or wait_until(lambda: not p.c.is_connected(), 5, "disconnect")
     assert rc != 0
+
+
+def test_no_message_is_lost_while_other_clients_subscribe_and_leave(site, services, mqtt_probe):
+    """amqtt 0.12.1 iterates its subscription table across awaits: a subscribe or disconnect
+    in between raised 'dictionary changed size during iteration' and silently dropped the
+    message being broadcast (tools/broker.py works around it). Churn while 300 messages flow."""
+    import threading
+
+    site.creds.set("dev1")
+    op_pw = site.service_password("operator")
+    sub = mqtt_probe("operator", op_pw, "operator-sub")
+    pub = mqtt_probe("operator", op_pw, "operator-pub")
+    assert sub.connected() == 0 and pub.connected() == 0
+    assert sub.subscribe("state/dev1/update/accepted") == [1]
+    stop = threading.Event()
+
+    def churn(i):
+        from conftest import MQTTProbe
+
+        while not stop.is_set():
+            c = MQTTProbe(site, "operator", op_pw, f"operator-churn{i}")
+            if c.connected() == 0:
+                c.subscribe(f"state/dev{i}/#")
+            c.close()
+
+    threads = [threading.Thread(target=churn, args=(i,), daemon=True) for i in range(4)]
+    for t in threads:
+        t.start()
+    try:
+        for n in range(300):
+            pub.publish("state/dev1/update/accepted", str(n).encode(), qos=1)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(10)
+    got = set()
+    while (m := sub.next_message(2)) is not None:
+        got.add(int(m[1]))
+    assert got == set(range(300))

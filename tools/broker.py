@@ -103,8 +103,26 @@ def broker_config(host: str, port: int, pki: PKI, password_file: Path) -> dict:
     }
 
 
+class _SnapshotTable(dict):
+    """amqtt 0.12.1 iterates its subscription table across awaits (Broker._run_broadcast
+    awaits the topic plugins per subscriber; the connect path awaits retained messages per
+    filter). A subscribe or disconnect in between raised "dictionary changed size during
+    iteration" inside a broadcast task and the message was silently dropped. Iterating over
+    a snapshot of the table makes both loops safe; mutations still go to the table."""
+
+    def __iter__(self):
+        return iter(list(super().keys()))
+
+    def keys(self):
+        return list(super().keys())
+
+    def items(self):
+        return [(k, list(v)) for k, v in super().items()]
+
+
 async def start_broker(host: str, port: int, pki: PKI, password_file: Path) -> Broker:
     """Start amqtt on the running loop; stop it with `await broker.shutdown()`."""
     broker = Broker(broker_config(host, port, pki, password_file))
+    broker._subscriptions = _SnapshotTable()  # see _SnapshotTable
     await broker.start()
     return broker
