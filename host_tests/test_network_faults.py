@@ -25,9 +25,10 @@ def _range_start(request, size):
     return int(r[6:-1]) if r.startswith("bytes=") and r.endswith("-") else 0
 
 
-def _faulty_store(site, chunk, pause_s=0.0, drop_after=None):
+def _faulty_store(site, chunk, pause_s=0.0, drop_after=None, stall_after=None, release=None):
     """An artifact server with pre-signed URLs and Range, which sends `chunk` bytes per write
-    (pausing between) and closes the connection after `drop_after` bytes, if given."""
+    (pausing between) and closes the connection after `drop_after` bytes, or goes silent
+    without closing it (a link that died) after `stall_after` bytes, if given."""
     async def artifact(request):
         sha = request.match_info["name"][:-4]
         try:
@@ -46,6 +47,9 @@ def _faulty_store(site, chunk, pause_s=0.0, drop_after=None):
             if drop_after is not None and sent >= drop_after:
                 request.transport.close()  # the link drops mid-body
                 return resp
+            if stall_after is not None and sent >= stall_after:
+                await release.wait()  # nothing more arrives, nothing is closed (until teardown)
+                return resp
             await resp.write(data[pos : pos + chunk])
             sent += min(chunk, len(data) - pos)
             pos += chunk
@@ -62,13 +66,19 @@ def _faulty_store(site, chunk, pause_s=0.0, drop_after=None):
 def faulty(site, services):
     started = []
 
+    async def make_release():
+        return asyncio.Event()
+
+    release = services.call(make_release())
+
     def start(**kw):
-        runner, port = services.call(store.start_store("127.0.0.1", 0, _faulty_store(site, **kw),
-                                                       server_ssl_context(site.pki)))
+        app = _faulty_store(site, release=release, **kw)
+        runner, port = services.call(store.start_store("127.0.0.1", 0, app, server_ssl_context(site.pki)))
         started.append(runner)
         return f"https://127.0.0.1:{port}"
 
     yield start
+    services.loop.call_soon_threadsafe(release.set)
     for r in started:
         services.call(r.cleanup())
 
@@ -102,6 +112,18 @@ def test_link_dropping_every_64k_still_converges(site, services, devices, images
     # 300 KiB in 64 KiB pieces: started once, resumed at each 64 KiB mark
     assert [ln.split(" from ")[1].split()[0] for ln in resumes] == ["0", "65536", "131072", "196608", "262144"]
     assert len(dev.runner.boots) == 2  # only the reboot into the new image
+
+
+def test_link_that_goes_silent_is_timed_out_and_resumed(site, services, devices, images, faulty):
+    # A dead Wi-Fi link sends no FIN: only the device's socket timeout ends the wait.
+    dev, rel = _device(site, services, devices, images, net_timeout_s=2)
+    _desire(site, services, rel, faulty(chunk=4096, stall_after=128 * 1024))
+    fw, _ = wait_reported(services, site, DEV, lambda fw, d: fw.get("state") == "failed", "a timeout", 60)
+    assert fw["error"] == contract.E_NETWORK and fw["target"] == "1.1.0"
+    # now serve it properly (the renewer-style fresh URL points at the real store)
+    services.call(op.set_desired(site, DEV, rel))
+    wait_reported(services, site, DEV, _updated, "1.1.0 after the stall", 120)
+    assert "installing 1.1.0 into ota_1 from 131072" in dev.output()
 
 
 @pytest.mark.parametrize("what", ["broker", "replica"])
