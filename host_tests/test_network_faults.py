@@ -11,7 +11,7 @@ import time
 import pytest
 from aiohttp import web
 
-from conftest import wait_reported
+from conftest import wait_reported, wait_until
 from firmware import contract
 from tools import operator_client as op
 from tools import presign, store
@@ -160,3 +160,19 @@ def test_desired_change_mid_download_is_followed(site, services, devices, images
     assert fw["sha256"] == rel_c.sha256 and "delta" not in doc["state"]
     assert "abandoning 1.1.0" in dev.output()
     assert [b.slot for b in dev.runner.boots] == ["ota_0", "ota_1"]  # one reboot, into 1.2.0
+
+
+def test_wifi_drop_on_the_device_cuts_its_connections_and_it_recovers(site, services, devices, images, faulty):
+    """The board's own Wi-Fi goes down in the middle of a download (the emulator cuts its
+    connections and its station reports no link) and comes back: the download resumes."""
+    dev, rel = _device(site, services, devices, images, tls_slots=2)
+    _desire(site, services, rel, faulty(chunk=8192, pause_s=0.1))  # ~4 s for 300 KiB
+    wait_reported(services, site, DEV, lambda fw, d: fw.get("state") == "downloading", "download start")
+    time.sleep(1.5)
+    dev.runner.link.down()
+    wait_until(lambda: "Wi-Fi join timed out" in dev.output(), 60, "the device to notice the link is gone")
+    dev.runner.link.restore()
+    fw, _ = wait_reported(services, site, DEV, _updated, "1.1.0 after the Wi-Fi drop", 120)
+    assert fw["sha256"] == rel.sha256
+    resumed = [ln for ln in dev.lines if "installing 1.1.0 into ota_1 from" in ln]
+    assert len(resumed) >= 2 and resumed[-1].split(" from ")[1].split()[0] != "0"

@@ -127,6 +127,7 @@ class Runner:
         self._stop = threading.Event()
         self._proc: subprocess.Popen | None = None
         self.repl = None
+        self.link = None  # the board's Wi-Fi link (tools/esp32emu/link.py), made by run()
 
     @property
     def flash_path(self) -> Path:
@@ -268,6 +269,10 @@ class Runner:
 
     # -- the power/reset loop -----------------------------------------------------------
 
+    def _running_pid(self) -> int | None:
+        proc = self._proc
+        return proc.pid if proc is not None and proc.poll() is None else None
+
     @property
     def repl_address(self) -> str | None:
         return f"socket://127.0.0.1:{self.repl.port}" if self.repl else None
@@ -277,6 +282,9 @@ class Runner:
         chip_reset = True
         self._t_start = time.monotonic()
         self.ctl.mkdir(parents=True, exist_ok=True)
+        from tools.esp32emu.link import Link
+
+        self.link = Link(self.ctl, self._running_pid)
         skip_main = False
         if self.repl_port is not None and self.repl is None:
             from tools.esp32emu.repl import ReplBridge

@@ -1,6 +1,18 @@
 # network.py Emulated `network` for the ESP32: a station interface on the host's loopback.
 #
 # The station "joins" as soon as it is given credentials; sockets are the host's loopback.
+# The runner owns the radio: while <ctl>/link says "down" the station is not connected (and
+# the runner cuts the board's connections, tools/esp32emu/link.py).
+
+from _emuhw import CTL_DIR
+
+
+def _link_up():
+    try:
+        with open(CTL_DIR + "/link") as f:
+            return f.read() != "down"
+    except OSError:
+        return True
 
 STA_IF = 0
 AP_IF = 1
@@ -29,7 +41,7 @@ class WLAN:
         self._ssid = None
 
     def isconnected(self):
-        return self._active and self._ssid is not None
+        return self._active and self._ssid is not None and _link_up()
 
     def status(self, *args):
         if args:
