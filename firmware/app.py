@@ -219,7 +219,11 @@ class Agent(Installer):
         while True:
             try:
                 wifi.connect(self.cfg["wifi_ssid"], self.cfg["wifi_password"])
-                clock.ensure(self.cfg["ntp_host"])
+                clock_state = clock.ensure(self.cfg["ntp_host"], self.cfg["ntp_port"])
+                if clock_state == 2:
+                    log("clock set:", clock.unix_time())
+                elif not clock_state:
+                    log("clock not set: certificate checks will fail until it is")
                 gc.collect()  # the TLS handshake needs its buffers in one piece
                 self.link = _new_link(self.cfg)
                 self.link.connect()

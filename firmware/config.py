@@ -23,7 +23,8 @@ DEFAULTS = {
     "tls_slots": 1,
     "max_attempts": 3,  # tries per target for transient failures that make no progress
     "min_free_heap": 8192,  # below this (after parking MQTT) do not start a download
-    "ntp_host": None,
+    "ntp_host": None,  # SNTP server for the clock; None: the frozen ntptime's default
+    "ntp_port": 123,
 }
 
 
@@ -54,7 +55,7 @@ def load(path="config.json", secrets="secrets.json"):
         if not isinstance(cfg[k], str) or not cfg[k]:
             raise ValueError("%s: missing" % k)
     for k in ("broker_port", "keepalive_s", "net_timeout_s", "health_deadline_s", "wdt_ms",
-              "tls_slots", "max_attempts", "min_free_heap"):
+              "tls_slots", "max_attempts", "min_free_heap", "ntp_port"):
         if not isinstance(cfg[k], int) or cfg[k] < 0:
             raise ValueError("%s: must be a non-negative integer" % k)
     cfg["tls_name"] = cfg["tls_name"] or cfg["broker_host"]

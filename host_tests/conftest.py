@@ -172,8 +172,10 @@ def chip_env(flash: Path, running: int = 0x10000, cause: int = 1) -> dict:
 
 def last_json_line(out: str):
     for line in reversed(out.strip().splitlines()):
-        if line.startswith("{") or line.startswith("["):
+        try:
             return json.loads(line)
+        except ValueError:
+            continue
     raise AssertionError(f"no JSON line in output:\n{out}")
 
 

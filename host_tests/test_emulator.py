@@ -377,3 +377,63 @@ def test_tls_budget_fails_wrap_socket_with_enomem(tmp_path, app_a, site):
         srv.close()
         for s in held:
             s.close()
+
+
+# ---- the clock ------------------------------------------------------------------------------
+
+CLOCK = """
+import time, machine
+try:
+    step = int(open("step").read())
+except OSError:
+    step = 0
+print("STEP", step, "YEAR", time.gmtime()[0], "INT", isinstance(time.time(), int))
+open("step", "w").write(str(step + 1))
+if step == 0:
+    machine.RTC().datetime((2030, 6, 1, 5, 12, 0, 0, 0))
+    machine.reset()  # a software reset keeps the RTC
+elif step == 1:
+    print("RTC", machine.RTC().datetime()[:3])
+    time.sleep(30)  # the test cuts the power here
+"""
+
+
+def test_clock_starts_unset_survives_resets_and_not_power_loss(tmp_path, app_a):
+    root = make_device(tmp_path, app_a, CLOCK)
+    lines = []
+    runner = Runner(root, max_boots=3, on_line=lines.append)
+    import threading
+
+    t = threading.Thread(target=runner.run, daemon=True)
+    t.start()
+    from conftest import wait_until
+
+    wait_until(lambda: any("RTC" in ln for ln in lines), 20, "the second boot")
+    runner.cut_power()
+    wait_until(lambda: any("STEP 2" in ln for ln in lines), 20, "the boot after the power cut")
+    runner.stop()
+    t.join(10)
+    out = "\n".join(lines)
+    assert "STEP 0 YEAR 2000 INT True" in out  # a cold ESP32
+    assert "STEP 1 YEAR 2030" in out and "RTC (2030, 6, 1)" in out
+    assert "STEP 2 YEAR 2000" in out  # power loss reset the RTC
+
+
+def test_tls_refuses_certificates_while_the_clock_is_unset(tmp_path, app_a, site):
+    make_flash(tmp_path / "flash.bin", app_a)
+    (tmp_path / "ca.der").write_bytes(site.pki.ca_der.read_bytes())
+    env = chip_env(tmp_path / "flash.bin")
+    (tmp_path / "run" / "rtc").write_text(str(946684800 - int(__import__("time").time())))
+    proc = run_micropython("""
+import socket, ssl, json
+s = socket.socket()
+ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+ctx.verify_mode = ssl.CERT_REQUIRED
+ctx.load_verify_locations(cadata=open("ca.der", "rb").read())
+try:
+    ctx.wrap_socket(s, server_hostname="127.0.0.1")
+    print(json.dumps("wrapped"))
+except ValueError as e:
+    print(json.dumps(str(e).strip()))
+""", tmp_path, env)
+    assert last_json_line(proc.stdout) == "The certificate validity starts in the future", proc.stderr

@@ -3,7 +3,7 @@
 import hashlib
 import json
 
-from conftest import chip_env, last_json_line, run_micropython, wait_reported
+from conftest import chip_env, last_json_line, reported_firmware, run_micropython, wait_reported, wait_until
 from firmware import contract
 from tools import operator_client as op
 from tools.esp32emu.runner import make_flash
@@ -108,3 +108,16 @@ def test_hostile_deltas_and_desired_states_do_not_crash_the_device(site, service
     wait_reported(services, site, "victim", lambda fw, d: fw.get("version") == "1.1.0", "update after hostile input")
     assert "Traceback" not in dev.output()
     assert [b.ended for b in dev.runner.boots[:1]] == ["reset"]  # only the update's reboot
+
+
+def test_without_a_time_source_the_device_cannot_trust_the_broker(site, services, devices, images):
+    # No NTP server configured and no frozen ntptime: the clock stays at 2000-01-01 and every
+    # certificate is "not yet valid", so the device never connects; it says why. Once the
+    # clock is set (a bench sets it; NTP would), it comes online by itself.
+    site.releases.add(images["A"], "1.0.0")
+    dev = devices("noclock", images["A"], "1.0.0", ntp_host=None)
+    wait_until(lambda: "clock not set" in dev.output() and "validity starts in the future" in dev.output(),
+               60, "the device to explain that its clock is unset")
+    assert reported_firmware(services, site, "noclock")[0] == {}
+    dev.runner.set_clock()
+    wait_reported(services, site, "noclock", lambda fw, d: fw.get("version") == "1.0.0", "the report once the clock is set")

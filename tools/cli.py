@@ -72,9 +72,10 @@ def cmd_serve(args) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
     async def main():
-        services = Services(_site(args), args.host, args.mqtt_port, args.https_port)
+        services = Services(_site(args), args.host, args.mqtt_port, args.https_port, args.ntp_port)
         ep = await services.start()
-        print(f"mqtts://{ep.host}:{ep.mqtt_port}  https://{ep.host}:{ep.https_port}  (Ctrl-C stops)", flush=True)
+        print(f"mqtts://{ep.host}:{ep.mqtt_port}  https://{ep.host}:{ep.https_port}  sntp://{ep.host}:{ep.ntp_port}"
+              "  (Ctrl-C stops)", flush=True)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -97,7 +98,7 @@ def cmd_emulate(args) -> None:
     from tools.esp32emu.runner import Runner
 
     runner = Runner(args.dir, heapsize=args.heapsize, max_boots=args.max_boots, cut_at=args.cut_at,
-                    repl_port=args.repl_port)
+                    repl_port=args.repl_port, clock_unset=not args.clock_set)
     if args.cut_after_ops:
         runner.arm_power_cut(args.cut_after_ops, args.tear)
     signal.signal(signal.SIGTERM, lambda *_: runner.stop())
@@ -182,6 +183,7 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("--host", default="127.0.0.1")
     sp.add_argument("--mqtt-port", type=int, default=8883)
     sp.add_argument("--https-port", type=int, default=8443)
+    sp.add_argument("--ntp-port", type=int, default=1123, help="UDP port of the SNTP server for devices")
 
     sp = with_site(add("provision", cmd_provision, "create an emulated device (needs `serve` running)"))
     sp.add_argument("device")
@@ -198,6 +200,8 @@ def parser() -> argparse.ArgumentParser:
                     help="cut the power at the N-th flash erase/program (bootloader included)")
     sp.add_argument("--tear", action="store_true", help="with --cut-after-ops: halfway through it")
     sp.add_argument("--cut-at", type=float, metavar="SECONDS", help="cut the power after this long")
+    sp.add_argument("--clock-set", action="store_true",
+                    help="power on with the host's time instead of 2000-01-01 (a cold ESP32)")
     sp.add_argument("--repl-port", type=int, metavar="PORT",
                     help="serve the REPL on 127.0.0.1:PORT for `mpremote connect socket://...` (0: any)")
 

@@ -53,7 +53,7 @@ def provision_emulated(site: Site, device_id: str, image: bytes, version: str,
     copy_firmware(fs, compiled)
     password = site.creds.set(device_id)
     cfg = {"device_id": device_id, "broker_host": ep.host, "broker_port": ep.mqtt_port,
-           "wifi_ssid": "emulated"}
+           "wifi_ssid": "emulated", "ntp_host": ep.host, "ntp_port": ep.ntp_port}
     cfg.update(config or {})
     (fs / "config.json").write_text(json.dumps(cfg, indent=1))
     (fs / "secrets.json").write_text(json.dumps({"mqtt_password": password}))

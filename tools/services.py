@@ -17,6 +17,7 @@ from tools.pki import server_ssl_context
 from tools.renewer import Renewer
 from tools.replica import MQTTSettings, Replica
 from tools.site import Endpoints, Site
+from tools.timeserver import start_time_server
 
 log = logging.getLogger("services")
 
@@ -42,11 +43,14 @@ def free_port(host: str) -> int:
 
 
 class Services:
-    def __init__(self, site: Site, host: str = "127.0.0.1", mqtt_port: int = 0, https_port: int = 0):
+    def __init__(self, site: Site, host: str = "127.0.0.1", mqtt_port: int = 0, https_port: int = 0,
+                 ntp_port: int = 0):
         self.site = site
         self.host = host
         self.mqtt_port = mqtt_port
         self.https_port = https_port
+        self.ntp_port = ntp_port
+        self._time_server = None
         self.broker = None
         self.replica: Replica | None = None
         self._replica_task: asyncio.Task | None = None
@@ -62,14 +66,16 @@ class Services:
         app = store.make_app(site.releases, site.store_key, site.creds)
         self._store_runner, https_port = await store.start_store(
             self.host, self.https_port, app, server_ssl_context(site.pki))
+        self._time_server, ntp_port = await start_time_server(self.host, self.ntp_port)
         await self.start_replica(mqtt_port)
-        self.endpoints = Endpoints(self.host, mqtt_port, https_port)
+        self.endpoints = Endpoints(self.host, mqtt_port, https_port, ntp_port)
         site.write_endpoints(self.endpoints)
         self.renewer = Renewer(site, self.host, mqtt_port)
         ready = asyncio.Event()
         self._renewer_task = asyncio.create_task(self.renewer.run(ready))
         await asyncio.wait_for(ready.wait(), 20)
-        log.info("services up: mqtts://%s:%d https://%s:%d", self.host, mqtt_port, self.host, https_port)
+        log.info("services up: mqtts://%s:%d https://%s:%d sntp://%s:%d", self.host, mqtt_port,
+                 self.host, https_port, self.host, ntp_port)
         return self.endpoints
 
     async def start_replica(self, mqtt_port: int | None = None) -> None:
@@ -103,6 +109,9 @@ class Services:
         if self._store_runner:
             await self._store_runner.cleanup()
             self._store_runner = None
+        if self._time_server:
+            self._time_server.close()
+            self._time_server = None
         if self.broker:
             await self.broker.shutdown()
             self.broker = None

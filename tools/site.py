@@ -28,6 +28,7 @@ class Endpoints:
     host: str
     mqtt_port: int
     https_port: int
+    ntp_port: int = 0
 
     @property
     def store_url(self) -> str:

@@ -43,6 +43,7 @@ DEFAULT_HEAPSIZE = "112k"  # GC heap of an ESP32 without PSRAM after one growth 
 EMULATOR_ALLOWANCE = 64 * 1024
 DEFAULT_CHIP_REV = 301  # v3.1, the current ESP32 revision
 DEFAULT_TLS_BUDGET = 2  # TLS connections an ESP32 without PSRAM holds at once (target/ssl.py)
+EPOCH_2000 = 946684800  # where a cold ESP32's RTC starts
 
 
 # machine.reset_cause() values (MicroPython ports/esp32/modmachine.c)
@@ -117,6 +118,7 @@ class Runner:
     cut_at: float | None = None  # cut the power this many seconds after run() starts
     off_after_cut: float = 0.0  # seconds the board stays dark after a power cut
     repl_port: int | None = None  # expose the REPL on 127.0.0.1:PORT for mpremote (0: any)
+    clock_unset: bool = True  # power-on starts the RTC at 2000-01-01, as on a cold ESP32
     on_line: Callable[[str], None] | None = None
     device_id: str | None = None
     boots: list[BootRecord] = field(default_factory=list)
@@ -128,6 +130,7 @@ class Runner:
         self._proc: subprocess.Popen | None = None
         self.repl = None
         self.link = None  # the board's Wi-Fi link (tools/esp32emu/link.py), made by run()
+        self._cut_now = False
 
     @property
     def flash_path(self) -> Path:
@@ -153,6 +156,10 @@ class Runner:
         included); with `tear`, halfway through that operation. One-shot."""
         self.ctl.mkdir(parents=True, exist_ok=True)
         arm_power_cut(str(self.power_plan), after, tear)
+
+    def cut_power(self) -> None:
+        """Cut the power now (it comes back at once, or after off_after_cut)."""
+        self._cut_now = True
 
     def _raise_cut(self) -> None:
         raise PowerCut()
@@ -227,7 +234,7 @@ class Runner:
         return timeout_ms > 0 and (time.time() - st.st_mtime) * 1000 > timeout_ms
 
     def _cut_due(self) -> bool:
-        if (self.ctl / "cut").exists():  # the device side hit a planned cut
+        if self._cut_now or (self.ctl / "cut").exists():  # asked for, or a planned cut was hit
             return True
         return self.cut_at is not None and time.monotonic() - self._t_start >= self.cut_at
 
@@ -251,6 +258,7 @@ class Runner:
 
     def _power_restored(self) -> None:
         self.cut_at = None
+        self._cut_now = False
         disarm_power_cut(str(self.power_plan))
         (self.ctl / "cut").unlink(missing_ok=True)
         self.say("emulator: power cut; powering on again")
@@ -268,6 +276,16 @@ class Runner:
         return False
 
     # -- the power/reset loop -----------------------------------------------------------
+
+    def set_clock(self, unix_seconds: float | None = None) -> None:
+        """Set the board's RTC (default: the host's time), as NTP or a bench would."""
+        now = time.time()
+        (self.ctl / "rtc").write_text(str(int(unix_seconds if unix_seconds is not None else now) - int(now)))
+
+    def _rtc_power_on(self) -> None:
+        # Power lost: the RTC starts over (software resets and deep sleep keep it).
+        offset = (EPOCH_2000 - int(time.time())) if self.clock_unset else 0
+        (self.ctl / "rtc").write_text(str(offset))
 
     def _running_pid(self) -> int | None:
         proc = self._proc
@@ -296,6 +314,8 @@ class Runner:
                 if self.max_boots is not None and len(self.boots) >= self.max_boots:
                     break
                 (self.ctl / "wdt").unlink(missing_ok=True)  # a chip reset stops the task WDT
+                if cause in (PWRON_RESET,):
+                    self._rtc_power_on()
                 try:
                     rec = self._bootloader(cause)
                 except PowerCut:

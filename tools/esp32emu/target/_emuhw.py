@@ -39,6 +39,7 @@ def pin_heap():
     import machine  # noqa: F401
     import network  # noqa: F401
     import ssl  # noqa: F401
+    import time  # noqa: F401
 
     flash()
     parts()

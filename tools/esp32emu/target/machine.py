@@ -51,6 +51,22 @@ def idle():
     time.sleep_ms(1)
 
 
+class RTC:
+    # The chip's real-time clock (see time.py): datetime() gets or sets
+    # (year, month, day, weekday, hours, minutes, seconds, subseconds).
+    def __init__(self, id=0):
+        pass
+
+    def datetime(self, dt=None):
+        if dt is None:
+            t = time.localtime()
+            return (t[0], t[1], t[2], t[6], t[3], t[4], t[5], 0)
+        time.set_rtc(time.mktime((dt[0], dt[1], dt[2], dt[4], dt[5], dt[6], 0, 0)))
+
+    def init(self, dt):
+        self.datetime(dt)
+
+
 class WDT:
     # Task watchdog with panic: expiry resets the chip with WDT_RESET. There is no way to
     # stop it or read it back (no deinit/timeout_ms on the ESP32 port).

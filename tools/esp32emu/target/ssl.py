@@ -22,6 +22,7 @@ from tls import (  # noqa: F401 - re-exported API
 
 _ENOMEM = 12
 _BUDGET = int(os.getenv("ESP32EMU_TLS_BUDGET") or "2")
+_CLOCK_SET_AFTER = 1577836800  # 2020-01-01: before this the board's clock was never set
 _live = []  # raw sockets under open TLS connections
 
 
@@ -54,6 +55,12 @@ class SSLContext:
     def wrap_socket(self, sock, server_side=False, do_handshake_on_connect=True, server_hostname=None):
         if open_connections() >= _BUDGET:
             raise OSError(_ENOMEM)
+        import time  # the board's RTC (time.py), which mbedTLS checks certificates against
+
+        if self._ctx.verify_mode == CERT_REQUIRED and time.time() < _CLOCK_SET_AFTER:
+            # With the clock at 2000-01-01 every certificate is "not yet valid"; the unix
+            # port's mbedTLS reads the host clock, so the emulator says it here.
+            raise ValueError("\nThe certificate validity starts in the future\n")
         s = self._ctx.wrap_socket(sock, server_side=server_side,
                                   do_handshake_on_connect=do_handshake_on_connect,
                                   server_hostname=server_hostname)
