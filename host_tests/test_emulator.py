@@ -437,3 +437,28 @@ except ValueError as e:
     print(json.dumps(str(e).strip()))
 """, tmp_path, env)
     assert last_json_line(proc.stdout) == "The certificate validity starts in the future", proc.stderr
+
+
+def test_deep_sleep_wakes_on_the_remembered_slot_not_the_new_boot_slot(tmp_path, app_a):
+    # CONFIG_BOOTLOADER_SKIP_VALIDATE_IN_DEEP_SLEEP: waking from deep sleep boots the slot the
+    # RTC remembers without reading otadata; only a reset makes set_boot() take effect.
+    root = make_device(tmp_path, app_a, WRITE_NEXT + textwrap.dedent("""
+        import machine
+        run = esp32.Partition(esp32.Partition.RUNNING).info()[4]
+        print("RUN", run, "CAUSE", machine.reset_cause())
+        try:
+            step = int(open("step").read())
+        except OSError:
+            step = 0
+        open("step", "w").write(str(step + 1))
+        if step == 0:
+            write_next("../b.bin").set_boot()
+            machine.deepsleep(200)
+        elif step == 1:
+            machine.reset()
+    """))
+    (root / "b.bin").write_bytes(build_app_image("2.0.0", 90_000))
+    boots, out = run_device(root, max_boots=3)
+    assert [(b.slot, b.reset_cause) for b in boots] == [("ota_0", 1), ("ota_0", 4), ("ota_1", 2)], out
+    assert "RUN ota_0 CAUSE 4" in out and "RUN ota_1 CAUSE 2" in out
+    assert boots[1].writes == []  # otadata untouched by the wake-up

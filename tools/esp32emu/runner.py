@@ -189,6 +189,17 @@ class Runner:
         self._booted = sel
         return rec
 
+    def _fast_wake(self) -> BootRecord:
+        """Wake from deep sleep as MicroPython's ESP32 bootloader does
+        (CONFIG_BOOTLOADER_SKIP_VALIDATE_IN_DEEP_SLEEP): boot the partition the RTC remembers,
+        without reading otadata. An image set_boot() chose before sleeping is NOT booted."""
+        prev = self.boots[-1]
+        rec = BootRecord(len(self.boots) + 1, DEEPSLEEP_RESET, prev.slot,
+                         [f"fast boot from deep sleep: {prev.slot} (otadata not read)"], [])
+        self.boots.append(rec)
+        self.say(f"boot: {rec.log[0]}")
+        return rec
+
     def _spawn(self, cause: int, skip_main: bool = False) -> subprocess.Popen:
         part = self._booted["part"]
         self.ctl.mkdir(parents=True, exist_ok=True)
@@ -317,7 +328,10 @@ class Runner:
                 if cause in (PWRON_RESET,):
                     self._rtc_power_on()
                 try:
-                    rec = self._bootloader(cause)
+                    if cause == DEEPSLEEP_RESET and self.boots and self.boots[-1].slot:
+                        rec = self._fast_wake()
+                    else:
+                        rec = self._bootloader(cause)
                 except PowerCut:
                     self.boots.append(BootRecord(len(self.boots) + 1, cause, None, [], [], "power cut in bootloader"))
                     self._power_restored()
@@ -356,6 +370,11 @@ class Runner:
                 rec.ended, cause = "panic", HARD_RESET
             elif code == EXIT_DEEPSLEEP:
                 rec.ended, cause = "deepsleep", DEEPSLEEP_RESET
+                try:
+                    sleep_ms = int((self.ctl / "deepsleep").read_text() or "0")
+                except (OSError, ValueError):
+                    sleep_ms = 0
+                self._stop.wait(sleep_ms / 1000 if sleep_ms > 0 else None)  # no timer: sleeps on
             elif code == EXIT_SOFT_RESET:
                 rec.ended, cause, chip_reset = "soft reset", SOFT_RESET, False
                 skip_main = self.repl is not None and self.repl.raw_mode

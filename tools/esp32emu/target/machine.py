@@ -8,6 +8,7 @@ import time
 from _emuhw import (
     CTL_DIR,
     DEVICE_ID,
+    EXIT_DEEPSLEEP,
     EXIT_RESET,
     EXIT_SOFT_RESET,
     RESET_CAUSE,
@@ -34,6 +35,18 @@ def soft_reset():
 
 def reset_cause():
     return RESET_CAUSE
+
+
+def deepsleep(time_ms=0):
+    # Wakes with DEEPSLEEP_RESET after time_ms (0: only an external wake, which the emulator
+    # has not got: it stays asleep until stopped). The RTC keeps counting.
+    with open(CTL_DIR + "/deepsleep", "w") as f:
+        f.write(str(time_ms))
+    stop(EXIT_DEEPSLEEP)
+
+
+def lightsleep(time_ms=0):
+    time.sleep_ms(time_ms)
 
 
 def unique_id():
