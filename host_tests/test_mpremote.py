@@ -83,3 +83,28 @@ def test_mount_and_reset(board, tmp_path):
     wait_until(lambda: len(runner.boots) == 2, 20, "a chip reset")
     assert runner.boots[1].reset_cause == 2  # machine.reset(): HARD_RESET
     wait_until(lambda: lines.count("main running") >= 2, 20, "main.py after the reset")
+
+
+def test_machine_reset_from_main_resets_the_chip_with_the_bridge_attached(tmp_path):
+    # Under the bridge MicroPython runs with -i, where a SystemExit out of main.py would land at
+    # the REPL; a chip resets at once instead (and must not wait for its watchdog).
+    root = tmp_path / "board"
+    (root / "fs").mkdir(parents=True)
+    make_flash(root / "flash.bin", build_app_image("1.0.0", 90_000))
+    (root / "fs" / "main.py").write_text(
+        "import machine, os\n"
+        "machine.WDT(timeout=60000)\n"
+        "if 'once' not in os.listdir():\n"
+        "    open('once', 'w').close()\n"
+        "    machine.reset()\n"
+        "print('cause', machine.reset_cause())\n")
+    lines = []
+    runner = Runner(root, repl_port=0, on_line=lines.append)
+    t = threading.Thread(target=runner.run, daemon=True)
+    t.start()
+    try:
+        wait_until(lambda: "cause 2" in lines, 15, "the second boot (HARD_RESET) after machine.reset()")
+        assert [b.ended for b in runner.boots][:1] == ["reset"]
+    finally:
+        runner.stop()
+        t.join(10)

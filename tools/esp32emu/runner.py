@@ -211,6 +211,7 @@ class Runner:
     def _spawn(self, cause: int, skip_main: bool = False) -> subprocess.Popen:
         part = self._booted["part"]
         self.ctl.mkdir(parents=True, exist_ok=True)
+        (self.ctl / "exit").unlink(missing_ok=True)
         env = dict(os.environ)
         env.update(
             ESP32EMU_FLASH=str(self.flash_path.resolve()),
@@ -268,13 +269,28 @@ class Runner:
                 return "cut"
             code = proc.poll()
             if code is not None:
+                self._take_exit()
                 return code
+            requested = self._take_exit()
+            if requested is not None:
+                proc.kill()  # the run ended (machine.reset() and the like) but -i kept it at the REPL
+                proc.wait()
+                return requested
             if self._wdt_expired():
                 proc.kill()
                 proc.wait()
                 return None
             time.sleep(0.02)
         return EXIT_REPL  # stopped from outside
+
+    def _take_exit(self) -> int | None:
+        path = self.ctl / "exit"
+        try:
+            code = int(path.read_text() or "-1")
+        except (OSError, ValueError):
+            return None
+        path.unlink(missing_ok=True)
+        return code
 
     def _power_restored(self) -> None:
         self.cut_at = None

@@ -108,12 +108,19 @@ def relock(was_locked):
 
 def stop(code, message=None):
     """End this run of the chip; the runner resets or idles it according to `code`."""
+    unlock()  # the chip resets whatever the heap was doing
     if message:
         print(message)
     try:
         sys.stdout.flush()
     except AttributeError:
         pass
+    if code != EXIT_REPL:
+        # Under `micropython -i` (REPL bridge) a SystemExit out of main.py lands at the REPL
+        # instead of ending the process; this file tells the runner to end the run with `code`.
+        with open(CTL_DIR + "/exit.tmp", "w") as f:
+            f.write(str(code))
+        os.rename(CTL_DIR + "/exit.tmp", CTL_DIR + "/exit")
     raise SystemExit(code)
 
 
