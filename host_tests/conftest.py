@@ -27,6 +27,24 @@ from tools.site import Site
 REPO = Path(__file__).resolve().parent.parent
 
 
+def pytest_addoption(parser):
+    parser.addoption("--sweep", choices=("quick", "full"), default="quick",
+                     help="power-cut sweep: a spread of cut points (quick) or every one (full)")
+    parser.addoption("--sweep-workers", type=int, default=3,
+                     help="emulated devices the power-cut sweep runs at once")
+    g = parser.getgroup("hil", "hardware in the loop (host_tests/test_hil.py)")
+    g.addoption("--port", help="a board to test: /dev/ttyUSB0, or socket://127.0.0.1:PORT for an emulated "
+                "board behind mpremote's bridge (default: the suite starts an emulated board itself)")
+    g.addoption("--host", default="127.0.0.1",
+                help="address the services bind to and put in certificates; a real board must reach it")
+    g.addoption("--wifi-ssid", default=os.environ.get("WIFI_SSID", ""), help="Wi-Fi for a real board ($WIFI_SSID)")
+    g.addoption("--wifi-password", default=os.environ.get("WIFI_PASSWORD", ""), help="($WIFI_PASSWORD)")
+    g.addoption("--device-id", default="hil-board", help="identity the board under test gets")
+    g.addoption("--ota-image", type=Path,
+                help="app image (micropython.bin of ESP32_GENERIC-OTA) the board updates to; on a real board "
+                "it must be a MicroPython build that runs this firmware")
+
+
 def wait_until(predicate, timeout: float, what: str, interval: float = 0.05):
     """Poll `predicate` until it returns a truthy value; fail the test at the deadline."""
     deadline = time.monotonic() + timeout
@@ -251,13 +269,6 @@ def mqtt_probe(site, services):
 # ---- options and the end-of-run summary ---------------------------------------------------
 
 SUMMARY: list[str] = []  # lines tests want shown after the run (e.g. the power-cut table)
-
-
-def pytest_addoption(parser):
-    parser.addoption("--sweep", choices=("quick", "full"), default="quick",
-                     help="power-cut sweep: a spread of cut points (quick) or every one (full)")
-    parser.addoption("--sweep-workers", type=int, default=3,
-                     help="emulated devices the power-cut sweep runs at once")
 
 
 def pytest_terminal_summary(terminalreporter):

@@ -112,8 +112,19 @@ def issue_server_cert(ca_key, ca_cert, names=DEFAULT_NAMES, not_before=None, not
     return key, cert
 
 
+def cert_names(cert: x509.Certificate) -> set[str]:
+    """The IP addresses and DNS names a certificate is valid for."""
+    try:
+        sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return set()
+    return {str(n) for n in sans.get_values_for_type(x509.IPAddress)} | set(sans.get_values_for_type(x509.DNSName))
+
+
 def ensure_pki(directory: Path, names=DEFAULT_NAMES) -> PKI:
-    """Create the CA and server certificate in `directory` unless they already exist."""
+    """Create the CA and server certificate in `directory` unless they already exist. A server
+    certificate that does not cover every one of `names` (serving on a LAN address for a real
+    board, say) is reissued for the union of its names and these, by the same CA."""
     pki = PKI(Path(directory))
     pki.dir.mkdir(parents=True, exist_ok=True)
     if not (pki.ca_cert.exists() and pki.ca_key.exists()):
@@ -121,13 +132,26 @@ def ensure_pki(directory: Path, names=DEFAULT_NAMES) -> PKI:
         _write_key(pki.ca_key, key)
         pki.ca_cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
         pki.ca_der.write_bytes(cert.public_bytes(serialization.Encoding.DER))
-    if not (pki.server_cert.exists() and pki.server_key.exists()):
+    wanted = {str(ipaddress.ip_address(n)) if _is_ip(n) else n for n in names}
+    have: set[str] = set()
+    if pki.server_cert.exists() and pki.server_key.exists():
+        have = cert_names(x509.load_pem_x509_certificate(pki.server_cert.read_bytes()))
+    if not wanted <= have:
+        names = sorted(have | wanted)
         ca_key = serialization.load_pem_private_key(pki.ca_key.read_bytes(), None)
         ca_cert = x509.load_pem_x509_certificate(pki.ca_cert.read_bytes())
         key, cert = issue_server_cert(ca_key, ca_cert, names)
         _write_key(pki.server_key, key)
         pki.server_cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     return pki
+
+
+def _is_ip(name: str) -> bool:
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
 
 
 def server_ssl_context(pki: PKI):

@@ -64,3 +64,43 @@ def provision_emulated(site: Site, device_id: str, image: bytes, version: str,
            "images": {"ota_0": record}}
     (fs / "ota.json").write_text(json.dumps(ota))
     return root
+
+
+def provision_board(site: Site, device_id: str, out_dir: Path, wifi_ssid: str, wifi_password: str,
+                    host: str | None = None, image: bytes | None = None, version: str | None = None,
+                    allow_loopback: bool = False) -> Path:
+    """A real board's identity: credentials registered with the broker and the store (one
+    password file serves both), and the files `deploy` copies onto the board: config.json,
+    secrets.json (mode 0600), ca.der and, when the factory image is named, ota.json recording
+    it so the board reports its version from the first boot. Returns `out_dir`."""
+    if not contract.valid_device_id(device_id):
+        raise ValueError(f"invalid device id {device_id!r}")
+    if not wifi_ssid:
+        raise ValueError("a real board needs a Wi-Fi network name (wifi_ssid)")
+    ep = site.endpoints()
+    host = host or ep.host
+    if not allow_loopback and (host.startswith("127.") or host == "localhost"):
+        raise ValueError(f"{host} is this computer's loopback address: a board cannot reach it; "
+                         "run `serve --host <LAN address>` or pass the address the board should use")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    password = site.creds.set(device_id)
+    cfg = {"device_id": device_id, "broker_host": host, "broker_port": ep.mqtt_port,
+           "wifi_ssid": wifi_ssid, "ntp_host": host, "ntp_port": ep.ntp_port}
+    (out / "config.json").write_text(json.dumps(cfg, indent=1))
+    secrets_path = out / "secrets.json"
+    secrets_path.write_text(json.dumps({"mqtt_password": password, "wifi_password": wifi_password}))
+    secrets_path.chmod(0o600)
+    shutil.copy2(site.pki.ca_der, out / "ca.der")
+    if image is not None:
+        record = {"version": version or "factory", "sha256": hashlib.sha256(image).hexdigest(),
+                  "size": len(image), "url": None}
+        (out / "ota.json").write_text(json.dumps({"phase": "idle", "target": None, "slot": None, "error": None,
+                                                  "attempts": 0, "images": {"ota_0": record}}))
+    return out
+
+
+def revoke(site: Site, device_id: str) -> bool:
+    """Remove a device's credentials: the broker refuses its next connect and, at once, every
+    publish, subscribe and delivery on the connection it has; the store refuses its downloads."""
+    return site.creds.remove(device_id)
