@@ -66,16 +66,26 @@ class PasswordAuthPlugin(BaseAuthPlugin):
 
 
 class DeviceTopicPlugin(BaseTopicPlugin):
-    """Devices: only state/<own id>/... Services: anything under state/."""
+    """Devices: only state/<own id>/... Services: anything under state/. An identity removed
+    from the credentials file (a revoked device) loses publish, subscribe and receive at once,
+    even on a connection it opened before."""
 
     @dataclass
     class Config:
+        password_file: str = ""
         superusers: list[str] = field(default_factory=lambda: list(SERVICE_USERS))
+
+    def __init__(self, context) -> None:
+        super().__init__(context)
+        self._creds = Credentials(Path(self.config.password_file)) if self.config.password_file else None
 
     async def topic_filtering(self, *, session=None, topic=None, action=None) -> bool:
         if session is None or not topic or not session.username:
             return False
         user = session.username
+        if self._creds is not None and not self._creds.known(user):
+            log.info("denied %s %s on %s: identity revoked", user, action, topic)
+            return False
         if user in self.config.superusers:
             return topic.split("/", 1)[0] == "state"
         allowed = _device_owns(user, topic)
@@ -98,7 +108,7 @@ def broker_config(host: str, port: int, pki: PKI, password_file: Path) -> dict:
         },
         "plugins": {
             "tools.broker.PasswordAuthPlugin": {"password_file": str(password_file)},
-            "tools.broker.DeviceTopicPlugin": {},
+            "tools.broker.DeviceTopicPlugin": {"password_file": str(password_file)},
         },
     }
 

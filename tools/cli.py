@@ -23,9 +23,12 @@ class CommandError(Exception):
 
 
 def _site(args):
-    from tools.site import Site
+    from tools.site import DEFAULT_NAMES, Site
 
-    return Site(args.site)
+    # `serve --host <LAN address>`: the server certificate must name the address boards dial.
+    names = tuple(dict.fromkeys([getattr(args, "host", None) or "127.0.0.1", *getattr(args, "cert_name", []),
+                                 *DEFAULT_NAMES]))
+    return Site(args.site, names)
 
 
 def cmd_image_build(args) -> None:
@@ -92,6 +95,55 @@ def cmd_provision(args) -> None:
     root = provision_emulated(_site(args), args.device, args.image.read_bytes(), args.version,
                               args.dir, compiled=not args.source)
     print(root)
+
+
+def cmd_provision_board(args) -> None:
+    import os
+
+    from tools.provision import provision_board
+
+    image = args.image.read_bytes() if args.image else None
+    try:
+        out = provision_board(_site(args), args.device, args.out, args.wifi_ssid,
+                              os.environ.get("WIFI_PASSWORD", ""), args.broker_host, image, args.version)
+    except (ValueError, FileNotFoundError) as e:
+        raise CommandError(str(e)) from None
+    print(f"{out}: config.json secrets.json ca.der{' ota.json' if image else ''}"
+          f" (copy them to the board with `make deploy PORT=... CONFIG={out}`)")
+
+
+def cmd_revoke(args) -> None:
+    from tools.provision import revoke
+
+    if not revoke(_site(args), args.device):
+        raise CommandError(f"no device {args.device}")
+    print(f"{args.device}: revoked (broker and store refuse it from now on)")
+
+
+def cmd_flash(args) -> None:
+    from tools.flashing import FlashError, flash
+
+    try:
+        info = flash(args.port, args.firmware, args.baud, erase=not args.no_erase, verify_read=args.verify)
+    except FlashError as e:
+        raise CommandError(f"{e.code}: {e}") from None
+    print(f"{args.firmware}: {info.size} bytes written at 0x1000 to {args.port}"
+          f"{' and read back identical' if args.verify else ''}")
+
+
+def cmd_deploy(args) -> None:
+    from tools.deploy import DeployError, deploy
+
+    try:
+        r = deploy(args.port, args.config, force_source=args.source, reset=not args.no_reset)
+    except DeployError as e:
+        raise CommandError(str(e)) from None
+    print(f"board .mpy {r.board_mpy}; {'compiled with mpy-cross' if r.compiled else 'sources'}: "
+          f"{len(r.copied)} copied, {len(r.unchanged)} unchanged, {len(r.removed)} stale removed; verified by SHA-256")
+    for p in r.copied:
+        print(f"  + {p}")
+    for p in r.removed:
+        print(f"  - {p}")
 
 
 def cmd_emulate(args) -> None:
@@ -184,6 +236,8 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("--mqtt-port", type=int, default=8883)
     sp.add_argument("--https-port", type=int, default=8443)
     sp.add_argument("--ntp-port", type=int, default=1123, help="UDP port of the SNTP server for devices")
+    sp.add_argument("--cert-name", action="append", default=[],
+                    help="another DNS name or address boards may use (repeatable)")
 
     sp = with_site(add("provision", cmd_provision, "create an emulated device (needs `serve` running)"))
     sp.add_argument("device")
@@ -191,6 +245,32 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("--version", required=True, help="version label of that image")
     sp.add_argument("--dir", type=Path, help="device folder (default: <site>/devices/<device>)")
     sp.add_argument("--source", action="store_true", help="copy .py instead of mpy-cross output")
+
+    sp = with_site(add("provision-board", cmd_provision_board,
+                       "create a real board's identity and the config files `deploy` copies (needs `serve`)"))
+    sp.add_argument("device")
+    sp.add_argument("--out", type=Path, required=True, help="folder for config.json, secrets.json, ca.der")
+    sp.add_argument("--wifi-ssid", required=True, help="Wi-Fi network (its password: $WIFI_PASSWORD)")
+    sp.add_argument("--broker-host", help="address the board dials (default: the one `serve` listens on)")
+    sp.add_argument("--image", type=Path, help="the app image flashed on the board (micropython.bin), so it "
+                    "reports a version from its first boot")
+    sp.add_argument("--version", help="version label of --image")
+
+    sp = with_site(add("revoke", cmd_revoke, "remove a device's access to the broker and the store"))
+    sp.add_argument("device")
+
+    sp = add("flash", cmd_flash, "erase a board and write a combined MicroPython firmware.bin at 0x1000")
+    sp.add_argument("--port", required=True, help="serial port (/dev/ttyUSB0) or esptool URL")
+    sp.add_argument("--firmware", type=Path, required=True, help="ESP32_GENERIC-OTA firmware.bin")
+    sp.add_argument("--baud", type=int, default=460800)
+    sp.add_argument("--no-erase", action="store_true", help="keep the filesystem and otadata")
+    sp.add_argument("--verify", action="store_true", help="read it back and compare (slow)")
+
+    sp = add("deploy", cmd_deploy, "copy the device code (and config) to a board with mpremote")
+    sp.add_argument("--port", required=True, help="/dev/ttyUSB0, or socket://127.0.0.1:PORT (emulated board)")
+    sp.add_argument("--config", type=Path, help="folder from provision-board")
+    sp.add_argument("--source", action="store_true", help="copy .py sources instead of mpy-cross output")
+    sp.add_argument("--no-reset", action="store_true", help="leave the board at the REPL afterwards")
 
     sp = add("emulate", cmd_emulate, "power on an emulated ESP32 device folder")
     sp.add_argument("dir", type=Path)

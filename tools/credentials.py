@@ -49,6 +49,10 @@ class Credentials:
     def names(self) -> list[str]:
         return sorted(self._load())
 
+    def known(self, name: str) -> bool:
+        """Whether `name` has a password (a stat per call; no hashing)."""
+        return name in self._load()
+
     def verify(self, name: str, password: str) -> bool:
         h = self._load().get(name)
         if h is None or not password:

@@ -126,6 +126,39 @@ def build_app_image(version: str, size: int = 64 * 1024, project_name: str = "mi
     return data
 
 
+def build_bootloader_image(seed: str = "bootloader") -> bytes:
+    """A second-stage-bootloader-shaped image (RAM segments only, no app descriptor) for
+    test flashes: what sits at 0x1000 on a real board. Not executable code."""
+    img = ESP32FirmwareImage()
+    img.entrypoint = 0x40080400
+    img.flash_mode = 2
+    img.flash_size_freq = ESP32ROM.FLASH_SIZES["4MB"] | ESP32ROM.FLASH_FREQUENCY["40m"]
+    img.min_rev_full = 0
+    img.max_rev_full = 399
+    s = seed.encode()
+    img.segments = [
+        ELFSection(b".dram0.bootdesc", 0x3FFF0000, struct.pack("<BBHI", 0x50, 1, 0, 0) + _filler(s + b":d", 1020), 0),
+        ELFSection(b".iram_loader.text", 0x40078000, _filler(s + b":l", 8192), 0),
+        ELFSection(b".iram.text", 0x40080400, _filler(s + b":i", 4096), 0),
+    ]
+    return img.save(None)
+
+
+COMBINED_OFFSET = 0x1000  # where firmware.bin is written: the bootloader's flash address
+
+
+def build_combined_image(app: bytes, table_rows=espidf.MICROPYTHON_OTA_4MIB) -> bytes:
+    """firmware.bin as MicroPython's makeimg.py writes it (flashed at 0x1000): bootloader,
+    the OTA partition table at flash 0x8000, the app at flash 0x10000, 0xFF in the gaps."""
+    boot = build_bootloader_image()
+    table = espidf.make_partition_table(table_rows)
+    out = bytearray(b"\xff" * (0x10000 - COMBINED_OFFSET))
+    out[: len(boot)] = boot
+    pt = espidf.PARTITION_TABLE_OFFSET - COMBINED_OFFSET
+    out[pt : pt + len(table)] = table
+    return bytes(out) + app
+
+
 def check_app_image(data: bytes, slot_size: int = SLOT_SIZE) -> ImageReport:
     """Accept only an ESP32 app image that the bootloader would boot from a slot.
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from tools.broker import SERVICE_USERS
 from tools.credentials import Credentials
-from tools.pki import PKI, ensure_pki
+from tools.pki import DEFAULT_NAMES, PKI, ensure_pki
 from tools.releases import Registry
 
 
@@ -36,7 +36,7 @@ class Endpoints:
 
 
 class Site:
-    def __init__(self, root: Path, names: tuple[str, ...] = ("127.0.0.1", "localhost")):
+    def __init__(self, root: Path, names: tuple[str, ...] = DEFAULT_NAMES):
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.pki: PKI = ensure_pki(self.root / "pki", names)
