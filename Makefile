@@ -4,8 +4,12 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat requirements-dev.txt | cksum | cut -d' ' -f1)
 PYTEST_ARGS ?=
+# Real boards: make flash PORT=/dev/ttyUSB0 FIRMWARE=ESP32_GENERIC-OTA.bin; make deploy PORT=... CONFIG=build/boards/<id>
+PORT ?=
+FIRMWARE ?=
+CONFIG ?=
 
-.PHONY: venv demo test clean
+.PHONY: venv demo test flash deploy hil clean
 
 venv: $(STAMP)
 
@@ -21,6 +25,18 @@ demo: venv
 
 test: venv
 	$(BIN)/python -m pytest host_tests $(PYTEST_ARGS)
+
+flash: venv
+	@test -n "$(PORT)" -a -n "$(FIRMWARE)" || { echo "usage: make flash PORT=/dev/ttyUSB0 FIRMWARE=firmware.bin"; exit 2; }
+	$(BIN)/python -m tools flash --port $(PORT) --firmware $(FIRMWARE)
+
+deploy: venv
+	@test -n "$(PORT)" || { echo "usage: make deploy PORT=/dev/ttyUSB0 [CONFIG=build/boards/<id>]"; exit 2; }
+	$(BIN)/python -m tools deploy --port $(PORT) $(if $(CONFIG),--config $(CONFIG))
+
+# The end-to-end tests against a board: PORT empty = an emulated board behind mpremote's bridge.
+hil: venv
+	$(BIN)/python -m pytest host_tests/test_hil.py $(if $(PORT),--port $(PORT)) $(PYTEST_ARGS)
 
 clean:
 	rm -rf build .pytest_cache

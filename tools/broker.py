@@ -131,8 +131,32 @@ class _SnapshotTable(dict):
 
 
 async def start_broker(host: str, port: int, pki: PKI, password_file: Path) -> Broker:
-    """Start amqtt on the running loop; stop it with `await broker.shutdown()`."""
+    """Start amqtt on the running loop; stop it with `await shutdown_broker(broker)`."""
     broker = Broker(broker_config(host, port, pki, password_file))
     broker._subscriptions = _SnapshotTable()  # see _SnapshotTable
     await broker.start()
     return broker
+
+
+async def shutdown_broker(broker: Broker, limit_s: float = 30.0) -> None:
+    """broker.shutdown(), made to finish on Python 3.11.
+
+    amqtt stops each client by cancelling its reader task once and waiting for it; the reader
+    sits in asyncio.wait_for, which on 3.11 can swallow a cancellation that races with a packet
+    arriving, so the reader reads on and shutdown waits forever (seen with a board reconnecting
+    while the broker restarts). Cancel the readers again until shutdown is done.
+    """
+    handlers = [h for _, h in list(broker._sessions.values()) if h is not None]
+    task = asyncio.create_task(broker.shutdown())
+    deadline = asyncio.get_running_loop().time() + limit_s
+    while True:
+        done, _ = await asyncio.wait({task}, timeout=0.5)
+        if done:
+            task.result()
+            return
+        stuck = [h._reader_task for h in handlers if h._reader_task is not None and not h._reader_task.done()]
+        for reader in stuck:
+            reader.cancel()
+        if asyncio.get_running_loop().time() > deadline:
+            task.cancel()
+            raise TimeoutError(f"amqtt did not shut down in {limit_s:.0f} s ({len(stuck)} client readers still running)")

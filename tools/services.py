@@ -12,7 +12,7 @@ import socket
 import threading
 
 from tools import store
-from tools.broker import start_broker
+from tools.broker import shutdown_broker, start_broker
 from tools.pki import server_ssl_context
 from tools.renewer import Renewer
 from tools.replica import MQTTSettings, Replica
@@ -97,7 +97,7 @@ class Services:
 
     async def restart_broker(self, down_s: float = 0.0) -> None:
         """Stop the broker (every client is disconnected) and start it on the same port."""
-        await self.broker.shutdown()
+        await shutdown_broker(self.broker)
         await asyncio.sleep(down_s)
         self.broker = await start_broker(self.host, self.endpoints.mqtt_port, self.site.pki, self.site.creds.path)
 
@@ -113,7 +113,7 @@ class Services:
             self._time_server.close()
             self._time_server = None
         if self.broker:
-            await self.broker.shutdown()
+            await shutdown_broker(self.broker)
             self.broker = None
 
 
