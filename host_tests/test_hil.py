@@ -20,10 +20,12 @@ import time
 import pytest
 
 from conftest import wait_reported, wait_until
+from firmware import contract
 from tools import operator_client as op
+from tools import presign
 from tools.deploy import deploy
 from tools.esp32emu.flashinfo import flash_info
-from tools.esp32emu.runner import Runner, make_flash
+from tools.esp32emu.runner import Runner, make_fresh_board
 from tools.images import build_app_image
 from tools.provision import provision_board
 from tools.services import ServicesThread
@@ -49,11 +51,8 @@ def hil(request, tmp_path_factory):
     lines: list[str] = []
     with ServicesThread(site, host) as services:
         if port is None:
-            # What a board is after `make flash`: MicroPython in ota_0, a filesystem with boot.py only.
             root = tmp / "board"
-            (root / "fs").mkdir(parents=True)
-            make_flash(root / "flash.bin", FACTORY)
-            (root / "fs" / "boot.py").write_text("# boot.py -- run on boot-up\n")
+            make_fresh_board(root, FACTORY)  # what `make flash` leaves
             t0 = time.monotonic()
             runner = Runner(root, repl_port=0, on_line=lambda s: lines.append(f"{time.monotonic() - t0:7.2f} {s}"))
             thread = threading.Thread(target=runner.run, daemon=True, name="hil-board")
@@ -62,7 +61,8 @@ def hil(request, tmp_path_factory):
             port = runner.repl_address
         config = provision_board(site, device, tmp / "config", opt("--wifi-ssid") or "emulated",
                                  opt("--wifi-password"), host=host,
-                                 image=None if _serial(port) else FACTORY, version="1.0.0",
+                                 # the image record is true only for the board made here
+                                 image=FACTORY if runner is not None else None, version="1.0.0",
                                  allow_loopback=not _serial(port))
         try:
             yield site, services, port, device, runner, config
@@ -129,11 +129,33 @@ def test_deploy_again_copies_nothing_and_removes_stale_twins(hil, deployed):
                   "the board to come back after the reset", timeout=240)
 
 
+@pytest.mark.timeout(300)
+def test_wrong_bytes_are_refused_and_the_board_stays_as_it_was(hil, deployed):
+    site, services, port, device, runner, config = hil
+    before, _ = wait_reported(services, site, device, _idle, "the board's report")
+    boots = len(runner.boots) if runner is not None else None
+    claimed = build_app_image("9.0.0", 200 * 1024)
+    imposter = site.releases.add(build_app_image("6.6.6", len(claimed)), "6.6.6")
+    # Desired names one image's hash and size; the URL serves another, valid, image.
+    url = presign.sign(site.store_key, site.endpoints().store_url, imposter.sha256, device)
+    fw = {"url": url, "version": "9.0.0", "sha256": hashlib.sha256(claimed).hexdigest(), "size": len(claimed)}
+    outcome, _ = services.call(op.request(site, device, contract.UPDATE, {"state": {"desired": {"firmware": fw}}}))
+    assert outcome == "accepted"
+    fw, _ = wait_reported(services, site, device, lambda fw, doc: fw.get("state") == "failed",
+                          "the board to refuse the download", timeout=240)
+    assert fw["error"] == contract.E_HASH
+    same = ("version", "sha256", "slot")  # sha256 is absent for an image the board has no record of
+    assert [fw.get(k) for k in same] == [before.get(k) for k in same]
+    if runner is not None:
+        assert len(runner.boots) == boots  # it never rebooted
+        assert flash_info(runner.root / "flash.bin")["next_boot"]["slot"] == before["slot"]
+
+
 @pytest.mark.timeout(400)
 def test_board_updates_itself_over_the_air(hil, deployed, request):
     site, services, port, device, runner, config = hil
     image_path = request.config.getoption("--ota-image")
-    if image_path is None and runner is None:
+    if image_path is None and _serial(port):
         pytest.skip("a real board needs --ota-image: a MicroPython app image (micropython.bin) to update to")
     image = image_path.read_bytes() if image_path else build_app_image("1.1.0", 300 * 1024)
     rel = site.releases.add(image, "1.1.0")

@@ -149,6 +149,12 @@ def cmd_deploy(args) -> None:
 def cmd_emulate(args) -> None:
     from tools.esp32emu.runner import Runner
 
+    if args.new:
+        from tools.esp32emu.runner import make_fresh_board
+
+        if (args.dir / "flash.bin").exists():
+            raise CommandError(f"{args.dir} already holds a board")
+        make_fresh_board(args.dir, args.new.read_bytes())
     runner = Runner(args.dir, heapsize=args.heapsize, max_boots=args.max_boots, cut_at=args.cut_at,
                     repl_port=args.repl_port, clock_unset=not args.clock_set)
     if args.cut_after_ops:
@@ -282,6 +288,8 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("--cut-at", type=float, metavar="SECONDS", help="cut the power after this long")
     sp.add_argument("--clock-set", action="store_true",
                     help="power on with the host's time instead of 2000-01-01 (a cold ESP32)")
+    sp.add_argument("--new", type=Path, metavar="IMAGE",
+                    help="first create DIR as a freshly flashed board: IMAGE in ota_0, boot.py only (then `deploy`)")
     sp.add_argument("--repl-port", type=int, metavar="PORT",
                     help="serve the REPL on 127.0.0.1:PORT for `mpremote connect socket://...` (0: any)")
 

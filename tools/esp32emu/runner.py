@@ -86,6 +86,14 @@ def micropython_binary() -> str:
     return found
 
 
+def make_fresh_board(root: Path, app_image: bytes) -> None:
+    """A board folder as `make flash` leaves a board: the app in ota_0, blank otadata, and a
+    filesystem holding only MicroPython's default boot.py (the code comes with `deploy`)."""
+    (Path(root) / "fs").mkdir(parents=True, exist_ok=True)
+    make_flash(Path(root) / "flash.bin", app_image)
+    (Path(root) / "fs" / "boot.py").write_text("# boot.py -- run on boot-up\n")
+
+
 def make_flash(path: Path, app_image: bytes, size: int = FLASH_SIZE) -> None:
     """Write a flash image as esptool leaves a board: partition table, app in ota_0, otadata
     blank (the first boot then writes otadata[0] = {seq 1, VALID})."""
