@@ -176,25 +176,23 @@ class Agent(Installer):
         log("confirmed", target["version"], "in", self.run_label)
 
     def handle_message(self, suffix, msg):
-        """One message from the broker. Whatever it holds, nothing escapes but a link error:
-        input that is not what the contract says is dropped (tests fuzz this)."""
+        """One message from the broker: returns (firmware, resume) to install, or None.
+        Whatever it holds, nothing escapes but a link error: input that is not what the
+        contract says is dropped (tests fuzz this)."""
         try:
             doc = json.loads(msg)
         except ValueError:  # includes UnicodeError
             log("dropping a message that is not JSON on", suffix)
-            return
+            return None
         if suffix == contract.UPDATE_DELTA:
             if isinstance(doc, dict) and isinstance(doc.get("state"), dict):
                 if "firmware" in doc["state"]:
                     self.link.request_get()
         elif suffix == contract.GET_ACCEPTED:
-            action = self.on_document(doc)
-            if action is not None:
-                doc = msg = None
-                gc.collect()
-                self.install(*action)
+            return self.on_document(doc)
         elif suffix == contract.UPDATE_REJECTED:
             log("replica rejected a report")
+        return None
 
     def serve(self):
         while True:
@@ -203,7 +201,15 @@ class Agent(Installer):
             while self.link.inbox:
                 suffix, msg = self.link.inbox.pop(0)
                 gc.collect()
-                self.handle_message(suffix, msg)
+                action = self.handle_message(suffix, msg)
+                if action is not None:
+                    # The install needs the largest free blocks for TLS: the raw message and
+                    # its parsed document (several KiB) must be garbage by then, not pinned
+                    # by this frame.
+                    suffix = msg = None
+                    gc.collect()
+                    self.install(*action)
+                    action = None
                 if self.link is None:
                     return  # the link could not be brought back after an install
             if self.retry_at is not None and time.ticks_diff(time.ticks_ms(), self.retry_at) >= 0:

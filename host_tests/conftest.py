@@ -43,6 +43,8 @@ def pytest_addoption(parser):
     g.addoption("--ota-image", type=Path,
                 help="app image (micropython.bin of ESP32_GENERIC-OTA) the board updates to; on a real board "
                 "it must be a MicroPython build that runs this firmware")
+    g.addoption("--bad-image", type=Path,
+                help="app image that boots but never confirms, for the rollback test on a real board")
 
 
 def wait_until(predicate, timeout: float, what: str, interval: float = 0.05):

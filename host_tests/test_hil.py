@@ -26,7 +26,7 @@ from tools import presign
 from tools.deploy import deploy
 from tools.esp32emu.flashinfo import flash_info
 from tools.esp32emu.runner import Runner, make_fresh_board
-from tools.images import build_app_image
+from tools.images import PANIC_ON_BOOT, build_app_image
 from tools.provision import provision_board
 from tools.services import ServicesThread
 from tools.site import Site
@@ -132,7 +132,8 @@ def test_deploy_again_copies_nothing_and_removes_stale_twins(hil, deployed):
 @pytest.mark.timeout(300)
 def test_wrong_bytes_are_refused_and_the_board_stays_as_it_was(hil, deployed):
     site, services, port, device, runner, config = hil
-    before, _ = wait_reported(services, site, device, _idle, "the board's report")
+    before, _ = wait_reported(services, site, device, lambda fw, d: fw.get("state") in ("idle", "failed"),
+                              "the board's report")
     boots = len(runner.boots) if runner is not None else None
     claimed = build_app_image("9.0.0", 200 * 1024)
     imposter = site.releases.add(build_app_image("6.6.6", len(claimed)), "6.6.6")
@@ -149,6 +150,28 @@ def test_wrong_bytes_are_refused_and_the_board_stays_as_it_was(hil, deployed):
     if runner is not None:
         assert len(runner.boots) == boots  # it never rebooted
         assert flash_info(runner.root / "flash.bin")["next_boot"]["slot"] == before["slot"]
+
+
+@pytest.mark.timeout(400)
+def test_an_image_that_never_confirms_is_rolled_back(hil, deployed, request):
+    site, services, port, device, runner, config = hil
+    bad_path = request.config.getoption("--bad-image")
+    if bad_path is None and _serial(port):
+        pytest.skip("a real board needs --bad-image: a valid app image that does not run this firmware "
+                    "(so it never confirms), e.g. a MicroPython build without it on the filesystem")
+    before, _ = wait_reported(services, site, device, lambda fw, d: fw.get("state") in ("idle", "failed"),
+                              "the board's report")
+    bad = site.releases.add(bad_path.read_bytes() if bad_path else build_app_image("1.2.0", 150 * 1024, PANIC_ON_BOOT),
+                            "1.2.0")
+    services.call(op.set_desired(site, device, bad, 900))
+    fw, doc = wait_reported(services, site, device,
+                            lambda fw, d: fw.get("state") == "failed" and fw.get("error") == contract.E_ROLLED_BACK,
+                            "the board to come back on its old image and report rolled_back", timeout=360)
+    assert fw.get("version") == before.get("version") and fw["slot"] == before["slot"] and fw["target"] == "1.2.0"
+    if runner is not None:
+        info = flash_info(runner.root / "flash.bin")
+        assert info["next_boot"]["slot"] == before["slot"]
+        assert "ABORTED" in [e["state"] for e in info["otadata"]["entries"]]
 
 
 @pytest.mark.timeout(400)
