@@ -9,7 +9,7 @@ PORT ?=
 FIRMWARE ?=
 CONFIG ?=
 
-.PHONY: venv demo test flash deploy hil clean
+.PHONY: venv demo test bench flash deploy hil clean
 
 venv: $(STAMP)
 
@@ -25,6 +25,13 @@ demo: venv
 
 test: venv
 	$(BIN)/python -m pytest host_tests $(PYTEST_ARGS)
+
+# Measurements, not tests: each prints its figures with a reference from the same run and
+# writes JSON under build/bench/.
+bench: venv
+	$(BIN)/python -m tools.bench.ota_throughput
+	$(BIN)/python -m tools.bench.memory
+	$(BIN)/python -m tools.bench.emulator_cost --devices 1,10,50
 
 flash: venv
 	@test -n "$(PORT)" -a -n "$(FIRMWARE)" || { echo "usage: make flash PORT=/dev/ttyUSB0 FIRMWARE=firmware.bin"; exit 2; }

@@ -1,0 +1,158 @@
+"""Memory of the update path: bytes allocated per download block, and the smallest GC heap
+with which a whole update (MQTT + shadow + OTA, firmware compiled with mpy-cross, one TLS
+connection at a time) still succeeds.
+
+- per block: the download loop (`Updater.copy_blocks`, a 200 KiB image from a stream into the
+  emulated slot) under MicroPython with the collector off; `gc.mem_alloc()` growth divided by
+  the number of blocks, minus what the same writes cost in the emulated flash driver alone
+  (Python here, C on the chip), next to a naive loop that allocates a 4 KiB buffer per block.
+- smallest heap: bisection over `-X heapsize` (1 KiB steps) of a full update on an emulated
+  board; each probe is a fresh board and must end on the new image with nothing failed.
+  The reference point is the default 112 KiB board doing the same update.
+
+    python -m tools.bench.memory [--lo 40] [--hi 80] [--json build/bench/memory.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from tools import operator_client as op
+from tools.bench.ota_throughput import _micropython
+from tools.esp32emu.runner import Runner, make_flash
+from tools.images import build_app_image
+from tools.provision import copy_firmware, provision_emulated
+from tools.services import ServicesThread
+from tools.site import Site
+
+_PER_BLOCK = """
+import gc, io, json
+from firmware import slots
+from firmware.updater import Updater, BLOCK
+u = Updater(None, {})
+data = open("img.bin", "rb").read()
+size = len(data)
+part = slots.next_update()
+nblocks = (size + BLOCK - 1) // BLOCK
+rem = size % BLOCK
+tail = memoryview(u.buf)[:rem] if rem else u.buf
+import hashlib
+h = hashlib.sha256()
+stream = io.BytesIO(data)
+gc.collect()
+gc.disable()
+a0 = gc.mem_alloc()
+u.copy_blocks(part, stream, 0, nblocks, nblocks, tail, h)
+a1 = gc.mem_alloc()
+gc.enable()
+gc.collect()
+gc.disable()
+f0 = gc.mem_alloc()
+for blk in range(nblocks):
+    part.writeblocks(blk, u.buf)  # the emulated flash driver alone (a chip's allocates nothing)
+f1 = gc.mem_alloc()
+gc.enable()
+gc.collect()
+stream = io.BytesIO(data)
+gc.disable()
+b0 = gc.mem_alloc()
+for i in range(nblocks):
+    b = bytearray(BLOCK)  # what a naive loop does: a new buffer per block
+    stream.readinto(b)
+b1 = gc.mem_alloc()
+gc.enable()
+print(json.dumps({"blocks": nblocks, "loop": a1 - a0, "flash": f1 - f0, "naive": b1 - b0}))
+"""
+
+
+def per_block(work: Path) -> dict:
+    work.mkdir(parents=True, exist_ok=True)
+    make_flash(work / "flash.bin", build_app_image("1.0.0", 64 * 1024))
+    copy_firmware(work / "fs")
+    (work / "fs" / "img.bin").write_bytes(build_app_image("2.0.0", 200 * 1024))
+    r = _micropython(_PER_BLOCK, work / "fs", work / "flash.bin")
+    n = r["blocks"]
+    return {"blocks": n, "loop_bytes_per_block": r["loop"] / n, "emulated_flash_bytes_per_block": r["flash"] / n,
+            # what the firmware's own code allocates: the loop minus the emulated flash driver
+            "firmware_bytes_per_block": (r["loop"] - r["flash"]) / n, "naive_bytes_per_block": r["naive"] / n}
+
+
+def update_succeeds(site: Site, svc: ServicesThread, rel, image_a: bytes, heap_kib: int, work: Path,
+                    timeout: float = 60) -> tuple[bool, float]:
+    device = f"heap{heap_kib}-{int(time.time() * 1000) % 100000}"
+    root = provision_emulated(site, device, image_a, "1.0.0", directory=work / device,
+                              config={"tls_slots": 1})
+    lines: list[str] = []
+    runner = Runner(root, heapsize=f"{heap_kib}k", tls_budget=1, max_boots=6, on_line=lines.append)
+    t = threading.Thread(target=runner.run, daemon=True)
+    t.start()
+    t0 = time.monotonic()
+    ok = False
+    try:
+        svc.call(op.set_desired(site, device, rel, 900))
+        while time.monotonic() - t0 < timeout and t.is_alive():
+            try:
+                doc = svc.call(op.get_shadow(site, device))
+            except op.OperatorError:
+                doc = {}
+            fw = doc.get("state", {}).get("reported", {}).get("firmware", {})
+            if fw.get("sha256") == rel.sha256 and fw.get("state") == "idle":
+                ok = True
+                break
+            if fw.get("state") == "failed" and fw.get("attempts", 0) >= 3:
+                break
+            time.sleep(0.3)
+    finally:
+        runner.stop()
+        t.join(10)
+    return ok and not any("MemoryError" in s for s in lines), time.monotonic() - t0
+
+
+def smallest_heap(work: Path, lo: int, hi: int) -> dict:
+    site = Site(work / "site")
+    image_a = build_app_image("1.0.0", 200 * 1024)
+    site.releases.add(image_a, "1.0.0")
+    rel = site.releases.add(build_app_image("1.1.0", 300 * 1024), "1.1.0")
+    probes = {}
+    with ServicesThread(site) as svc:
+        ref_ok, ref_s = update_succeeds(site, svc, rel, image_a, 112, work)
+        if not update_succeeds(site, svc, rel, image_a, hi, work)[0]:
+            return {"reference_112k_ok": ref_ok, "smallest_kib": None, "note": f"fails even at {hi} KiB"}
+        while hi - lo > 1:  # invariant: hi succeeds, lo is not known to
+            mid = (lo + hi) // 2
+            ok, s = update_succeeds(site, svc, rel, image_a, mid, work)
+            probes[mid] = ok
+            if ok:
+                hi = mid
+            else:
+                lo = mid
+    return {"reference_112k_ok": ref_ok, "reference_112k_s": round(ref_s, 2), "smallest_kib": hi, "probes": probes}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--lo", type=int, default=40, help="KiB known or assumed to fail")
+    ap.add_argument("--hi", type=int, default=80, help="KiB expected to succeed")
+    ap.add_argument("--json", type=Path, default=Path("build/bench/memory.json"), help="where to write the figures")
+    args = ap.parse_args(argv)
+    with tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as tmp:
+        blocks = per_block(Path(tmp) / "blocks")
+        heap = smallest_heap(Path(tmp) / "heap", args.lo, args.hi)
+    print(f"download loop: {blocks['firmware_bytes_per_block']:.1f} bytes allocated per 4 KiB block by the firmware "
+          f"(target 0; the emulated flash driver adds {blocks['emulated_flash_bytes_per_block']:.0f}, "
+          f"a naive loop {blocks['naive_bytes_per_block']:.0f}), {blocks['blocks']} blocks")
+    print(f"smallest GC heap for a whole update (MQTT + shadow + OTA, .mpy, one TLS connection): "
+          f"{heap['smallest_kib']} KiB (target <= 64; reference 112 KiB board ok: {heap['reference_112k_ok']})")
+    print(f"probes: {heap.get('probes')}")
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps({"per_block": blocks, "heap": heap}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,200 @@
+"""OTA download throughput: the firmware's real path against a bare reference, in one run.
+
+Three ways to fetch the same release from the same store over HTTPS (loopback), each N times:
+
+- firmware: `firmware.updater.Updater.download` under MicroPython on an emulated chip: TLS with
+  CERT_REQUIRED and the CA, SHA-256, erase + program of the inactive slot in flash.bin;
+- reference: a bare MicroPython loop doing only socket + ssl (CERT_REQUIRED) + readinto +
+  sha256 + file write, with the same block size;
+- curl: `curl | sha256sum` (the host's own TLS and hashing).
+
+Prints the median of each, the ratios firmware/reference and firmware/curl, and the TLS
+handshake time (median of 10 handshakes from MicroPython); writes JSON with --json.
+
+    python -m tools.bench.ota_throughput --size 1500000 --runs 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+from tools import presign
+from tools.esp32emu.runner import make_flash, micropython_binary, rom_dir
+from tools.images import build_app_image
+from tools.provision import CACHE, REPO
+from tools.services import ServicesThread
+from tools.site import Site
+
+DEVICE = "bench-ota"
+
+_FIRMWARE = """
+import json, time
+from firmware import https
+from firmware.updater import Updater
+fw = json.loads(open("fw.json").read())
+ca = open("ca.der", "rb").read()
+u = Updater(https.tls_context(ca), {"Authorization": AUTH}, 30)
+t0 = time.ticks_us()
+digest, _ = u.download(fw, 0)
+t1 = time.ticks_us()
+import binascii
+print(json.dumps({"us": time.ticks_diff(t1, t0), "sha": binascii.hexlify(digest).decode()}))
+"""
+
+_REFERENCE = """
+import json, time, socket, ssl, hashlib, binascii
+fw = json.loads(open("fw.json").read())
+ca = open("ca.der", "rb").read()
+host, port, path = HOST, PORT, PATH
+buf = bytearray(4096)
+t0 = time.ticks_us()
+ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+ctx.verify_mode = ssl.CERT_REQUIRED
+ctx.load_verify_locations(cadata=ca)
+s = socket.socket()
+s.connect(socket.getaddrinfo(host, port)[0][-1])
+s = ctx.wrap_socket(s, server_hostname=host)
+s.write(b"GET " + path.encode() + b" HTTP/1.0\\r\\nHost: " + host.encode() + b"\\r\\nAuthorization: " + AUTH.encode() + b"\\r\\n\\r\\n")
+length = 0
+while True:
+    line = s.readline()
+    if line in (b"\\r\\n", b""):
+        break
+    if line.lower().startswith(b"content-length:"):
+        length = int(line[15:])
+h = hashlib.sha256()
+out = open("ref.bin", "wb")
+mv = memoryview(buf)
+left = length
+while left:
+    n = s.readinto(mv[:min(left, len(buf))])
+    if not n:
+        break
+    h.update(mv[:n])
+    out.write(mv[:n])
+    left -= n
+out.close()
+s.close()
+t1 = time.ticks_us()
+print(json.dumps({"us": time.ticks_diff(t1, t0), "sha": binascii.hexlify(h.digest()).decode()}))
+"""
+
+_HANDSHAKE = """
+import json, time, socket, ssl
+ca = open("ca.der", "rb").read()
+ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+ctx.verify_mode = ssl.CERT_REQUIRED
+ctx.load_verify_locations(cadata=ca)
+addr = socket.getaddrinfo(HOST, PORT)[0][-1]
+times = []
+for i in range(10):
+    s = socket.socket()
+    s.connect(addr)
+    t0 = time.ticks_us()
+    s = ctx.wrap_socket(s, server_hostname=HOST)
+    times.append(time.ticks_diff(time.ticks_us(), t0))
+    s.close()
+print(json.dumps({"us": times}))
+"""
+
+
+def _micropython(code: str, cwd: Path, flash: Path | None = None) -> dict:
+    script = cwd / "_bench.py"
+    script.write_text(code)
+    env = dict(os.environ)
+    env["MICROPYPATH"] = ":".join([str(rom_dir()), str(REPO), str(CACHE), ""])
+    if flash is not None:
+        ctl = cwd / "run"
+        ctl.mkdir(exist_ok=True)
+        env.update(ESP32EMU_FLASH=str(flash), ESP32EMU_CTL=str(ctl), ESP32EMU_RUNNING=str(0x10000),
+                   ESP32EMU_RESET_CAUSE="1")
+    out = subprocess.run([micropython_binary(), "-X", "heapsize=512k", str(script)], cwd=cwd, env=env,
+                         capture_output=True, text=True, timeout=600)
+    for line in reversed(out.stdout.strip().splitlines()):
+        if line.startswith("{"):
+            return json.loads(line)
+    raise RuntimeError(f"MicroPython run failed:\n{out.stdout[-2000:]}\n{out.stderr[-2000:]}")
+
+
+def run(size: int, runs: int) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        site = Site(tmp / "site")
+        image = build_app_image("2.0.0", size)
+        rel = site.releases.add(image, "2.0.0")
+        password = site.creds.set(DEVICE)
+        auth = "Basic " + base64.b64encode(f"{DEVICE}:{password}".encode()).decode()
+        with ServicesThread(site):
+            ep = site.endpoints()
+            work = tmp / "dev"
+            work.mkdir()
+            (work / "ca.der").write_bytes(site.pki.ca_der.read_bytes())
+            results: dict[str, list[float]] = {"firmware": [], "reference": [], "curl": []}
+            for _ in range(runs):
+                url = presign.sign(site.store_key, ep.store_url, rel.sha256, DEVICE, 600)
+                fw = {"url": url, "version": "2.0.0", "sha256": rel.sha256, "size": rel.size}
+                (work / "fw.json").write_text(json.dumps(fw))
+                path = url.split(str(ep.https_port), 1)[1]
+                consts = f"AUTH = {auth!r}\nHOST = {ep.host!r}\nPORT = {ep.https_port}\nPATH = {path!r}\n"
+
+                make_flash(work / "flash.bin", build_app_image("1.0.0", 64 * 1024))
+                r = _micropython(consts + _FIRMWARE, work, work / "flash.bin")
+                assert r["sha"] == rel.sha256, "firmware path hashed something else"
+                results["firmware"].append(r["us"] / 1e6)
+
+                r = _micropython(consts + _REFERENCE, work)
+                assert r["sha"] == rel.sha256, "reference loop hashed something else"
+                results["reference"].append(r["us"] / 1e6)
+
+                if shutil.which("curl") is None:
+                    continue
+                t0 = time.perf_counter()
+                out = subprocess.run(f"curl -sS --fail --cacert {site.pki.ca_cert} -H 'Authorization: {auth}' "
+                                     f"'{url}' | sha256sum", shell=True, capture_output=True, text=True, timeout=300)
+                results["curl"].append(time.perf_counter() - t0)
+                assert out.stdout.split()[0] == rel.sha256, f"curl: {out.stderr}"
+            hs = _micropython(f"HOST = {ep.host!r}\nPORT = {ep.https_port}\n" + _HANDSHAKE, work)["us"]
+    med = {k: statistics.median(v) for k, v in results.items() if v}
+    mib = size / (1024 * 1024)
+    return {
+        "size_bytes": size,
+        "runs": runs,
+        "seconds_median": med,
+        "mib_per_s": {k: mib / v for k, v in med.items()},
+        "firmware_vs_reference": med["reference"] / med["firmware"],  # throughput ratio, target >= 0.95
+        "firmware_vs_curl": med["curl"] / med["firmware"] if "curl" in med else None,
+        "tls_handshake_ms_median": statistics.median(hs) / 1000,  # target <= 10 ms on loopback
+    }
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--size", type=int, default=1_500_000, help="image bytes (must fit a 1.5 MiB slot)")
+    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--json", type=Path, default=Path("build/bench/ota_throughput.json"), help="where to write the figures")
+    args = ap.parse_args(argv)
+    r = run(args.size, args.runs)
+    print(f"OTA download of {r['size_bytes']} bytes, median of {r['runs']} runs (loopback)")
+    print(f"{'path':<10} {'seconds':>8} {'MiB/s':>8}")
+    for k in (k for k in ("firmware", "reference", "curl") if k in r["seconds_median"]):
+        print(f"{k:<10} {r['seconds_median'][k]:8.3f} {r['mib_per_s'][k]:8.2f}")
+    print(f"firmware / reference throughput: {r['firmware_vs_reference']:.2f}x (target >= 0.95)")
+    if r["firmware_vs_curl"] is not None:
+        print(f"firmware / curl|sha256sum throughput: {r['firmware_vs_curl']:.2f}x")
+    print(f"TLS handshake (MicroPython, CERT_REQUIRED, loopback): {r['tls_handshake_ms_median']:.1f} ms median (target <= 10)")
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(r, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
