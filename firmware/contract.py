@@ -18,10 +18,12 @@ UPDATE = "update"
 UPDATE_ACCEPTED = "update/accepted"
 UPDATE_REJECTED = "update/rejected"
 UPDATE_DELTA = "update/delta"
+UPDATE_DOCUMENTS = "update/documents"  # for applications; devices do not subscribe
 GET = "get"
 GET_ACCEPTED = "get/accepted"
 GET_REJECTED = "get/rejected"
-_SUFFIXES = (UPDATE, UPDATE_ACCEPTED, UPDATE_REJECTED, UPDATE_DELTA, GET, GET_ACCEPTED, GET_REJECTED)
+_SUFFIXES = (UPDATE, UPDATE_ACCEPTED, UPDATE_REJECTED, UPDATE_DELTA, UPDATE_DOCUMENTS, GET, GET_ACCEPTED,
+             GET_REJECTED)
 
 MAX_DEVICE_ID = 64
 MAX_DOCUMENT = 8192  # bytes of desired + reported, as AWS IoT Device Shadow

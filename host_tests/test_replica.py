@@ -7,10 +7,13 @@ import pytest
 from firmware import contract
 
 
-def _answer(probe, timeout=5):
-    msg = probe.next_message(timeout)
-    assert msg is not None, "no answer from the replica"
-    return msg[0].rsplit("/", 2)[-2:], json.loads(msg[1])
+def _answer(probe, timeout=5, documents=False):
+    """The next answer from the replica (update/documents skipped unless asked for)."""
+    while True:
+        msg = probe.next_message(timeout)
+        assert msg is not None, "no answer from the replica"
+        if documents or not msg[0].endswith("/update/documents"):
+            return msg[0].rsplit("/", 2)[-2:], json.loads(msg[1])
 
 
 @pytest.fixture
@@ -55,3 +58,25 @@ def test_document_survives_a_replica_restart(services, operator):
     assert outcome == "accepted" and doc["clientToken"] == "after"
     assert doc["version"] == 1 and doc["state"]["desired"]["firmware"]["version"] == "2"
     assert doc["state"]["delta"] == {"firmware": {"version": "2"}}
+
+
+def test_documents_carry_previous_and_current_after_each_accepted_update(operator):
+    operator.publish("state/dev1/update", json.dumps({"state": {"desired": {"a": 1, "b": {"c": 2}}}, "clientToken": "t1"}))
+    first = [_answer(operator, documents=True) for _ in range(3)]  # accepted, delta, documents
+    assert [k for k, _ in first] == [["update", "accepted"], ["update", "delta"], ["update", "documents"]]
+    docs = first[2][1]
+    assert docs["previous"] is None and docs["clientToken"] == "t1"
+    assert docs["current"]["version"] == 1 and docs["current"]["state"] == {"desired": {"a": 1, "b": {"c": 2}}}
+    assert docs["current"]["metadata"]["desired"]["b"]["c"]["timestamp"] == docs["timestamp"]
+    operator.publish("state/dev1/update", json.dumps({"state": {"desired": {"b": None}, "reported": {"a": 1}}}))
+    seen = [_answer(operator, documents=True) for _ in range(2)]  # accepted, documents (no delta left)
+    assert [k for k, _ in seen] == [["update", "accepted"], ["update", "documents"]]
+    docs = seen[1][1]
+    assert docs["previous"]["version"] == 1 and docs["previous"]["state"]["desired"]["b"] == {"c": 2}
+    assert docs["current"]["version"] == 2 and docs["current"]["state"] == {"desired": {"a": 1}, "reported": {"a": 1}}
+    assert "clientToken" not in docs
+    # A rejected update publishes no documents.
+    operator.publish("state/dev1/update", json.dumps({"state": {"desired": {"a": 2}}, "version": 1}))
+    (kind, outcome), doc = _answer(operator, documents=True)
+    assert outcome == "rejected" and doc["code"] == contract.R_CONFLICT
+    assert operator.next_message(1) is None

@@ -2,7 +2,8 @@
 
 Subscribes `state/+/update` and `state/+/get`; for each update it validates and merges
 (tools.shadow), commits the document to SQLite (WAL, one transaction per update), and only then
-publishes `update/accepted` and, while desired differs from reported, `update/delta`. Bad input
+publishes `update/accepted`, while desired differs from reported `update/delta`, and
+`update/documents` (previous and current document). Bad input
 gets `update/rejected` {code, message}; nothing a client sends can stop the service.
 """
 
@@ -115,6 +116,8 @@ class Replica:
         out = [(contract.topic(device_id, contract.UPDATE_ACCEPTED), accepted)]
         if delta is not None:
             out.append((contract.topic(device_id, contract.UPDATE_DELTA), delta))
+        out.append((contract.topic(device_id, contract.UPDATE_DOCUMENTS),
+                    shadow.documents_message(doc, new, req.get("clientToken"))))
         return out
 
     async def run(self, ready: asyncio.Event | None = None) -> None:

@@ -160,6 +160,19 @@ def delta_message(doc: dict) -> dict | None:
     return {"state": d, "version": doc["version"], "timestamp": doc["timestamp"]}
 
 
+def documents_message(previous: dict | None, current: dict, token: str | None) -> dict:
+    """`update/documents`: the whole document before and after one accepted update (as AWS IoT
+    publishes it); `previous` is null when the update created the shadow."""
+    def snap(d):
+        return {"state": d["state"], "metadata": d["metadata"], "version": d["version"]}
+
+    out = {"previous": snap(previous) if previous else None, "current": snap(current),
+           "timestamp": current["timestamp"]}
+    if token is not None:
+        out["clientToken"] = token
+    return out
+
+
 def get_response(doc: dict, token: str | None) -> dict:
     state = dict(doc["state"])
     d = delta(state.get("desired", {}), state.get("reported", {}))
