@@ -80,3 +80,27 @@ def test_documents_carry_previous_and_current_after_each_accepted_update(operato
     (kind, outcome), doc = _answer(operator, documents=True)
     assert outcome == "rejected" and doc["code"] == contract.R_CONFLICT
     assert operator.next_message(1) is None
+
+
+def test_a_request_with_a_client_token_is_applied_once(services, operator):
+    # What a QoS 1 redelivery (or a client retrying) looks like: the same bytes again.
+    req = json.dumps({"state": {"desired": {"n": 1}}, "clientToken": "once-1"})
+    operator.publish("state/dev1/update", req)
+    (_, outcome), first = _answer(operator)
+    assert outcome == "accepted" and first["version"] == 1
+    _answer(operator)  # delta
+    operator.publish("state/dev1/update", json.dumps({"state": {"reported": {"m": 1}}}))  # no token: applied
+    assert _answer(operator)[1]["version"] == 2
+    _answer(operator)  # delta
+    services.call(services.services.stop_replica())  # and across a restart
+    services.call(services.services.start_replica())
+    operator.publish("state/dev1/update", req)
+    (_, outcome), again = _answer(operator)
+    assert outcome == "accepted" and again == first  # the first answer, replayed
+    operator.publish("state/dev1/get", json.dumps({"clientToken": "g"}))
+    (kind, outcome), doc = _answer(operator)
+    while kind != "get":  # skip the replayed delta
+        (kind, outcome), doc = _answer(operator)
+    assert doc["version"] == 2  # not applied a second time
+    operator.publish("state/dev1/update", json.dumps({"state": {"desired": {"n": 1}}, "clientToken": "once-2"}))
+    assert _answer(operator)[1]["version"] == 3  # another token is another request

@@ -10,6 +10,7 @@ gets `update/rejected` {code, message}; nothing a client sends can stop the serv
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 import sqlite3
@@ -37,24 +38,43 @@ class ShadowDB:
             "CREATE TABLE IF NOT EXISTS shadows ("
             " device_id TEXT PRIMARY KEY, version INTEGER NOT NULL, doc TEXT NOT NULL)"
         )
+        columns = {row[1] for row in self.conn.execute("PRAGMA table_info(shadows)")}
+        if "last_request" not in columns:  # databases from before idempotent requests
+            self.conn.execute("ALTER TABLE shadows ADD COLUMN last_request TEXT")
+            self.conn.execute("ALTER TABLE shadows ADD COLUMN last_answer TEXT")
 
     def get(self, device_id: str) -> dict | None:
         row = self.conn.execute("SELECT doc FROM shadows WHERE device_id = ?", (device_id,)).fetchone()
         return json.loads(row[0]) if row else None
 
-    def put(self, device_id: str, doc: dict, expected_version: int) -> bool:
-        """Compare-and-swap on version; False if someone else wrote first."""
+    def last(self, device_id: str) -> tuple[str | None, list | None]:
+        """(digest of the last applied request that carried a clientToken, what it was answered)."""
+        row = self.conn.execute("SELECT last_request, last_answer FROM shadows WHERE device_id = ?",
+                                (device_id,)).fetchone()
+        if not row or row[0] is None:
+            return None, None
+        return row[0], json.loads(row[1])
+
+    def put(self, device_id: str, doc: dict, expected_version: int, request: str | None = None,
+            answer: list | None = None) -> bool:
+        """Compare-and-swap on version; False if someone else wrote first. `request`/`answer`
+        (kept when None) are written in the same transaction as the document, so a replayed
+        request is recognised after a crash too."""
         text = json.dumps(doc, separators=(",", ":"))
+        ans = json.dumps(answer, separators=(",", ":")) if answer is not None else None
         with self.conn:
             if expected_version == 0:
                 cur = self.conn.execute(
-                    "INSERT OR IGNORE INTO shadows (device_id, version, doc) VALUES (?, ?, ?)",
-                    (device_id, doc["version"], text),
+                    "INSERT OR IGNORE INTO shadows (device_id, version, doc, last_request, last_answer)"
+                    " VALUES (?, ?, ?, ?, ?)",
+                    (device_id, doc["version"], text, request, ans),
                 )
             else:
                 cur = self.conn.execute(
-                    "UPDATE shadows SET version = ?, doc = ? WHERE device_id = ? AND version = ?",
-                    (doc["version"], text, device_id, expected_version),
+                    "UPDATE shadows SET version = ?, doc = ?, last_request = COALESCE(?, last_request),"
+                    " last_answer = COALESCE(?, last_answer)"
+                    " WHERE device_id = ? AND version = ?",
+                    (doc["version"], text, request, ans, device_id, expected_version),
                 )
         return cur.rowcount == 1
 
@@ -104,21 +124,27 @@ class Replica:
             return []
         try:
             req = shadow.parse_request(payload)
+            # A request with a clientToken is applied once: the same bytes again (a QoS 1
+            # redelivery after a lost PUBACK, a client retrying) get the first answer replayed.
+            digest = hashlib.sha256(payload).hexdigest() if req.get("clientToken") is not None else None
             for _ in range(3):  # compare-and-swap: another worker may write between read and put
+                if digest is not None:
+                    seen, answer = self.db.last(device_id)
+                    if seen == digest:
+                        return [(contract.topic(device_id, suffix), msg) for suffix, msg in answer]
                 doc = self.db.get(device_id)
                 new, accepted, delta = shadow.apply_update(doc, req, int(time.time()))
-                if self.db.put(device_id, new, doc["version"] if doc else 0):
+                out = [(contract.UPDATE_ACCEPTED, accepted)]
+                if delta is not None:
+                    out.append((contract.UPDATE_DELTA, delta))
+                out.append((contract.UPDATE_DOCUMENTS, shadow.documents_message(doc, new, req.get("clientToken"))))
+                if self.db.put(device_id, new, doc["version"] if doc else 0, digest, out if digest else None):
                     break
             else:
                 raise shadow.ShadowError(contract.R_CONFLICT, "concurrent updates; retry", req.get("clientToken"))
         except shadow.ShadowError as e:
             return [(contract.topic(device_id, contract.UPDATE_REJECTED), e.payload())]
-        out = [(contract.topic(device_id, contract.UPDATE_ACCEPTED), accepted)]
-        if delta is not None:
-            out.append((contract.topic(device_id, contract.UPDATE_DELTA), delta))
-        out.append((contract.topic(device_id, contract.UPDATE_DOCUMENTS),
-                    shadow.documents_message(doc, new, req.get("clientToken"))))
-        return out
+        return [(contract.topic(device_id, suffix), msg) for suffix, msg in out]
 
     async def run(self, ready: asyncio.Event | None = None) -> None:
         """Serve until cancelled; reconnects with backoff if the broker goes away."""
