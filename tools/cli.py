@@ -199,6 +199,16 @@ def cmd_shadow(args) -> None:
     print(json.dumps(doc, indent=1))
 
 
+def cmd_status(args) -> None:
+    from tools.site import Site
+    from tools.status import as_json, fleet, table
+
+    rows = fleet(Site(args.site).db_path)
+    if args.device:
+        rows = [r for r in rows if r.device in args.device]
+    print(json.dumps(as_json(rows), indent=1) if args.json else table(rows))
+
+
 def cmd_demo(args) -> None:
     from tools.demo import run_demo
 
@@ -304,6 +314,10 @@ def parser() -> argparse.ArgumentParser:
 
     sp = with_site(add("shadow", cmd_shadow, "print a device's shadow document"))
     sp.add_argument("device")
+
+    sp = with_site(add("status", cmd_status, "fleet table: running and desired version, state, last seen, error"))
+    sp.add_argument("device", nargs="*", help="only these devices")
+    sp.add_argument("--json", action="store_true", help="machine-readable, with a summary")
 
     sp = add("demo", cmd_demo, "run the end-to-end demo")
     sp.add_argument("--dir", type=Path, default=Path("build/demo"))

@@ -1,0 +1,98 @@
+"""Fleet status from the replica's store: one row per device, what it runs and what is wanted.
+
+Read-only: opens the SQLite database the replica writes (WAL lets readers in while it runs),
+so `status` works with or without the services up.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+
+@dataclass
+class DeviceStatus:
+    device: str
+    running: str | None  # version the device reports it runs
+    desired: str | None  # version the application asked for
+    state: str | None  # the device's update phase (idle, downloading, ..., failed)
+    in_sync: bool  # reported image is the desired one (or nothing is desired)
+    last_seen: int | None  # unix time of the device's last report
+    error: str | None
+    attempts: int | None
+    progress: int | None
+
+
+def _leaf_time(meta: dict) -> int | None:
+    """Newest timestamp among the metadata leaves of one section."""
+    best = None
+    stack = [meta]
+    while stack:
+        m = stack.pop()
+        if isinstance(m, dict):
+            if isinstance(m.get("timestamp"), int):
+                best = max(best or 0, m["timestamp"])
+            stack.extend(v for k, v in m.items() if k != "timestamp")
+    return best
+
+
+def device_status(device: str, doc: dict) -> DeviceStatus:
+    state = doc.get("state", {})
+    rep = state.get("reported", {}).get("firmware") or {}
+    des = state.get("desired", {}).get("firmware") or {}
+    in_sync = not des or (rep.get("sha256") == des.get("sha256") and rep.get("state") in ("idle", None))
+    return DeviceStatus(
+        device=device, running=rep.get("version"), desired=des.get("version"), state=rep.get("state"),
+        in_sync=in_sync, last_seen=_leaf_time(doc.get("metadata", {}).get("reported", {})),
+        error=rep.get("error"), attempts=rep.get("attempts"), progress=rep.get("progress"),
+    )
+
+
+def fleet(db_path: Path) -> list[DeviceStatus]:
+    if not Path(db_path).exists():
+        return []
+    conn = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)
+    try:
+        rows = conn.execute("SELECT device_id, doc FROM shadows ORDER BY device_id").fetchall()
+    finally:
+        conn.close()
+    return [device_status(d, json.loads(doc)) for d, doc in rows]
+
+
+def summary(rows: list[DeviceStatus]) -> dict:
+    return {
+        "devices": len(rows),
+        "in_sync": sum(r.in_sync for r in rows),
+        "updating": sum(1 for r in rows if not r.in_sync and r.state not in ("failed", None)),
+        "failed": sum(1 for r in rows if r.state == "failed"),
+        "never_reported": sum(1 for r in rows if r.last_seen is None),
+    }
+
+
+def as_json(rows: list[DeviceStatus]) -> dict:
+    return {"summary": summary(rows), "devices": [asdict(r) for r in rows]}
+
+
+def table(rows: list[DeviceStatus], now: float | None = None) -> str:
+    now = time.time() if now is None else now
+
+    def ago(t):
+        if t is None:
+            return "never"
+        s = int(now - t)
+        return f"{s}s ago" if s < 120 else f"{s // 60}m ago" if s < 7200 else f"{s // 3600}h ago"
+
+    head = ("device", "running", "desired", "state", "last seen", "error")
+    lines = [[r.device, r.running or "-", r.desired or "-",
+              (r.state or "-") + (f" {r.progress}%" if r.progress is not None else ""),
+              ago(r.last_seen), (r.error or "") + (f" (x{r.attempts})" if r.attempts else "")] for r in rows]
+    widths = [max(len(h), *(len(line[i]) for line in lines)) if lines else len(h) for i, h in enumerate(head)]
+    out = ["  ".join(h.ljust(w) for h, w in zip(head, widths))]
+    out += ["  ".join(c.ljust(w) for c, w in zip(line, widths)) for line in lines]
+    s = summary(rows)
+    out.append(f"{s['devices']} devices: {s['in_sync']} in sync, {s['updating']} updating, {s['failed']} failed, "
+               f"{s['never_reported']} never reported")
+    return "\n".join(out)
