@@ -31,6 +31,8 @@ def test_provision_board_writes_what_deploy_copies(site, services, tmp_path):
 def test_provision_board_refuses_loopback_and_bad_ids(site, services, tmp_path):
     with pytest.raises(ValueError, match="loopback"):
         provision_board(site, "board-7", tmp_path / "cfg", "lab", "pw")  # serve listens on 127.0.0.1
+    with pytest.raises(ValueError, match="every interface"):
+        provision_board(site, "board-7", tmp_path / "cfg", "lab", "pw", host="0.0.0.0")
     with pytest.raises(ValueError, match="invalid device id"):
         provision_board(site, "a/b", tmp_path / "cfg", "lab", "pw", host="192.0.2.10")
     assert "board-7" not in site.creds.names()

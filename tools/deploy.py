@@ -95,7 +95,7 @@ def local_mpy_version() -> tuple[int, int]:
     return int(m.group(1)), int(m.group(2))
 
 
-def plan_files(stage: Path, compiled: bool, umqtt_builtin: bool, config_dir: Path | None) -> dict[str, Path]:
+def plan_files(compiled: bool, umqtt_builtin: bool, config_dir: Path | None) -> dict[str, Path]:
     """remote path -> local file to put there."""
     files = {"boot.py": REPO / "boot.py", "main.py": REPO / "main.py"}
     sources = sorted((REPO / "firmware").glob("*.py"))
@@ -135,7 +135,7 @@ def deploy(port: str, config_dir: Path | None = None, force_source: bool = False
     board_version = (mpy & 0xFF, (mpy >> 8) & 3)
     compiled = not force_source and board_version == local_mpy_version()
     with tempfile.TemporaryDirectory() as tmp:
-        files = plan_files(Path(tmp), compiled, first["umqtt"], config_dir)
+        files = plan_files(compiled, first["umqtt"], config_dir)
         twins = [(p[:-4] + ".py" if p.endswith(".mpy") else p[:-3] + ".mpy") for p in files
                  if p.startswith(("firmware/", "lib/"))]
         before = probe(port, list(files) + twins)["hashes"]

@@ -60,7 +60,10 @@ def check_combined_image(data: bytes) -> CombinedImage:
 def _esptool(port: str, *args: str, baud: int = 460800, stub: bool = True) -> str:
     cmd = [sys.executable, "-m", "esptool", "--chip", "esp32", "--port", port, "--baud", str(baud)]
     cmd += ([] if stub else ["--no-stub"]) + list(args)
-    out = subprocess.run(cmd, capture_output=True, text=True)
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    except subprocess.TimeoutExpired:
+        raise FlashError("esptool", f"esptool {args[0]} did not finish in 15 minutes") from None
     if out.returncode != 0:
         raise FlashError("esptool", f"esptool {args[0]} failed:\n{out.stdout[-2000:]}{out.stderr[-2000:]}")
     return out.stdout

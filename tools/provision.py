@@ -79,6 +79,8 @@ def provision_board(site: Site, device_id: str, out_dir: Path, wifi_ssid: str, w
         raise ValueError("a real board needs a Wi-Fi network name (wifi_ssid)")
     ep = site.endpoints()
     host = host or ep.host
+    if host in ("0.0.0.0", "::"):
+        raise ValueError(f"the services listen on every interface ({host}): pass the address the board should dial")
     if not allow_loopback and (host.startswith("127.") or host == "localhost"):
         raise ValueError(f"{host} is this computer's loopback address: a board cannot reach it; "
                          "run `serve --host <LAN address>` or pass the address the board should use")
