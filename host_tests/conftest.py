@@ -205,12 +205,13 @@ __all__ = ["wait_until", "run_micropython", "chip_env", "last_json_line", "TARGE
 class MQTTProbe:
     """A synchronous paho MQTT 3.1.1 client for tests: TLS to the site's broker."""
 
-    def __init__(self, site, user: str, password: str | None, client_id: str | None = None):
+    def __init__(self, site, user: str, password: str | None, client_id: str | None = None,
+                 port: int | None = None):
         import queue
 
         import paho.mqtt.client as mqtt
 
-        ep = site.endpoints()
+        ep = site.endpoints() if port is None else None
         self.messages: "queue.Queue" = queue.Queue()
         self.suback: "queue.Queue" = queue.Queue()
         self.connack: "queue.Queue" = queue.Queue()
@@ -222,7 +223,7 @@ class MQTTProbe:
         self.c.on_message = lambda c, u, m: self.messages.put((m.topic, m.payload))
         self.c.on_subscribe = lambda c, u, mid, codes, p: self.suback.put([rc.value for rc in codes])
         self.c.on_connect = lambda c, u, f, rc, p: self.connack.put(rc.value)
-        self.c.connect(ep.host, ep.mqtt_port)
+        self.c.connect(ep.host if ep else "127.0.0.1", ep.mqtt_port if ep else port)
         self.c.loop_start()
 
     def connected(self, timeout: float = 10) -> int:

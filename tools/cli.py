@@ -89,6 +89,30 @@ def cmd_serve(args) -> None:
     asyncio.run(main())
 
 
+def cmd_replica(args) -> None:
+    from tools.replica import MQTTSettings, Replica
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    site = _site(args)
+    settings = MQTTSettings(args.mqtt_host, args.mqtt_port, "replica", site.service_password("replica"),
+                            Path(args.ca) if args.ca else site.pki.ca_cert, client_id=f"replica-{args.name}",
+                            share_group=args.share_group)
+    replica = Replica(settings, Path(args.db) if args.db else site.db_path)
+
+    async def main():
+        task = asyncio.create_task(replica.run())
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        from tools.services import stop_task
+
+        await stop_task(task)
+
+    asyncio.run(main())
+
+
 def cmd_provision(args) -> None:
     from tools.provision import provision_emulated
 
@@ -254,6 +278,15 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("--ntp-port", type=int, default=1123, help="UDP port of the SNTP server for devices")
     sp.add_argument("--cert-name", action="append", default=[],
                     help="another DNS name or address boards may use (repeatable)")
+
+    sp = with_site(add("replica", cmd_replica, "run one replica worker against any MQTT broker (mosquitto: "
+                       "several workers with --share-group)"))
+    sp.add_argument("--mqtt-host", default="127.0.0.1")
+    sp.add_argument("--mqtt-port", type=int, required=True)
+    sp.add_argument("--share-group", help="subscribe as $share/GROUP/... so workers split the stream")
+    sp.add_argument("--name", default="1", help="worker name (client id replica-NAME)")
+    sp.add_argument("--ca", help="CA of the broker's certificate (default: the site's)")
+    sp.add_argument("--db", help="SQLite file (default: <site>/replica.db)")
 
     sp = with_site(add("provision", cmd_provision, "create an emulated device (needs `serve` running)"))
     sp.add_argument("device")

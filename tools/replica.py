@@ -90,6 +90,9 @@ class MQTTSettings:
     password: str
     ca_file: Path
     client_id: str | None = None
+    # Several workers split one stream with an MQTT 5 / mosquitto shared subscription
+    # ($share/<group>/...); amqtt has none, so the embedded setup runs one worker.
+    share_group: str | None = None
 
     def tls_context(self) -> ssl.SSLContext:
         return ssl.create_default_context(cafile=str(self.ca_file))
@@ -157,8 +160,9 @@ class Replica:
                     identifier=m.client_id or f"{m.username}-replica", tls_context=m.tls_context(),
                     clean_session=False,
                 ) as client:
-                    await client.subscribe(f"{contract.ROOT}/+/{contract.UPDATE}", qos=1)
-                    await client.subscribe(f"{contract.ROOT}/+/{contract.GET}", qos=1)
+                    share = f"$share/{m.share_group}/" if m.share_group else ""
+                    await client.subscribe(f"{share}{contract.ROOT}/+/{contract.UPDATE}", qos=1)
+                    await client.subscribe(f"{share}{contract.ROOT}/+/{contract.GET}", qos=1)
                     log.info("replica subscribed on %s:%d", m.host, m.port)
                     delay = 0.5
                     if ready is not None:

@@ -1,0 +1,176 @@
+"""Scale-out on mosquitto: the same device rules, and replica workers behind a shared subscription.
+
+mosquitto comes from the distribution's packages (`make test` installs it); without it these
+tests skip with the reason.
+"""
+
+import json
+import threading
+import time
+
+import pytest
+
+from conftest import MQTTProbe, wait_until
+from tools import mosquitto
+from tools.replica import MQTTSettings, Replica, ShadowDB
+
+pytestmark = pytest.mark.skipif(not mosquitto.available(), reason="mosquitto is not installed "
+                                "(make test installs it: apt-get install mosquitto)")
+
+DEVICES, UPDATES = 20, 25
+
+
+@pytest.fixture
+def broker(site, tmp_path):
+    m = mosquitto.Mosquitto(tmp_path / "mosquitto", site.pki)
+    for user in ("replica", "operator"):
+        m.add_user(user, site.service_password(user))
+    with m:
+        yield m
+
+
+def test_devices_are_confined_to_their_own_topics(site, broker):
+    m = broker
+    m.add_user("dev1", "pw1")
+    m.add_user("dev2", "pw2")
+    time.sleep(0.3)  # the SIGHUP reload
+    dev1, dev2 = MQTTProbe(site, "dev1", "pw1", port=m.port), MQTTProbe(site, "dev2", "pw2", port=m.port)
+    try:
+        assert dev1.connected() == 0 and dev2.connected() == 0
+        assert dev2.subscribe("state/dev2/#") == [1]
+        dev1.publish("state/dev2/update/delta", b"evil")  # outside its ACL: dropped
+        assert dev2.next_message(1.5) is None
+        dev1.publish("state/dev1/update", b"{}")
+        bad = MQTTProbe(site, "dev1", "wrong", client_id="dev1-bad", port=m.port)
+        assert bad.connected() != 0 or wait_until(lambda: not bad.c.is_connected(), 5, "refusal")
+        bad.close()
+    finally:
+        dev1.close()
+        dev2.close()
+
+
+class Worker:
+    """A replica worker on its own thread and event loop (as a separate process would be)."""
+
+    def __init__(self, site, port, db_path, name, group):
+        import asyncio
+
+        self.settings = MQTTSettings("127.0.0.1", port, "replica", site.service_password("replica"),
+                                     site.pki.ca_cert, client_id=f"replica-{name}", share_group=group)
+        self.db_path = db_path
+        self.loop = asyncio.new_event_loop()
+        self.ready = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+        assert self.ready.wait(15), "worker did not subscribe"
+
+    def _run(self):
+        import asyncio
+
+        asyncio.set_event_loop(self.loop)
+        self.replica = Replica(self.settings, self.db_path)  # its SQLite connection belongs to this thread
+        ready = asyncio.Event()
+
+        async def main():
+            self.task = asyncio.create_task(self.replica.run(ready))
+            await ready.wait()
+            self.ready.set()
+            try:
+                await self.task
+            except asyncio.CancelledError:
+                pass
+
+        self.loop.run_until_complete(main())
+        self.loop.close()
+        self.replica.db.close()
+
+    def stop(self):
+        import asyncio
+
+        from tools.services import stop_task
+
+        # Cancelled until it really ends (Python 3.11's wait_for can swallow one cancel).
+        # The thread ends when the task has (its loop stops with it).
+        asyncio.run_coroutine_threadsafe(stop_task(self.task), self.loop)
+        self.thread.join(20)
+        assert not self.thread.is_alive(), "replica worker did not stop"
+
+
+def _stream(site, port, tag):
+    """Publish UPDATES updates for each of DEVICES devices as fast as QoS 1 allows; collect
+    every update/accepted. Each update sets its own key, so the final documents do not depend
+    on the order in which workers applied them."""
+    op = MQTTProbe(site, "operator", site.service_password("operator"), f"operator-{tag}", port=port)
+    assert op.connected() == 0
+    assert op.subscribe("state/+/update/accepted") == [1]
+    for i in range(UPDATES):
+        for d in range(DEVICES):
+            body = {"state": {"desired": {f"k{i}": i}}, "clientToken": f"{tag}-{d}-{i}"}
+            op.c.publish(f"state/d{d}/update", json.dumps(body), qos=1)
+    accepted = []
+    deadline = time.monotonic() + 90
+    while len(accepted) < DEVICES * UPDATES and time.monotonic() < deadline:
+        msg = op.next_message(5)
+        if msg is not None:
+            accepted.append((msg[0].split("/")[1], json.loads(msg[1])))
+    op.close()
+    return accepted
+
+
+def _final(db_path):
+    db = ShadowDB(db_path)
+    try:
+        return {f"d{d}": db.get(f"d{d}") for d in range(DEVICES)}
+    finally:
+        db.close()
+
+
+@pytest.mark.timeout(240)
+def test_two_workers_split_the_stream_with_nothing_lost_or_applied_twice(site, broker, tmp_path):
+    one = Worker(site, broker.port, tmp_path / "one.db", "solo", "ref")
+    ref_accepted = _stream(site, broker.port, "ref")
+    one.stop()
+    ref = _final(tmp_path / "one.db")
+
+    workers = [Worker(site, broker.port, tmp_path / "two.db", f"w{i}", "pair") for i in range(2)]
+    accepted = _stream(site, broker.port, "pair")
+    for w in workers:
+        w.stop()
+    got = _final(tmp_path / "two.db")
+
+    assert len(ref_accepted) == len(accepted) == DEVICES * UPDATES
+    for d in range(DEVICES):
+        versions = sorted(doc["version"] for dev, doc in accepted if dev == f"d{d}")
+        assert versions == list(range(1, UPDATES + 1)), f"d{d}: {versions}"  # none lost, none twice
+        assert got[f"d{d}"]["state"] == ref[f"d{d}"]["state"] == {"desired": {f"k{i}": i for i in range(UPDATES)}}
+        assert got[f"d{d}"]["version"] == ref[f"d{d}"]["version"] == UPDATES
+    assert all(w.replica.handled > 0 for w in workers), [w.replica.handled for w in workers]  # both took a share
+
+
+def test_replica_command_serves_through_mosquitto(site, broker):
+    import signal
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    proc = subprocess.Popen([sys.executable, "-m", "tools", "replica", "--site", str(site.root),
+                             "--mqtt-port", str(broker.port), "--share-group", "g", "--name", "cli"],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        op = MQTTProbe(site, "operator", site.service_password("operator"), "operator-cli", port=broker.port)
+        assert op.connected() == 0 and op.subscribe("state/d1/update/accepted") == [1]
+
+        def answered():
+            op.c.publish("state/d1/update", json.dumps({"state": {"desired": {"x": 1}}, "clientToken": "cli"}), qos=1)
+            msg = op.next_message(1)
+            return msg and json.loads(msg[1])
+
+        doc = wait_until(answered, 30, "the replica command to answer")
+        assert doc["clientToken"] == "cli" and doc["version"] == 1
+        op.close()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=20)
+    assert proc.returncode == 0, out
+    assert "replica subscribed" in out

@@ -1,0 +1,116 @@
+"""Run mosquitto (the distribution's package) as the scale-out broker, on the site's PKI.
+
+amqtt is the embedded default but has no shared subscriptions; mosquitto has them, so several
+replica workers can split one stream (`$share/<group>/state/+/update`). The configuration
+mirrors the embedded broker's rules: TLS only, no anonymous clients, a device confined to
+`state/<its username>/...` by a pattern ACL, service identities allowed under `state/`.
+Passwords live in mosquitto's own password file (written with `mosquitto_passwd`), since
+mosquitto cannot read our argon2 hashes.
+"""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+from tools.broker import SERVICE_USERS
+from tools.pki import PKI
+
+
+class MosquittoError(Exception):
+    pass
+
+
+def available() -> bool:
+    return shutil.which("mosquitto") is not None and shutil.which("mosquitto_passwd") is not None
+
+
+class Mosquitto:
+    def __init__(self, workdir: Path, pki: PKI, host: str = "127.0.0.1", port: int = 0,
+                 services: tuple[str, ...] = SERVICE_USERS):
+        self.dir = Path(workdir)
+        self.pki = pki
+        self.host = host
+        self.port = port
+        self.services = services
+        self.proc: subprocess.Popen | None = None
+        self.passwd = self.dir / "passwd"
+
+    def add_user(self, name: str, password: str) -> None:
+        """Create or replace a login (mosquitto re-reads the file on SIGHUP)."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        args = ["mosquitto_passwd", "-b"] + ([] if self.passwd.exists() else ["-c"]) + [str(self.passwd), name, password]
+        out = subprocess.run(args, capture_output=True, text=True, timeout=30)
+        if out.returncode != 0:
+            raise MosquittoError(f"mosquitto_passwd: {out.stderr.strip()}")
+        self.passwd.chmod(0o600)
+        if self.proc is not None:
+            self.proc.send_signal(1)  # SIGHUP: reload password and ACL files
+
+    def _write_config(self) -> Path:
+        acl = self.dir / "acl"
+        acl.write_text("".join(f"user {u}\ntopic readwrite state/#\n\n" for u in self.services)
+                       + "pattern readwrite state/%u/#\n")
+        conf = self.dir / "mosquitto.conf"
+        conf.write_text(
+            "per_listener_settings false\n"
+            "allow_anonymous false\n"
+            f"password_file {self.passwd}\n"
+            f"acl_file {acl}\n"
+            "persistence false\n"
+            "user root\n"  # keep the test's files readable (mosquitto drops to 'mosquitto' by default)
+            "log_dest stdout\n"
+            "log_type error\nlog_type warning\nlog_type notice\n"
+            f"listener {self.port} {self.host}\n"
+            f"cafile {self.pki.ca_cert}\n"
+            f"certfile {self.pki.server_cert}\n"
+            f"keyfile {self.pki.server_key}\n"
+            "tls_version tlsv1.2\n"
+        )
+        return conf
+
+    def start(self, timeout: float = 15) -> int:
+        if not available():
+            raise MosquittoError("mosquitto is not installed (Debian/Ubuntu: apt-get install mosquitto)")
+        if self.port == 0:
+            with socket.socket() as s:
+                s.bind((self.host, 0))
+                self.port = s.getsockname()[1]
+        if not self.passwd.exists():
+            raise MosquittoError("add at least one user before starting")
+        conf = self._write_config()
+        log = open(self.dir / "mosquitto.log", "ab")
+        self.proc = subprocess.Popen(["mosquitto", "-c", str(conf)], stdout=log, stderr=subprocess.STDOUT)
+        log.close()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise MosquittoError(f"mosquitto exited ({self.proc.returncode}): "
+                                     f"{(self.dir / 'mosquitto.log').read_text()[-2000:]}")
+            try:
+                with socket.create_connection((self.host, self.port), timeout=0.5):
+                    return self.port
+            except OSError:
+                time.sleep(0.05)
+        self.stop()
+        raise MosquittoError(f"mosquitto did not listen on {self.host}:{self.port} within {timeout}s")
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+            self.proc = None
+
+    def __enter__(self) -> "Mosquitto":
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
