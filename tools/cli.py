@@ -151,6 +151,8 @@ def cmd_flash(args) -> None:
         info = flash(args.port, args.firmware, args.baud, erase=not args.no_erase, verify_read=args.verify)
     except FlashError as e:
         raise CommandError(f"{e.code}: {e}") from None
+    except OSError as e:
+        raise CommandError(f"{args.firmware}: {e.strerror}") from None
     print(f"{args.firmware}: {info.size} bytes written at 0x1000 to {args.port}"
           f"{' and read back identical' if args.verify else ''}")
 

@@ -44,10 +44,14 @@ class DeployReport:
 
 
 def mpremote(port: str, *args: str, timeout: float = 120) -> str:
-    out = subprocess.run([sys.executable, "-m", "mpremote", "connect", port, *args],
-                         capture_output=True, text=True, timeout=timeout)
+    try:
+        out = subprocess.run([sys.executable, "-m", "mpremote", "connect", port, *args],
+                             capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise DeployError(f"mpremote {args[0]} did not finish in {timeout:.0f} s "
+                          "(board busy or reset by its watchdog? run deploy again)") from None
     if out.returncode != 0:
-        raise DeployError(f"mpremote {' '.join(args[:2])} failed: {out.stderr.strip() or out.stdout.strip()}")
+        raise DeployError(f"mpremote {args[0]} on {port} failed: {(out.stderr.strip() or out.stdout.strip())[-800:]}")
     return out.stdout
 
 
