@@ -84,13 +84,7 @@ class ReplBridge:
                 return
             if b">>> " in data or b"raw REPL" in data:
                 self._ready.set()
-            with self._lock:
-                client = self._client
-            if client is not None:
-                try:
-                    client.sendall(data)
-                except OSError:
-                    pass
+            self.to_client(data)
             if self.on_line:
                 line += data
                 *lines, line = line.split(b"\n")
