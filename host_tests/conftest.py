@@ -6,7 +6,6 @@ background loop, emulated devices (runner thread + MicroPython process), recorde
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import subprocess
@@ -21,7 +20,7 @@ from tools.esp32emu.runner import Runner, TARGET_DIR, micropython_binary, rom_di
 from tools.images import build_app_image
 from tools.operator_client import Recorder
 from tools.provision import provision_emulated
-from tools.services import ServicesThread, stop_task
+from tools.services import ServicesThread, start_ready, stop_task
 from tools.site import Site
 
 REPO = Path(__file__).resolve().parent.parent
@@ -146,15 +145,9 @@ def recorder(site, services):
     """Factory: recorder(device) subscribes as the operator to state/<device>/#."""
     tasks = []
 
-    async def _start(rec: Recorder):
-        ready = asyncio.Event()
-        task = asyncio.create_task(rec.run(ready))
-        await asyncio.wait_for(ready.wait(), 10)
-        return task
-
     def make(device: str) -> Recorder:
         rec = Recorder(site, device)
-        tasks.append(services.call(_start(rec)))
+        tasks.append(services.call(start_ready(rec.run, 10)))
         return rec
 
     yield make

@@ -22,7 +22,7 @@ from tools.esp32emu.runner import Runner
 from tools.images import build_app_image
 from tools.operator_client import Recorded, Recorder
 from tools.provision import provision_emulated
-from tools.services import Services, stop_task
+from tools.services import Services, start_ready, stop_task
 from tools.site import Site
 
 DEVICE = "esp32-demo-1"
@@ -141,9 +141,7 @@ async def run_demo(root: Path) -> int:
 
         narrator = Narrator()
         recorder = Recorder(site, DEVICE, on_message=narrator)
-        ready = asyncio.Event()
-        rec_task = asyncio.create_task(recorder.run(ready))
-        await asyncio.wait_for(ready.wait(), 10)
+        rec_task = await start_ready(recorder.run, 10)
 
         say(f"-- power on {DEVICE}")
         runner = Runner(devdir, on_line=device_line)

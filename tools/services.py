@@ -36,6 +36,15 @@ async def stop_task(task: asyncio.Task, tries: int = 50) -> None:
     log.error("task %s did not stop", task.get_name())
 
 
+async def start_ready(run, timeout: float = 20) -> asyncio.Task:
+    """Start `run(ready)` (a service loop that sets the event once it serves) as a task and
+    wait until it is ready; returns the task (stop it with stop_task)."""
+    ready = asyncio.Event()
+    task = asyncio.create_task(run(ready))
+    await asyncio.wait_for(ready.wait(), timeout)
+    return task
+
+
 def free_port(host: str) -> int:
     with socket.socket() as s:
         s.bind((host, 0))
@@ -71,9 +80,7 @@ class Services:
         self.endpoints = Endpoints(self.host, mqtt_port, https_port, ntp_port)
         site.write_endpoints(self.endpoints)
         self.renewer = Renewer(site, self.host, mqtt_port)
-        ready = asyncio.Event()
-        self._renewer_task = asyncio.create_task(self.renewer.run(ready))
-        await asyncio.wait_for(ready.wait(), 20)
+        self._renewer_task = await start_ready(self.renewer.run)
         log.info("services up: mqtts://%s:%d https://%s:%d sntp://%s:%d", self.host, mqtt_port,
                  self.host, https_port, self.host, ntp_port)
         return self.endpoints
@@ -83,9 +90,7 @@ class Services:
         settings = MQTTSettings(self.host, port, "replica", self.site.service_password("replica"),
                                 self.site.pki.ca_cert)
         self.replica = Replica(settings, self.site.db_path)
-        ready = asyncio.Event()
-        self._replica_task = asyncio.create_task(self.replica.run(ready))
-        await asyncio.wait_for(ready.wait(), 20)
+        self._replica_task = await start_ready(self.replica.run)
 
     async def stop_replica(self) -> None:
         if self._replica_task:

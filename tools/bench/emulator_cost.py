@@ -23,7 +23,7 @@ from tools.esp32emu.runner import Runner
 from tools.operator_client import Recorder
 from tools.images import build_app_image
 from tools.provision import provision_emulated
-from tools.services import ServicesThread, stop_task
+from tools.services import ServicesThread, start_ready, stop_task
 from tools.site import Site
 
 
@@ -36,15 +36,6 @@ def _rss_kib(pid: int) -> int:
     except OSError:
         pass
     return 0
-
-
-async def _start(rec: Recorder):
-    import asyncio
-
-    ready = asyncio.Event()
-    task = asyncio.create_task(rec.run(ready))
-    await asyncio.wait_for(ready.wait(), 10)
-    return task
 
 
 def measure(n: int, workdir: Path, timeout: float = 300) -> dict:
@@ -65,7 +56,7 @@ def measure(n: int, workdir: Path, timeout: float = 300) -> dict:
                 ready.setdefault(dev, time.monotonic() - started)
 
         watcher = Recorder(site, "+", on_message=seen)
-        watch = svc.call(_start(watcher))
+        watch = svc.call(start_ready(watcher.run, 10))
         started = time.monotonic()
         threads = [threading.Thread(target=r.run, daemon=True) for r in runners]
         for t in threads:
