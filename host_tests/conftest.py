@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import threading
 import time
 from dataclasses import dataclass, field
@@ -16,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from tools.esp32emu.runner import Runner, TARGET_DIR, micropython_binary, rom_dir
+from tools.esp32emu.runner import Runner, TARGET_DIR, chip_env
+from tools.esp32emu.runner import run_script as run_micropython  # noqa: F401 - tests import it from here
 from tools.images import build_app_image
 from tools.operator_client import Recorder
 from tools.provision import provision_emulated
@@ -157,30 +157,6 @@ def recorder(site, services):
             await stop_task(t)
 
     services.call(_stop())
-
-
-def run_micropython(code: str, cwd: Path, env: dict | None = None, heapsize: str = "256k",
-                    timeout: float = 60) -> subprocess.CompletedProcess:
-    """Run `code` under the MicroPython unix port with the repo and emulated chip importable."""
-    script = cwd / "_test_script.py"
-    script.write_text(code)
-    full_env = dict(os.environ)
-    full_env["MICROPYPATH"] = ":".join([str(rom_dir()), str(REPO), str(REPO / "build" / "cache"), ""])
-    full_env.update(env or {})
-    return subprocess.run([micropython_binary(), "-X", f"heapsize={heapsize}", str(script)],
-                          cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
-
-
-def chip_env(flash: Path, running: int = 0x10000, cause: int = 1) -> dict:
-    """Environment for running code "on" an emulated chip without its boot loop."""
-    ctl = flash.parent / "run"
-    ctl.mkdir(exist_ok=True)
-    return {
-        "ESP32EMU_FLASH": str(flash),
-        "ESP32EMU_CTL": str(ctl),
-        "ESP32EMU_RUNNING": str(running),
-        "ESP32EMU_RESET_CAUSE": str(cause),
-    }
 
 
 def last_json_line(out: str):

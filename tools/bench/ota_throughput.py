@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import base64
 import json
-import os
 import shutil
 import statistics
 import subprocess
@@ -28,9 +27,8 @@ import time
 from pathlib import Path
 
 from tools import presign
-from tools.esp32emu.runner import make_flash, micropython_binary, rom_dir
+from tools.esp32emu.runner import chip_env, make_flash, run_script
 from tools.images import build_app_image
-from tools.provision import CACHE, REPO
 from tools.services import ServicesThread
 from tools.site import Site
 
@@ -108,17 +106,7 @@ print(json.dumps({"us": times}))
 
 
 def _micropython(code: str, cwd: Path, flash: Path | None = None) -> dict:
-    script = cwd / "_bench.py"
-    script.write_text(code)
-    env = dict(os.environ)
-    env["MICROPYPATH"] = ":".join([str(rom_dir()), str(REPO), str(CACHE), ""])
-    if flash is not None:
-        ctl = cwd / "run"
-        ctl.mkdir(exist_ok=True)
-        env.update(ESP32EMU_FLASH=str(flash), ESP32EMU_CTL=str(ctl), ESP32EMU_RUNNING=str(0x10000),
-                   ESP32EMU_RESET_CAUSE="1")
-    out = subprocess.run([micropython_binary(), "-X", "heapsize=512k", str(script)], cwd=cwd, env=env,
-                         capture_output=True, text=True, timeout=600)
+    out = run_script(code, cwd, chip_env(flash) if flash is not None else None, heapsize="512k", timeout=600)
     for line in reversed(out.stdout.strip().splitlines()):
         if line.startswith("{"):
             return json.loads(line)

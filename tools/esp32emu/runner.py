@@ -67,6 +67,33 @@ def rom_dir() -> Path:
     return mpy.compile_tree(sources, ROM_CACHE, TARGET_DIR)
 
 
+def run_script(code: str, cwd: Path, env: dict | None = None, heapsize: str = "256k",
+               timeout: float = 60) -> subprocess.CompletedProcess:
+    """Run `code` under the MicroPython unix port, outside the boot loop, with the repository,
+    its build cache and the emulated chip's modules importable (tests and benchmarks)."""
+    repo = TARGET_DIR.parents[2]
+    script = Path(cwd) / "_script.py"
+    script.write_text(code)
+    full_env = dict(os.environ)
+    full_env["MICROPYPATH"] = ":".join([str(rom_dir()), str(repo), str(repo / "build" / "cache"), ""])
+    full_env.update(env or {})
+    return subprocess.run([micropython_binary(), "-X", f"heapsize={heapsize}", str(script)],
+                          cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+def chip_env(flash: Path, running: int = 0x10000, cause: int = PWRON_RESET) -> dict:
+    """Environment for run_script: the code runs "on" the chip whose flash is `flash` (its
+    control folder beside it), from the slot at `running`, after reset cause `cause`."""
+    ctl = Path(flash).parent / "run"
+    ctl.mkdir(exist_ok=True)
+    return {
+        "ESP32EMU_FLASH": str(flash),
+        "ESP32EMU_CTL": str(ctl),
+        "ESP32EMU_RUNNING": str(running),
+        "ESP32EMU_RESET_CAUSE": str(cause),
+    }
+
+
 def die_with_parent() -> None:
     """In a child before exec: be killed if the runner dies, so no board outlives it."""
     import ctypes
