@@ -86,6 +86,16 @@ def images():
     }
 
 
+def device_on_a(site, services, devices, images, device: str, **cfg):
+    """Release A (1.0.0) and B (1.1.0), power on `device` running A and wait for its first
+    report. Returns (the device, release B)."""
+    site.releases.add(images["A"], "1.0.0")
+    rel = site.releases.add(images["B"], "1.1.0")
+    dev = devices(device, images["A"], "1.0.0", **cfg)
+    wait_reported(services, site, device, lambda fw, d: fw.get("version") == "1.0.0", "first report")
+    return dev, rel
+
+
 @pytest.fixture
 def site(tmp_path) -> Site:
     return Site(tmp_path / "site")

@@ -11,7 +11,7 @@ import time
 import pytest
 from aiohttp import web
 
-from conftest import wait_reported, wait_until
+from conftest import device_on_a, wait_reported, wait_until
 from firmware import contract
 from tools import operator_client as op
 from tools import presign, store
@@ -91,11 +91,7 @@ def _desire(site, services, rel, base):
 
 
 def _device(site, services, devices, images, **cfg):
-    site.releases.add(images["A"], "1.0.0")
-    rel = site.releases.add(images["B"], "1.1.0")
-    dev = devices(DEV, images["A"], "1.0.0", **cfg)
-    wait_reported(services, site, DEV, lambda fw, d: fw.get("version") == "1.0.0", "first report")
-    return dev, rel
+    return device_on_a(site, services, devices, images, DEV, **cfg)
 
 
 def _updated(fw, doc):

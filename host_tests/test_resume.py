@@ -10,7 +10,7 @@ import asyncio
 
 from aiohttp import web
 
-from conftest import wait_reported
+from conftest import device_on_a, wait_reported
 from firmware import contract
 from tools import operator_client as op
 from tools import presign, store
@@ -26,11 +26,7 @@ def _updated(fw, doc):
 
 
 def _start(site, services, devices, images, **cfg):
-    site.releases.add(images["A"], "1.0.0")
-    rel = site.releases.add(images["B"], "1.1.0")
-    dev = devices(DEV, images["A"], "1.0.0", **cfg)
-    wait_reported(services, site, DEV, lambda fw, d: fw.get("version") == "1.0.0", "first report")
-    return dev, rel
+    return device_on_a(site, services, devices, images, DEV, **cfg)
 
 
 def test_download_resumes_after_a_power_cut(site, services, devices, images):
