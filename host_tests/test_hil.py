@@ -77,6 +77,10 @@ def _idle(fw, doc):
     return fw.get("state") == "idle"
 
 
+def _settled(fw, doc):
+    return fw.get("state") in ("idle", "failed")
+
+
 @pytest.fixture(scope="module")
 def deployed(hil):
     """The first deploy onto the board and its first report after the reset deploy does."""
@@ -132,8 +136,7 @@ def test_deploy_again_copies_nothing_and_removes_stale_twins(hil, deployed):
 @pytest.mark.timeout(300)
 def test_wrong_bytes_are_refused_and_the_board_stays_as_it_was(hil, deployed):
     site, services, port, device, runner, config = hil
-    before, _ = wait_reported(services, site, device, lambda fw, d: fw.get("state") in ("idle", "failed"),
-                              "the board's report")
+    before, _ = wait_reported(services, site, device, _settled, "the board's report")
     boots = len(runner.boots) if runner is not None else None
     claimed = build_app_image("9.0.0", 200 * 1024)
     imposter = site.releases.add(build_app_image("6.6.6", len(claimed)), "6.6.6")
@@ -159,8 +162,7 @@ def test_an_image_that_never_confirms_is_rolled_back(hil, deployed, request):
     if bad_path is None and _serial(port):
         pytest.skip("a real board needs --bad-image: a valid app image that does not run this firmware "
                     "(so it never confirms), e.g. a MicroPython build without it on the filesystem")
-    before, _ = wait_reported(services, site, device, lambda fw, d: fw.get("state") in ("idle", "failed"),
-                              "the board's report")
+    before, _ = wait_reported(services, site, device, _settled, "the board's report")
     bad = site.releases.add(bad_path.read_bytes() if bad_path else build_app_image("1.2.0", 150 * 1024, PANIC_ON_BOOT),
                             "1.2.0")
     services.call(op.set_desired(site, device, bad, 900))

@@ -157,8 +157,9 @@ def deploy(port: str, config_dir: Path | None = None, force_source: bool = False
             if name in files and before.get(name) is not None:
                 del files[name]
                 report.unchanged.append(name)
+        want = {remote: _sha(local) for remote, local in files.items()}
         for remote, local in files.items():
-            if before.get(remote) == _sha(local):
+            if before.get(remote) == want[remote]:
                 report.unchanged.append(remote)
                 continue
             staged = Path(tmp) / remote.replace("/", "__")
@@ -168,7 +169,7 @@ def deploy(port: str, config_dir: Path | None = None, force_source: bool = False
         if cmds[:-1]:
             mpremote(port, *cmds[:-1], timeout=600)
         after = probe(port, list(files))["hashes"]
-        wrong = [r for r, local in files.items() if after.get(r) != _sha(local)]
+        wrong = [r for r in files if after.get(r) != want[r]]
         if wrong:
             raise DeployError(f"after copying, these differ on the board: {wrong}")
     if reset:
