@@ -18,11 +18,6 @@ import time
 from firmware import clock, contract, phases, power, slots, state, wifi
 from firmware.install import Installer, _new_link, log
 
-# Failures worth another try (with backoff, up to max_attempts); the rest wait for a new
-# desired state. url_expired waits for a fresh URL (reported with need_url).
-_TRANSIENT = (contract.E_NETWORK, contract.E_HTTP, contract.E_SIZE, contract.E_MEMORY,
-              contract.E_ROLLED_BACK, contract.E_READBACK)
-
 
 class Agent(Installer):
     def __init__(self, cfg):
@@ -49,12 +44,12 @@ class Agent(Installer):
         KiB converges, bounded by the byte budget instead."""
         st = self.st
         st["error"] = code
-        if code in _TRANSIENT:
+        if code in contract.TRANSIENT_ERRORS:
             if not progressed:
                 st["attempts"] += 1
         else:
             st["attempts"] = self.cfg["max_attempts"]  # permanent: wait for a new desired
-        if code in _TRANSIENT and st["attempts"] < self.cfg["max_attempts"]:
+        if code in contract.TRANSIENT_ERRORS and st["attempts"] < self.cfg["max_attempts"]:
             # Capped exponential backoff with jitter, so a fleet does not retry in step.
             delay = min(60000, 1000 * 2 ** st["attempts"])
             self.retry_at = time.ticks_add(time.ticks_ms(), delay // 2 + random.getrandbits(16) % (delay // 2 + 1))

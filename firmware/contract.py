@@ -65,8 +65,13 @@ E_NETWORK = "network"  # connection, TLS or timeout failure
 E_MEMORY = "out_of_memory"  # not enough heap to download (e.g. for a second TLS connection)
 E_BUDGET = "byte_budget"  # downloaded more than BYTE_BUDGET x the image without finishing
 
-BYTE_BUDGET = 4  # a target may cost at most this many times its size in downloaded bytes
 E_ROLLED_BACK = "rolled_back"  # the new image did not confirm; the bootloader went back
+
+BYTE_BUDGET = 4  # a target may cost at most this many times its size in downloaded bytes
+
+# Failures a device tries again (with backoff, up to its max_attempts); the rest wait for a
+# new desired state. url_expired waits for a fresh URL (reported with need_url).
+TRANSIENT_ERRORS = (E_NETWORK, E_HTTP, E_SIZE, E_MEMORY, E_ROLLED_BACK, E_READBACK)
 
 _HEX = "0123456789abcdef"
 

@@ -235,6 +235,89 @@ def cmd_status(args) -> None:
     print(json.dumps(as_json(rows), indent=1) if args.json else table(rows))
 
 
+def _drive(site, engine) -> None:
+    """Run a rollout to its end, with a live progress line; exit 1 if it did not complete."""
+    from tools import rollout as ro
+
+    tty = sys.stdout.isatty()
+    last = [""]
+
+    def show(info, targets):
+        line = ro.progress_line(info, targets)
+        if line != last[0]:
+            print(("\r\033[K" if tty else "") + line, end="" if tty else "\n", flush=True)
+            last[0] = line
+
+    try:
+        info = asyncio.run(ro.run(site, engine, on_tick=show))
+    except OSError as e:
+        raise CommandError(f"broker: {e} (is `serve` running?)") from None
+    if tty:
+        print()
+    if info.state != ro.COMPLETED:
+        raise CommandError(f"rollout {info.id} {info.state}: {info.reason or ''} (`rollout show {info.id}`)")
+
+
+def _rollout_devices(args, site) -> list[str]:
+    import fnmatch
+
+    from tools.status import read_shadows
+
+    if args.devices:
+        return args.devices
+    known = list(read_shadows(site.db_path))
+    picked = known if args.all else [d for d in known if fnmatch.fnmatchcase(d, args.match)]
+    if not picked:
+        raise CommandError("no known device matches (devices appear once they have reported)")
+    return picked
+
+
+def cmd_rollout(args) -> None:
+    from tools import rollout as ro
+
+    site = _site(args)
+    db = ro.RolloutDB(site.rollouts_path)
+    try:
+        if args.action == "list":
+            for info in db.list():
+                print(ro.progress_line(info, db.targets(info.id)))
+            return
+        if args.action == "start":
+            rel = site.releases.get(args.version)
+            if rel is None:
+                raise CommandError(f"no release {args.version} (see `releases`)")
+            policy = ro.Policy(args.batches.split(","), args.success, args.abort_failures, args.abort_pct,
+                               args.min_finished, args.timeout, args.max_attempts, not args.no_rollback, args.ttl)
+            info = db.create(rel, _rollout_devices(args, site), policy)
+            print(f"{info.id}: {rel.version} to {info.ends[-1]} devices in batches ending at {info.ends}")
+            if not args.detach:
+                _drive(site, ro.Engine(db, info.id, site.releases.by_sha256))
+            return
+        engine = ro.Engine(db, args.id, site.releases.by_sha256)
+        if args.action == "show":
+            targets = db.targets(args.id)
+            if args.json:
+                print(json.dumps(ro.summary(engine.info, targets), indent=1))
+                return
+            print(ro.progress_line(engine.info, targets))
+            for t in targets:
+                print(f"  {t.device:<20} batch {t.batch + 1}  {t.state:<11} {t.error or '':<18}"
+                      f" was {t.prev_version or '-'}{'  rollback ' + t.rollback if t.rollback else ''}")
+        elif args.action == "cancel":
+            engine.abort("cancelled by the operator", state=ro.CANCELLED)
+            print(ro.progress_line(db.info(args.id), db.targets(args.id)))
+        elif args.action == "rollback":
+            sends = engine.roll_back()
+            print(f"{args.id}: rolling back {len(sends)} devices")
+            _drive(site, engine)
+        elif args.action == "resume":
+            _drive(site, engine)
+    except ro.RolloutError as e:
+        raise CommandError(str(e)) from None
+    finally:
+        db.close()
+
+
 def cmd_demo(args) -> None:
     from tools.demo import run_demo
 
@@ -353,6 +436,39 @@ def parser() -> argparse.ArgumentParser:
     sp = with_site(add("status", cmd_status, "fleet table: running and desired version, state, last seen, error"))
     sp.add_argument("device", nargs="*", help="only these devices")
     sp.add_argument("--json", action="store_true", help="machine-readable, with a summary")
+
+    sp = with_site(add("rollout", cmd_rollout, "staged rollout of a release to many devices, with abort and "
+                       "roll back (needs `serve`)"))
+    act = sp.add_subparsers(dest="action", required=True)
+    st = act.add_parser("start", help="create a rollout and drive it to its end (Ctrl-C leaves it resumable)")
+    st.add_argument("version", help="release to roll out")
+    who = st.add_mutually_exclusive_group(required=True)
+    who.add_argument("--devices", nargs="+", metavar="ID")
+    who.add_argument("--match", metavar="GLOB", help="devices whose id matches, e.g. 'shelf-*'")
+    who.add_argument("--all", action="store_true", help="every device the replica knows")
+    st.add_argument("--batches", default="1,10%,50%,100%",
+                    help="cumulative batch ends, counts or percentages (default 1,10%%,50%%,100%%)")
+    st.add_argument("--success", type=float, default=100.0, metavar="PCT",
+                    help="share of a batch that must succeed before the next one starts (default 100)")
+    st.add_argument("--abort-failures", type=int, metavar="N", help="abort when N devices have failed")
+    st.add_argument("--abort-pct", type=float, metavar="PCT", help="abort when PCT%% of finished devices failed")
+    st.add_argument("--min-finished", type=int, default=1, metavar="N",
+                    help="failure thresholds apply once N devices have finished (default 1)")
+    st.add_argument("--timeout", type=int, default=900, metavar="S",
+                    help="a device in progress longer than this has failed (default 900)")
+    st.add_argument("--max-attempts", type=int, default=3,
+                    help="a transient device error counts as failed after this many tries (default 3)")
+    st.add_argument("--no-rollback", action="store_true", help="on abort, leave touched devices as they are")
+    st.add_argument("--ttl", type=int, default=900, help="lifetime of each device's URL in seconds (max 3600)")
+    st.add_argument("--detach", action="store_true", help="only create it (drive it with `rollout resume`)")
+    act.add_parser("list", help="every rollout, one line each")
+    for name, text in (("show", "one rollout and each of its devices"), ("resume", "drive a rollout on to its end"),
+                       ("cancel", "target no more devices (those updating carry on)"),
+                       ("rollback", "cancel, and set each touched device back to the release it ran before")):
+        a = act.add_parser(name, help=text)
+        a.add_argument("id")
+        if name == "show":
+            a.add_argument("--json", action="store_true")
 
     sp = add("demo", cmd_demo, "run the end-to-end demo")
     sp.add_argument("--dir", type=Path, default=Path("build/demo"))

@@ -17,7 +17,7 @@ from esptool.bin_image import ELFSection, ESP32FirmwareImage, LoadFirmwareImage
 from esptool.targets import ESP32ROM
 from esptool.util import FatalError
 
-from tools.esp32emu.runner import PANIC_ON_BOOT  # noqa: F401 - re-exported for callers
+from tools.esp32emu.runner import PANIC_BELOW_REV, PANIC_ON_BOOT  # noqa: F401 - re-exported for callers
 from tools.esp32emu.target import espidf
 
 SLOT_SIZE = 0x180000  # ota_0/ota_1 in MicroPython's partitions-4MiB-ota.csv

@@ -30,10 +30,35 @@ def _client(site: Site, suffix: str) -> aiomqtt.Client:
                           identifier=f"operator-{suffix}-{secrets.token_hex(3)}", tls_context=ctx)
 
 
-def desired_firmware(site: Site, device: str, release: Release, ttl: int = presign.DEFAULT_TTL) -> dict:
+def desired_firmware(site: Site, device: str, release: Release, ttl: int = presign.DEFAULT_TTL,
+                     allow_downgrade: bool = False) -> dict:
     """The `firmware` desired-state object for one device, with a freshly pre-signed URL."""
     url = presign.sign(site.store_key, site.endpoints().store_url, release.sha256, device, ttl)
-    return {"url": url, "version": release.version, "sha256": release.sha256, "size": release.size}
+    fw = {"url": url, "version": release.version, "sha256": release.sha256, "size": release.size}
+    # Always present, so a later desired without it does not inherit a stale true (merge).
+    fw["allow_downgrade"] = allow_downgrade
+    return fw
+
+
+class DesiredWriter:
+    """One operator connection that sets desired firmware for many devices (rollouts).
+    Fire and forget at QoS 1: whether the replica took it shows in the shadow."""
+
+    def __init__(self, site: Site, ttl: int = presign.DEFAULT_TTL):
+        self.site, self.ttl = site, ttl
+        self._client = _client(site, "rollout")
+
+    async def __aenter__(self) -> "DesiredWriter":
+        await self._client.__aenter__()
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self._client.__aexit__(*exc)
+
+    async def set(self, device: str, release: Release, allow_downgrade: bool = False) -> None:
+        fw = desired_firmware(self.site, device, release, self.ttl, allow_downgrade)
+        await self._client.publish(contract.topic(device, contract.UPDATE),
+                                   json.dumps({"state": {"desired": {"firmware": fw}}}), qos=1)
 
 
 async def request(site: Site, device: str, suffix: str, body: dict, timeout: float = 10) -> tuple[str, dict]:

@@ -45,6 +45,12 @@ class Registry:
         r = self._index().get(version)
         return Release(**r) if r else None
 
+    def by_sha256(self, sha256: str | None) -> Release | None:
+        for r in self._index().values():
+            if r["sha256"] == sha256:
+                return Release(**r)
+        return None
+
     def add(self, data: bytes, version: str, slot_size: int = SLOT_SIZE) -> Release:
         """Validate and register an image. Raises ImageError (bad image) or ReleaseError."""
         if not version or len(version) > 32 or "/" in version:

@@ -6,6 +6,7 @@
     <root>/store.key       HMAC key for pre-signed URLs (mode 0600)
     <root>/releases/       released images and their index
     <root>/replica.db      shadow documents
+    <root>/rollouts.db     rollouts and where each of their devices stands
     <root>/endpoints.json  where the running services listen (written by `serve`)
 """
 
@@ -43,6 +44,7 @@ class Site:
         self.creds = Credentials(self.root / "passwd")
         self.releases = Registry(self.root / "releases")
         self.db_path = self.root / "replica.db"
+        self.rollouts_path = self.root / "rollouts.db"
         self.devices_dir = self.root / "devices"
 
     def _secret_file(self, name: str, make) -> bytes:

@@ -51,15 +51,27 @@ def device_status(device: str, doc: dict) -> DeviceStatus:
     )
 
 
-def fleet(db_path: Path) -> list[DeviceStatus]:
+def read_shadows(db_path: Path, devices: list[str] | None = None) -> dict[str, dict]:
+    """Shadow documents by device (all, or those of `devices` that have one), read-only."""
     if not Path(db_path).exists():
-        return []
-    conn = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)
+        return {}
+    conn = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True, timeout=30)
     try:
-        rows = conn.execute("SELECT device_id, doc FROM shadows ORDER BY device_id").fetchall()
+        if devices is None:
+            rows = conn.execute("SELECT device_id, doc FROM shadows ORDER BY device_id").fetchall()
+        else:
+            rows = []
+            for i in range(0, len(devices), 500):  # SQLite bounds the number of parameters
+                chunk = devices[i:i + 500]
+                rows += conn.execute(f"SELECT device_id, doc FROM shadows WHERE device_id IN"
+                                     f" ({','.join('?' * len(chunk))})", chunk).fetchall()
     finally:
         conn.close()
-    return [device_status(d, json.loads(doc)) for d, doc in rows]
+    return {d: json.loads(doc) for d, doc in rows}
+
+
+def fleet(db_path: Path) -> list[DeviceStatus]:
+    return [device_status(d, doc) for d, doc in read_shadows(db_path).items()]
 
 
 def summary(rows: list[DeviceStatus]) -> dict:

@@ -52,6 +52,17 @@ PWRON_RESET, HARD_RESET, WDT_RESET, DEEPSLEEP_RESET, SOFT_RESET = 1, 2, 3, 4, 5
 # Marker in a test image's app descriptor: the emulated CPU panics right after the bootloader
 # hands over (a build that crashes during start-up). `image-build --panic-on-boot` sets it.
 PANIC_ON_BOOT = "emu:panic-on-boot"
+# An image that crashes on older silicon only (as builds without a chip errata workaround do):
+# project name PANIC_BELOW_REV + "300" panics on chips before v3.0.
+PANIC_BELOW_REV = "emu:panic-below-rev:"
+
+
+def panics_on(project: str, chip_rev: int) -> bool:
+    """Does an image with this app-descriptor project name crash at start-up on this chip?"""
+    if project == PANIC_ON_BOOT:
+        return True
+    rev = project[len(PANIC_BELOW_REV):] if project.startswith(PANIC_BELOW_REV) else ""
+    return rev.isdigit() and chip_rev < int(rev)
 
 
 def parse_size(text: str) -> int:
@@ -402,7 +413,7 @@ class Runner:
                     self.say("boot: no bootable app partition: the board is bricked")
                     break
                 desc = self._booted["images"][rec.slot].get("desc") or {}
-                if desc.get("project_name") == PANIC_ON_BOOT:
+                if panics_on(desc.get("project_name") or "", self.chip_rev):
                     self.say("Guru Meditation Error: Core 0 panic'ed (image crashes at start-up)")
                     rec.ended = "panic"
                     cause = HARD_RESET
