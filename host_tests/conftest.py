@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tools.esp32emu.runner import Runner, TARGET_DIR, chip_env
+from tools.esp32emu.runner import DEFAULT_CHIP_REV, Runner, TARGET_DIR, chip_env
 from tools.esp32emu.runner import run_script as run_micropython  # noqa: F401 - tests import it from here
 from tools.images import build_app_image
 from tools.operator_client import Recorder
@@ -132,12 +132,12 @@ def devices(site, services, tmp_path):
     started: list[EmuDevice] = []
 
     def start(device_id: str, image: bytes, version: str, max_boots: int = 20,
-              heapsize: str = "112k", tls_budget: int = 2, **cfg) -> EmuDevice:
+              heapsize: str = "112k", tls_budget: int = 2, chip_rev: int = DEFAULT_CHIP_REV, **cfg) -> EmuDevice:
         root = provision_emulated(site, device_id, image, version, directory=tmp_path / device_id,
                                   config=cfg or None)
         lines: list[str] = []
         runner = Runner(root, heapsize=heapsize, tls_budget=tls_budget, max_boots=max_boots,
-                        on_line=lines.append)
+                        chip_rev=chip_rev, on_line=lines.append)
         thread = threading.Thread(target=runner.run, daemon=True, name=device_id)
         dev = EmuDevice(runner, thread, root, lines)
         started.append(dev)

@@ -135,6 +135,7 @@ def test_failures_abort_at_the_threshold_skip_the_rest_and_roll_back_what_was_to
     assert engine.info.state == ro.ABORTED and "3 devices failed" in engine.info.reason
     st = states(db, engine)
     assert [d for d in fleet.devices if st[d] == ro.SKIPPED] == fleet.devices[10:]
+    assert [d for d in fleet.devices if st[d] == ro.STOPPED] == fleet.devices[6:10]  # were updating
     touched = fleet.devices[:10]
     assert sorted(s.device for s in back) == touched
     assert all(s.release == A and s.allow_downgrade for s in back)

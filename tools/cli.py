@@ -226,13 +226,44 @@ def cmd_shadow(args) -> None:
 
 
 def cmd_status(args) -> None:
+    import time
+
+    from tools import rollout as ro
     from tools.site import Site
     from tools.status import as_json, fleet, table
 
-    rows = fleet(Site(args.site).db_path)
-    if args.device:
-        rows = [r for r in rows if r.device in args.device]
-    print(json.dumps(as_json(rows), indent=1) if args.json else table(rows))
+    site = Site(args.site)
+
+    def rollouts():
+        """Those running and the last one to end: what an operator wants to see."""
+        if not site.rollouts_path.exists():
+            return []
+        db = ro.RolloutDB(site.rollouts_path)
+        try:
+            infos = db.list()
+            shown = [i for i in infos if i.state == ro.RUNNING] or infos[-1:]
+            return [(i, db.targets(i.id)) for i in shown]
+        finally:
+            db.close()
+
+    while True:
+        rows = fleet(site.db_path)
+        if args.device:
+            rows = [r for r in rows if r.device in args.device]
+        runs = rollouts()
+        if args.json:
+            doc = as_json(rows)
+            doc["rollouts"] = [ro.summary(i, t, with_devices=False) for i, t in runs]
+            print(json.dumps(doc, indent=1))
+        else:
+            if args.watch:
+                print("\033[H\033[J", end="")  # redraw in place
+            print(table(rows))
+            for i, t in runs:
+                print(ro.progress_line(i, t))
+        if not args.watch:
+            return
+        time.sleep(args.watch)
 
 
 def _drive(site, engine) -> None:
@@ -248,10 +279,14 @@ def _drive(site, engine) -> None:
             print(("\r\033[K" if tty else "") + line, end="" if tty else "\n", flush=True)
             last[0] = line
 
+    import aiomqtt
+
     try:
         info = asyncio.run(ro.run(site, engine, on_tick=show))
-    except OSError as e:
-        raise CommandError(f"broker: {e} (is `serve` running?)") from None
+    except (OSError, aiomqtt.MqttError) as e:
+        raise CommandError(f"broker: {e} (is `serve` running?); `rollout resume {engine.id}` carries on") from None
+    except KeyboardInterrupt:
+        raise CommandError(f"interrupted; `rollout resume {engine.id}` carries on") from None
     if tty:
         print()
     if info.state != ro.COMPLETED:
@@ -436,6 +471,8 @@ def parser() -> argparse.ArgumentParser:
     sp = with_site(add("status", cmd_status, "fleet table: running and desired version, state, last seen, error"))
     sp.add_argument("device", nargs="*", help="only these devices")
     sp.add_argument("--json", action="store_true", help="machine-readable, with a summary")
+    sp.add_argument("--watch", type=float, nargs="?", const=1.0, metavar="S",
+                    help="redraw every S seconds (default 1) until Ctrl-C: a live progress bar")
 
     sp = with_site(add("rollout", cmd_rollout, "staged rollout of a release to many devices, with abort and "
                        "roll back (needs `serve`)"))

@@ -9,7 +9,8 @@ Expired URLs are re-signed by the renewer service, for rollouts as for everythin
 
 Per device: pending -> in_progress -> succeeded | failed (a device error the device will not
 get past by itself, or no outcome within the timeout: a bricked device never reports), or
-pending -> skipped when the rollout stops early. Per rollout: running -> completed, aborted
+pending -> skipped when the rollout stops early, in_progress -> stopped when it is rolled back
+before it finished. Per rollout: running -> completed, aborted
 (failure threshold, or a batch that finished below the success threshold) or cancelled.
 Rolling back sets desired to the release each device ran before it was targeted.
 """
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import math
 import secrets
 import sqlite3
@@ -30,8 +32,11 @@ from firmware import contract
 from tools import presign
 from tools.releases import Release
 
+log = logging.getLogger("rollout")
+
 # target states
 PENDING, IN_PROGRESS, SUCCEEDED, FAILED, SKIPPED = "pending", "in_progress", "succeeded", "failed", "skipped"
+STOPPED = "stopped"  # was in progress when the rollout set it back: no outcome of its own
 # rollout states
 RUNNING, COMPLETED, ABORTED, CANCELLED = "running", "completed", "aborted", "cancelled"
 # rollback of one device
@@ -258,7 +263,7 @@ class Send:
 
 
 def counts(targets: list[Target]) -> dict[str, int]:
-    out = {s: 0 for s in (PENDING, IN_PROGRESS, SUCCEEDED, FAILED, SKIPPED)}
+    out = {s: 0 for s in (PENDING, IN_PROGRESS, SUCCEEDED, FAILED, SKIPPED, STOPPED)}
     for t in targets:
         out[t.state] += 1
     out["rolled_back"] = sum(t.rollback == RB_DONE for t in targets)
@@ -395,6 +400,8 @@ class Engine:
                 t.rollback = RB_NO_PREVIOUS  # it ran an image that is not one of our releases
                 continue
             t.rollback, t.rollback_at = RB_REQUESTED, now
+            if t.state == IN_PROGRESS:
+                t.state, t.finished_at = STOPPED, now
             sends.append(Send(t.device, prev, allow_downgrade=True))
         self.db.save_targets(self.id, targets)
         return sends
@@ -441,27 +448,42 @@ def progress_line(info: RolloutInfo, targets: list[Target], width: int = 24) -> 
     bar = "#" * filled + "." * (width - filled)
     parts = [f"{info.id} {info.version}", f"batch {min(info.batch + 1, len(info.ends))}/{len(info.ends)}",
              f"[{bar}] {done}/{n}", f"{c[SUCCEEDED]} ok, {c[FAILED]} failed, {c[IN_PROGRESS]} updating,"
-             f" {c[PENDING]} pending" + (f", {c[SKIPPED]} skipped" if c[SKIPPED] else "")]
+             f" {c[PENDING]} pending" + (f", {c[SKIPPED]} skipped" if c[SKIPPED] else "")
+             + (f", {c[STOPPED]} stopped" if c[STOPPED] else "")]
     if c["rolling_back"] or c["rolled_back"]:
         parts.append(f"rolled back {c['rolled_back']}/{c['rolled_back'] + c['rolling_back']}")
     parts.append(info.state + (f": {info.reason}" if info.reason and info.state != RUNNING else ""))
     return "  ".join(parts)
 
 
-def summary(info: RolloutInfo, targets: list[Target]) -> dict:
+def summary(info: RolloutInfo, targets: list[Target], with_devices: bool = True) -> dict:
     d = asdict(info)
     d["counts"] = counts(targets)
-    d["devices"] = [asdict(t) for t in targets]
+    if with_devices:
+        d["devices"] = [asdict(t) for t in targets]
     return d
 
 
-async def run(site, engine: Engine, tick: float = 1.0, on_tick=None) -> RolloutInfo:
-    """Drive `engine` over the site's broker, reading shadows from the replica's database."""
+async def run(site, engine: Engine, tick: float = 1.0, on_tick=None, reconnects: int = 10) -> RolloutInfo:
+    """Drive `engine` over the site's broker, reading shadows from the replica's database.
+    A lost broker connection is retried with backoff (the engine's state is all on disk)."""
+    import aiomqtt
+
     from tools.operator_client import DesiredWriter
     from tools.status import read_shadows
 
-    async with DesiredWriter(site, engine.info.policy.ttl) as writer:
-        async def publish(s: Send) -> None:
-            await writer.set(s.device, s.release, s.allow_downgrade)
+    delay = 1.0
+    for attempt in range(reconnects + 1):
+        try:
+            async with DesiredWriter(site, engine.info.policy.ttl) as writer:
+                async def publish(s: Send) -> None:
+                    await writer.set(s.device, s.release, s.allow_downgrade)
 
-        return await drive(engine, lambda devices: read_shadows(site.db_path, devices), publish, tick, on_tick)
+                return await drive(engine, lambda devices: read_shadows(site.db_path, devices), publish, tick,
+                                   on_tick)
+        except aiomqtt.MqttError as e:
+            if attempt == reconnects:
+                raise
+            log.warning("broker connection lost (%s); reconnecting in %.0fs", e, delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 30)
