@@ -109,6 +109,7 @@ class Agent(Installer):
             "sha256": rec["sha256"],
             "size": rec["size"],
             "url": rec["url"],
+            "allow_downgrade": rec.get("allow_downgrade"),  # echoed, so no delta stays open
             "slot": self.run_label,
             "state": st["phase"],
             "error": st["error"] if st["phase"] == phases.FAILED else None,

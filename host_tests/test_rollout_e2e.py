@@ -12,6 +12,7 @@ import sys
 import time
 
 from conftest import REPO, wait_until
+from tools import shadow
 from tools.images import PANIC_BELOW_REV, build_app_image
 from tools.status import read_shadows
 
@@ -66,6 +67,7 @@ def test_rollout_aborts_at_the_threshold_rolls_back_and_leaves_the_rest_untouche
         fw = after[d]["state"]["reported"]["firmware"]
         assert (fw["version"], fw["sha256"], fw["state"]) == ("1.0.0", a.sha256, "idle"), (d, fw)
         assert after[d]["state"]["desired"]["firmware"]["sha256"] == a.sha256
+        assert shadow.delta(after[d]["state"]["desired"], after[d]["state"]["reported"]) == {}  # in sync
     for d in failed:  # the crash really happened on the chip, and the device said so
         assert any(b.ended == "panic" for b in fleet[d].runner.boots)
         assert "did not confirm" in fleet[d].output()

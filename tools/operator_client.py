@@ -34,10 +34,10 @@ def desired_firmware(site: Site, device: str, release: Release, ttl: int = presi
                      allow_downgrade: bool = False) -> dict:
     """The `firmware` desired-state object for one device, with a freshly pre-signed URL."""
     url = presign.sign(site.store_key, site.endpoints().store_url, release.sha256, device, ttl)
-    fw = {"url": url, "version": release.version, "sha256": release.sha256, "size": release.size}
-    # Always present, so a later desired without it does not inherit a stale true (merge).
-    fw["allow_downgrade"] = allow_downgrade
-    return fw
+    # allow_downgrade is always sent: null deletes a true left by an earlier desired (the
+    # shadow merges objects), so the flag is never inherited.
+    return {"url": url, "version": release.version, "sha256": release.sha256, "size": release.size,
+            "allow_downgrade": True if allow_downgrade else None}
 
 
 class DesiredWriter:
