@@ -110,6 +110,7 @@ class Agent(Installer):
             "size": rec["size"],
             "url": rec["url"],
             "allow_downgrade": rec.get("allow_downgrade"),  # echoed, so no delta stays open
+            "auth": rec.get("auth"),
             "slot": self.run_label,
             "state": st["phase"],
             "error": st["error"] if st["phase"] == phases.FAILED else None,
@@ -152,7 +153,7 @@ class Agent(Installer):
         """The new image can reach the broker over TLS and round-trip the shadow."""
         token = "health-%d" % random.getrandbits(24)
         self.link.request_get(token)
-        doc = self.link.wait_for(contract.GET_ACCEPTED, self.cfg["health_deadline_s"] * 1000, token)
+        doc = self.link.wait_for((contract.GET_ACCEPTED,), self.cfg["health_deadline_s"] * 1000, token)
         return doc is not None
 
     def finish_trial(self):

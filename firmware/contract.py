@@ -12,6 +12,10 @@
 #   state/<id>/get               ask for the whole document
 #   state/<id>/get/accepted      replica: {state: {desired, reported, delta}, version, ...}
 #   state/<id>/get/rejected      replica: {code, message}; 404 before the first update
+#   state/<id>/credentials/get   device: {sha256, clientToken} asks for a temporary download
+#                                credential for the image its desired firmware names
+#   state/<id>/credentials/get/accepted  {token, expires, sha256, clientToken}
+#   state/<id>/credentials/get/rejected  {code, message, clientToken}
 
 ROOT = "state"
 UPDATE = "update"
@@ -22,8 +26,16 @@ UPDATE_DOCUMENTS = "update/documents"  # for applications; devices do not subscr
 GET = "get"
 GET_ACCEPTED = "get/accepted"
 GET_REJECTED = "get/rejected"
+CREDENTIALS = "credentials/get"
+CREDENTIALS_ACCEPTED = "credentials/get/accepted"
+CREDENTIALS_REJECTED = "credentials/get/rejected"
 _SUFFIXES = (UPDATE, UPDATE_ACCEPTED, UPDATE_REJECTED, UPDATE_DELTA, UPDATE_DOCUMENTS, GET, GET_ACCEPTED,
-             GET_REJECTED)
+             GET_REJECTED, CREDENTIALS, CREDENTIALS_ACCEPTED, CREDENTIALS_REJECTED)
+
+# desired.firmware.auth: how the device proves it may download. Absent: the URL is pre-signed
+# for this device (plus its own credential); "token": the URL is bare, and the device first
+# asks for a temporary credential on CREDENTIALS and sends it as a bearer token.
+AUTH_TOKEN = "token"
 
 MAX_DEVICE_ID = 64
 MAX_DOCUMENT = 8192  # bytes of desired + reported, as AWS IoT Device Shadow
@@ -37,6 +49,7 @@ MAX_IMAGE_SIZE = 16 * 1024 * 1024  # esp_image_verify refuses partitions above 1
 R_BAD_REQUEST = 400
 R_NOT_FOUND = 404
 R_CONFLICT = 409
+R_FORBIDDEN = 403
 R_TOO_LARGE = 413
 R_INTERNAL = 500
 
@@ -66,12 +79,14 @@ E_MEMORY = "out_of_memory"  # not enough heap to download (e.g. for a second TLS
 E_BUDGET = "byte_budget"  # downloaded more than BYTE_BUDGET x the image without finishing
 
 E_ROLLED_BACK = "rolled_back"  # the new image did not confirm; the bootloader went back
+E_TOKEN_EXPIRED = "token_expired"  # the temporary credential expired mid-download: get another
+E_NO_CREDENTIAL = "no_credential"  # the broker refused a temporary credential (permanent)
 
 BYTE_BUDGET = 4  # a target may cost at most this many times its size in downloaded bytes
 
 # Failures a device tries again (with backoff, up to its max_attempts); the rest wait for a
 # new desired state. url_expired waits for a fresh URL (reported with need_url).
-TRANSIENT_ERRORS = (E_NETWORK, E_HTTP, E_SIZE, E_MEMORY, E_ROLLED_BACK, E_READBACK)
+TRANSIENT_ERRORS = (E_NETWORK, E_HTTP, E_SIZE, E_MEMORY, E_ROLLED_BACK, E_READBACK, E_TOKEN_EXPIRED)
 
 _HEX = "0123456789abcdef"
 
@@ -136,6 +151,11 @@ def check_firmware(fw):
         raise ValueError("allow_downgrade: must be true or false")
     if allow:
         out["allow_downgrade"] = True
+    auth = fw.get("auth")
+    if auth is not None and auth != AUTH_TOKEN:
+        raise ValueError("auth: must be \"%s\" or absent" % AUTH_TOKEN)
+    if auth:
+        out["auth"] = auth
     return out
 
 

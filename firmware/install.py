@@ -67,6 +67,25 @@ class Installer:
                                    cfg["net_timeout_s"])
         return self.updater
 
+    def _credential(self, fw):
+        """A temporary download credential for this one image, asked for over MQTT (before
+        the link is parked). Returns the token; raises UpdateError."""
+        from firmware.updater import UpdateError
+
+        if self.link is None:
+            self._reconnect()
+        if self.link is None:
+            raise UpdateError(contract.E_NETWORK, "no broker to ask for a credential")
+        token = "cred-%d" % random.getrandbits(24)
+        self.link.publish(contract.CREDENTIALS, {"sha256": fw["sha256"], "clientToken": token})
+        doc = self.link.wait_for((contract.CREDENTIALS_ACCEPTED, contract.CREDENTIALS_REJECTED), 5000, token)
+        if doc is None:
+            raise UpdateError(contract.E_NETWORK, "no answer to the credential request")
+        cred = doc.get("token")
+        if not isinstance(cred, str) or not cred or len(cred) > 256:
+            raise UpdateError(contract.E_NO_CREDENTIAL, str(doc.get("message"))[:80])
+        return cred
+
     def _drop_updater(self):
         # The download code and its 4 KiB buffer are ~11 KiB of heap: give them back.
         self.updater = None
@@ -106,7 +125,7 @@ class Installer:
             return True
         token = "check-%d" % random.getrandbits(24)
         self.link.request_get(token)
-        doc = self.link.wait_for(contract.GET_ACCEPTED, 5000, token)
+        doc = self.link.wait_for((contract.GET_ACCEPTED,), 5000, token)
         try:
             return doc["state"]["desired"]["firmware"]["sha256"] == fw["sha256"]
         except (TypeError, KeyError):
@@ -191,11 +210,23 @@ class Installer:
         log("installing", fw["version"], "into", label, "from", written, "attempt", st["attempts"] + 1)
         parked = self.cfg["tls_slots"] < 2
         self.report(progress=written * 100 // fw["size"], mqtt="parked for the download" if parked else None)
+        bearer = None
+        try:
+            if fw.get("auth") == contract.AUTH_TOKEN:
+                bearer = self._credential(fw)  # while MQTT is still up
+        except UpdateError as e:
+            log("no download credential:", e.code, e.detail)
+            self._fail(e.code)
+            self.report(detail=e.detail)
+            return
         if parked:
             self._park_link()
         gc.collect()
         try:
             updater = self._load_updater()
+            if bearer:
+                updater.headers = {"Authorization": "Bearer " + bearer}
+            bearer = None
             if gc.mem_free() < self.cfg["min_free_heap"]:
                 raise MemoryError()  # not enough for a TLS connection: erase nothing
             if not verify_only:
@@ -229,7 +260,10 @@ class Installer:
             return
         except UpdateError as e:
             log("update failed:", e.code, e.detail)
-            self._fail(e.code, progressed=st["written"] > written)
+            code = e.code
+            if code == contract.E_URL_EXPIRED and fw.get("auth") == contract.AUTH_TOKEN:
+                code = contract.E_TOKEN_EXPIRED  # not the URL: the next attempt asks for another token
+            self._fail(code, progressed=st["written"] > written)
         except (OSError, ValueError) as e:  # network; TLS errors arrive as ValueError
             log("update failed:", repr(e))
             # wrap_socket raises OSError(ENOMEM) when the board has no memory for TLS

@@ -81,7 +81,7 @@ class Link:
         """Connect and subscribe; raises OSError (network/TLS) or umqtt.MQTTException."""
         self.client.connect()
         for suffix in (contract.UPDATE_DELTA, contract.GET_ACCEPTED, contract.GET_REJECTED,
-                       contract.UPDATE_REJECTED):
+                       contract.UPDATE_REJECTED, contract.CREDENTIALS + "/+"):
             self.client.subscribe(contract.topic(self.device_id, suffix))
             self._rearm()
         self._poller = select.poll()
@@ -113,14 +113,15 @@ class Link:
             self.client.wait_msg()
             self._rearm()
 
-    def wait_for(self, suffix, timeout_ms, token=None):
-        """Poll until a message on `suffix` (with clientToken `token`, if given) arrives.
-        Returns the decoded document, or None at the deadline. Other messages stay queued."""
+    def wait_for(self, suffixes, timeout_ms, token=None):
+        """Poll until a message on one of `suffixes` (a tuple; with clientToken `token`, if
+        given) arrives. Returns the decoded document, or None at the deadline. Other
+        messages stay queued."""
         t0 = time.ticks_ms()
         while True:
             for i in range(len(self.inbox)):
                 sfx, msg = self.inbox[i]
-                if sfx == suffix:
+                if sfx in suffixes:
                     try:
                         doc = json.loads(msg)
                     except ValueError:

@@ -29,6 +29,10 @@ CASES = [
     ("check_firmware", [["not", "a", "dict"]]),
     ("check_firmware", [{"url": "https://h/x", "version": "1", "sha256": "a" * 64, "size": 5, "allow_downgrade": True}]),
     ("check_firmware", [{"url": "https://h/x", "version": "1", "sha256": "a" * 64, "size": 5, "allow_downgrade": 1}]),
+    ("check_firmware", [{"url": "https://h/x", "version": "1", "sha256": "a" * 64, "size": 5, "auth": "token"}]),
+    ("check_firmware", [{"url": "https://h/x", "version": "1", "sha256": "a" * 64, "size": 5, "auth": "basic"}]),
+    ("check_firmware", [{"url": "https://h/x", "version": "1", "sha256": "a" * 64, "size": 5, "auth": None}]),
+    ("parse_topic", ["state/dev1/credentials/get/accepted"]),
     ("compare_versions", ["1.10.0", "1.9"]),
     ("compare_versions", ["1.0", "1.0.0"]),
     ("compare_versions", ["0.9.9", "1.0"]),
@@ -76,3 +80,11 @@ def test_topics_round_trip():
 @pytest.mark.parametrize("bad", ["state/a/b/c/update", "state//update", "state/dev1"])
 def test_parse_topic_rejects(bad):
     assert contract.parse_topic(bad) is None
+
+
+def test_firmware_auth_is_token_or_absent():
+    fw = {"url": "https://h/fw/x.bin", "version": "1", "sha256": "a" * 64, "size": 5}
+    assert "auth" not in contract.check_firmware(dict(fw, auth=None))
+    assert contract.check_firmware(dict(fw, auth="token"))["auth"] == "token"
+    with pytest.raises(ValueError, match="auth"):
+        contract.check_firmware(dict(fw, auth="basic"))

@@ -91,3 +91,46 @@ def test_refusals_are_403_with_a_reason(store, site, case, reason):
 def test_presign_refuses_long_lifetimes(site):
     with pytest.raises(ValueError):
         presign.sign(site.store_key, "https://h", "a" * 64, "dev1", ttl=presign.MAX_TTL + 1)
+
+
+# -- temporary credentials: Authorization: Bearer, bound to one device and one artifact ------
+
+@pytest.mark.parametrize("case,status,reason", [
+    ("valid", 200, None),
+    ("valid, resumed", 206, None),
+    ("expired", 403, b"token expired"),
+    ("for another artifact", 403, b"another artifact"),
+    ("from another key", 403, b"signature"),
+    ("device name changed", 403, b"signature"),
+    ("revoked device", 403, b"revoked"),
+    ("garbage", 403, b"not a download token"),
+])
+def test_bearer_tokens(store, site, case, status, reason):
+    image, rel, get, url = store
+    bare = site.endpoints().store_url + presign.artifact_path(rel.sha256)
+    token, _ = presign.issue_token(site.store_key, "dev1", rel.sha256, 60)
+    headers = {}
+    if case == "valid, resumed":
+        headers["Range"] = "bytes=4096-"
+    elif case == "expired":
+        token, _ = presign.issue_token(site.store_key, "dev1", rel.sha256, 60, now=time.time() - 120)
+    elif case == "for another artifact":  # replayed: a token for 2.0.0 presented for 1.0.0
+        other = site.releases.add(build_app_image("2.0.0", 100_000), "2.0.0")
+        token, _ = presign.issue_token(site.store_key, "dev1", other.sha256, 60)
+    elif case == "from another key":
+        token, _ = presign.issue_token(b"k" * 32, "dev1", rel.sha256, 60)
+    elif case == "device name changed":
+        token = "dev2" + token[4:]
+    elif case == "revoked device":
+        site.creds.remove("dev1")
+    elif case == "garbage":
+        token = "abc"
+    headers["Authorization"] = "Bearer " + token
+    got, _, body = get(bare, device=None, headers=headers)
+    assert got == status, body
+    if status == 200:
+        assert body == image
+    elif status == 206:
+        assert body == image[4096:]
+    else:
+        assert reason in body

@@ -209,7 +209,7 @@ def cmd_desired(args) -> None:
     if rel is None:
         raise CommandError(f"no release {args.version} (see `releases`)")
     try:
-        doc = asyncio.run(op.set_desired(site, args.device, rel, args.ttl))
+        doc = asyncio.run(op.set_desired(site, args.device, rel, args.ttl, token=args.auth == "token"))
     except (op.OperatorError, OSError) as e:
         raise CommandError(str(e)) from None
     print(json.dumps(doc, indent=1))
@@ -322,7 +322,8 @@ def cmd_rollout(args) -> None:
             if rel is None:
                 raise CommandError(f"no release {args.version} (see `releases`)")
             policy = ro.Policy(args.batches.split(","), args.success, args.abort_failures, args.abort_pct,
-                               args.min_finished, args.timeout, args.max_attempts, not args.no_rollback, args.ttl)
+                               args.min_finished, args.timeout, args.max_attempts, not args.no_rollback, args.ttl,
+                               args.auth)
             info = db.create(rel, _rollout_devices(args, site), policy)
             print(f"{info.id}: {rel.version} to {info.ends[-1]} devices in batches ending at {info.ends}")
             if not args.detach:
@@ -464,6 +465,8 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("device")
     sp.add_argument("version")
     sp.add_argument("--ttl", type=int, default=900, help="URL lifetime in seconds (max 3600)")
+    sp.add_argument("--auth", choices=("url", "token"), default="url",
+                    help="url: pre-signed for the device; token: the device fetches a temporary credential")
 
     sp = with_site(add("shadow", cmd_shadow, "print a device's shadow document"))
     sp.add_argument("device")
@@ -497,6 +500,9 @@ def parser() -> argparse.ArgumentParser:
                     help="a transient device error counts as failed after this many tries (default 3)")
     st.add_argument("--no-rollback", action="store_true", help="on abort, leave touched devices as they are")
     st.add_argument("--ttl", type=int, default=900, help="lifetime of each device's URL in seconds (max 3600)")
+    st.add_argument("--auth", choices=("url", "token"), default="url",
+                    help="url: each device gets a URL pre-signed for it; token: a bare URL, and devices ask "
+                    "the broker for a temporary credential (default url)")
     st.add_argument("--detach", action="store_true", help="only create it (drive it with `rollout resume`)")
     act.add_parser("list", help="every rollout, one line each")
     for name, text in (("show", "one rollout and each of its devices"), ("resume", "drive a rollout on to its end"),

@@ -31,13 +31,16 @@ def _client(site: Site, suffix: str) -> aiomqtt.Client:
 
 
 def desired_firmware(site: Site, device: str, release: Release, ttl: int = presign.DEFAULT_TTL,
-                     allow_downgrade: bool = False) -> dict:
-    """The `firmware` desired-state object for one device, with a freshly pre-signed URL."""
-    url = presign.sign(site.store_key, site.endpoints().store_url, release.sha256, device, ttl)
-    # allow_downgrade is always sent: null deletes a true left by an earlier desired (the
-    # shadow merges objects), so the flag is never inherited.
+                     allow_downgrade: bool = False, token: bool = False) -> dict:
+    """The `firmware` desired-state object for one device: with a URL pre-signed for it now,
+    or (token) the bare URL, for which the device asks a temporary credential itself."""
+    store = site.endpoints().store_url
+    url = store + presign.artifact_path(release.sha256) if token else \
+        presign.sign(site.store_key, store, release.sha256, device, ttl)
+    # The optional fields are always sent: null deletes what an earlier desired left (the
+    # shadow merges objects), so nothing is inherited.
     return {"url": url, "version": release.version, "sha256": release.sha256, "size": release.size,
-            "allow_downgrade": True if allow_downgrade else None}
+            "allow_downgrade": True if allow_downgrade else None, "auth": contract.AUTH_TOKEN if token else None}
 
 
 class DesiredWriter:
@@ -55,8 +58,8 @@ class DesiredWriter:
     async def __aexit__(self, *exc) -> None:
         await self._client.__aexit__(*exc)
 
-    async def set(self, device: str, release: Release, allow_downgrade: bool = False) -> None:
-        fw = desired_firmware(self.site, device, release, self.ttl, allow_downgrade)
+    async def set(self, device: str, release: Release, allow_downgrade: bool = False, token: bool = False) -> None:
+        fw = desired_firmware(self.site, device, release, self.ttl, allow_downgrade, token)
         await self._client.publish(contract.topic(device, contract.UPDATE),
                                    json.dumps({"state": {"desired": {"firmware": fw}}}), qos=1)
 
@@ -79,9 +82,10 @@ async def request(site: Site, device: str, suffix: str, body: dict, timeout: flo
     raise OperatorError("connection closed")
 
 
-async def set_desired(site: Site, device: str, release: Release, ttl: int = presign.DEFAULT_TTL) -> dict:
-    outcome, doc = await request(site, device, contract.UPDATE,
-                                 {"state": {"desired": {"firmware": desired_firmware(site, device, release, ttl)}}})
+async def set_desired(site: Site, device: str, release: Release, ttl: int = presign.DEFAULT_TTL,
+                      token: bool = False) -> dict:
+    fw = desired_firmware(site, device, release, ttl, token=token)
+    outcome, doc = await request(site, device, contract.UPDATE, {"state": {"desired": {"firmware": fw}}})
     if outcome != "accepted":
         raise OperatorError(f"replica rejected the update: {doc}")
     return doc

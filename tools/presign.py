@@ -56,3 +56,39 @@ def verify(key: bytes, path: str, query: dict[str, str], now: float | None = Non
     if exp - now > MAX_TTL:
         raise PresignError("URL lifetime exceeds the store's limit")
     return device
+
+
+# -- temporary credentials (the seed's second option) -----------------------------------------
+# A bearer token `<device>.<sha256>.<expires>.<mac>` with mac = HMAC-SHA256(store key,
+# "TOKEN\n<device>\n<sha256>\n<expires>"): one device, one artifact, a short life. Devices
+# get it over MQTT (state/<id>/credentials/get), so the store needs no per-device URL.
+
+
+def _token_mac(key: bytes, device: str, sha256: str, expires: int) -> str:
+    return hmac.new(key, f"TOKEN\n{device}\n{sha256}\n{expires}".encode(), hashlib.sha256).hexdigest()
+
+
+def issue_token(key: bytes, device: str, sha256: str, ttl: int = DEFAULT_TTL, now: float | None = None) -> tuple[str, int]:
+    """(token, expires) letting `device` GET artifact `sha256` until now + ttl."""
+    if not 0 < ttl <= MAX_TTL:
+        raise ValueError(f"ttl must be 1..{MAX_TTL} seconds")
+    expires = int(now if now is not None else time.time()) + ttl
+    return f"{device}.{sha256}.{expires}.{_token_mac(key, device, sha256, expires)}", expires
+
+
+def verify_token(key: bytes, token: str, sha256: str, now: float | None = None) -> str:
+    """Check a bearer token for artifact `sha256`; returns the device it was issued to."""
+    parts = token.rsplit(".", 3)  # device ids may contain dots; the rest never does
+    if len(parts) != 4 or not parts[2].isdigit():
+        raise PresignError("not a download token")
+    device, sha, expires, mac = parts[0], parts[1], int(parts[2]), parts[3]
+    if not hmac.compare_digest(mac, _token_mac(key, device, sha, expires)):
+        raise PresignError("token signature does not match")
+    if sha != sha256:
+        raise PresignError("token is for another artifact")
+    now = now if now is not None else time.time()
+    if now > expires:
+        raise PresignError("token expired")
+    if expires - now > MAX_TTL:
+        raise PresignError("token lifetime exceeds the store's limit")
+    return device

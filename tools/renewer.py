@@ -1,10 +1,16 @@
-"""Re-issues expired download URLs: the other half of a device's `need_url`.
+"""Download access for devices: re-signs expired URLs and issues temporary credentials.
 
 A pre-signed URL lives 15 minutes by default; a device that was off longer, or whose download
 stalled, reports `need_url: true` with error `url_expired`. This service (an operator-identity
 MQTT client) watches accepted reports and answers with the same desired image under a freshly
-signed URL, so the device resumes where its download stopped. It only re-signs images that are
-released in the store and still desired by the shadow.
+signed URL, so the device resumes where its download stopped.
+
+A device whose desired firmware says `auth: token` asks on `state/<id>/credentials/get` for a
+short-lived bearer token bound to its id and one image (tools.presign), answered on
+`.../accepted` or `.../rejected` {code, message}. The broker's ACL has already proved who asks.
+
+Either way, only images that are released in the store and desired by the device's shadow
+(read from the replica's store when the request comes) are signed.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import aiomqtt
 from firmware import contract
 from tools import presign
 from tools.site import Site
+from tools.status import read_shadows
 
 log = logging.getLogger("renewer")
 
@@ -39,14 +46,49 @@ def renewal(site: Site, device: str, desired: dict | None) -> dict | None:
         return None
     if not site.releases.path_of(fw["sha256"]).is_file():
         return None  # not ours to sign
+    if fw.get("auth") == contract.AUTH_TOKEN:
+        return None  # a bare URL: the device asks for a fresh token itself
     fresh = dict(fw, url=presign.sign(site.store_key, site.endpoints().store_url, fw["sha256"], device))
     return {"state": {"desired": {"firmware": fresh}}, "clientToken": "renewer"}
+
+
+def credential(site: Site, device: str, request: dict, desired: dict | None, ttl: int = presign.DEFAULT_TTL,
+               ) -> tuple[str, dict]:
+    """(suffix, message) answering a device's credentials/get `request`, given its shadow's
+    desired state: a token for the image it is told to install, or a rejection."""
+    token = request.get("clientToken")
+    sha = request.get("sha256")
+    fw = desired.get("firmware") if isinstance(desired, dict) else None
+
+    def reject(code: int, message: str) -> tuple[str, dict]:
+        out = {"code": code, "message": message}
+        if token is not None:
+            out["clientToken"] = token
+        return contract.CREDENTIALS_REJECTED, out
+
+    if not contract.is_sha256_hex(sha):
+        return reject(contract.R_BAD_REQUEST, "sha256: must be 64 lowercase hex digits")
+    if not isinstance(fw, dict) or fw.get("sha256") != sha:
+        return reject(contract.R_FORBIDDEN, "not the firmware this device is told to install")
+    if not site.releases.path_of(sha).is_file():
+        return reject(contract.R_NOT_FOUND, "no such release")
+    tok, expires = presign.issue_token(site.store_key, device, sha, ttl)
+    out = {"token": tok, "expires": expires, "sha256": sha}
+    if token is not None:
+        out["clientToken"] = token
+    return contract.CREDENTIALS_ACCEPTED, out
+
+
+def _valid_request(doc) -> bool:
+    token = doc.get("clientToken")
+    return token is None or isinstance(token, str) and len(token.encode()) <= contract.MAX_CLIENT_TOKEN
 
 
 class Renewer:
     def __init__(self, site: Site, host: str, port: int):
         self.site, self.host, self.port = site, host, port
         self.renewed = 0
+        self.issued = 0
 
     async def run(self, ready: asyncio.Event | None = None) -> None:
         ctx = ssl.create_default_context(cafile=str(self.site.pki.ca_cert))
@@ -57,7 +99,7 @@ class Renewer:
                                           password=self.site.service_password("operator"),
                                           identifier="operator-renewer", tls_context=ctx) as client:
                     await client.subscribe(f"{contract.ROOT}/+/{contract.UPDATE_ACCEPTED}", qos=1)
-                    await client.subscribe(f"{contract.ROOT}/+/{contract.GET_ACCEPTED}", qos=1)
+                    await client.subscribe(f"{contract.ROOT}/+/{contract.CREDENTIALS}", qos=1)
                     delay = 0.5
                     if ready is not None:
                         ready.set()
@@ -68,7 +110,6 @@ class Renewer:
                 delay = min(delay * 2, 10)
 
     async def _serve(self, client: aiomqtt.Client) -> None:
-        waiting: set[str] = set()  # devices that asked for a URL; their shadow is being read
         async for msg in client.messages:
             parsed = contract.parse_topic(str(msg.topic))
             if parsed is None:
@@ -81,13 +122,25 @@ class Renewer:
             if not isinstance(doc, dict):
                 continue
             if suffix == contract.UPDATE_ACCEPTED and asks_for_url(doc):
-                waiting.add(device)  # re-sign what the shadow desires now, not what it did
-                await client.publish(contract.topic(device, contract.GET), json.dumps({"clientToken": "renewer"}), qos=1)
-            elif suffix == contract.GET_ACCEPTED and doc.get("clientToken") == "renewer" and device in waiting:
-                waiting.discard(device)
-                state = doc.get("state")
-                update = renewal(self.site, device, state.get("desired") if isinstance(state, dict) else None)
-                if update is not None:
-                    self.renewed += 1
-                    log.info("fresh URL for %s (%s)", device, update["state"]["desired"]["firmware"]["version"])
-                    await client.publish(contract.topic(device, contract.UPDATE), json.dumps(update), qos=1)
+                request = None
+            elif suffix == contract.CREDENTIALS and _valid_request(doc):
+                request = doc
+            else:
+                continue
+            # Sign what the shadow desires now (the replica's store), not what a message said.
+            shadows = await asyncio.to_thread(read_shadows, self.site.db_path, [device])
+            desired = shadows.get(device, {}).get("state", {}).get("desired")
+            await self._answer(client, device, request, desired)
+
+    async def _answer(self, client: aiomqtt.Client, device: str, request: dict | None, desired: dict | None) -> None:
+        if request is None:
+            update = renewal(self.site, device, desired)
+            if update is not None:
+                self.renewed += 1
+                log.info("fresh URL for %s (%s)", device, update["state"]["desired"]["firmware"]["version"])
+                await client.publish(contract.topic(device, contract.UPDATE), json.dumps(update), qos=1)
+            return
+        suffix, answer = credential(self.site, device, request, desired)
+        self.issued += suffix == contract.CREDENTIALS_ACCEPTED
+        log.info("credential for %s: %s", device, "issued" if "token" in answer else answer["message"])
+        await client.publish(contract.topic(device, suffix), json.dumps(answer), qos=1)

@@ -63,6 +63,7 @@ class Policy:
     max_attempts: int = 3  # as the devices' config: a transient error this often is a failure
     rollback_on_abort: bool = True
     ttl: int = presign.DEFAULT_TTL
+    auth: str = "url"  # "url": pre-signed per device; "token": devices fetch temporary credentials
 
     def check(self) -> None:
         if not self.batches:
@@ -82,6 +83,8 @@ class Policy:
             raise RolloutError("abort count: at least 1")
         if self.timeout_s <= 0 or self.min_finished < 1 or self.max_attempts < 1:
             raise RolloutError("timeout, minimum finished and attempts must be positive")
+        if self.auth not in ("url", contract.AUTH_TOKEN):
+            raise RolloutError(f"auth: url or {contract.AUTH_TOKEN}")
         if not 0 < self.ttl <= presign.MAX_TTL:
             raise RolloutError(f"URL lifetime: 1 to {presign.MAX_TTL} seconds")
 
@@ -477,7 +480,8 @@ async def run(site, engine: Engine, tick: float = 1.0, on_tick=None, reconnects:
         try:
             async with DesiredWriter(site, engine.info.policy.ttl) as writer:
                 async def publish(s: Send) -> None:
-                    await writer.set(s.device, s.release, s.allow_downgrade)
+                    await writer.set(s.device, s.release, s.allow_downgrade,
+                                     token=engine.info.policy.auth == contract.AUTH_TOKEN)
 
                 return await drive(engine, lambda devices: read_shadows(site.db_path, devices), publish, tick,
                                    on_tick)

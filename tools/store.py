@@ -1,8 +1,10 @@
 """The HTTPS firmware store: serves released images to the one device each URL names.
 
-Every request needs (1) a valid pre-signed URL (tools.presign: artifact, device, expiry, HMAC)
-and (2) the device's own credential (HTTP Basic, the same one it uses for MQTT) for the device
-the URL was issued to. Anything else is 403 with the reason, and logged. Range requests get
+Every request needs either (1) a valid pre-signed URL (tools.presign: artifact, device, expiry,
+HMAC) and the device's own credential (HTTP Basic, the same one it uses for MQTT) for the device
+the URL was issued to, or (2) a temporary credential (`Authorization: Bearer`, tools.presign
+tokens) for exactly this artifact, issued to a device that is not revoked. Anything else is 403
+with the reason, and logged. Range requests get
 206 (aiohttp's FileResponse), so devices can resume.
 """
 
@@ -46,17 +48,26 @@ def make_app(registry: Registry, key: bytes, creds: Credentials) -> web.Applicat
         name = request.match_info["name"]
         if not _ARTIFACT.match(name):
             return _deny(request, "no such artifact", 404)
-        try:
-            device = presign.verify(key, request.path, dict(request.query))
-        except presign.PresignError as e:
-            return _deny(request, str(e))
-        auth = _basic_auth(request.headers.get("Authorization"))
-        if auth is None:
-            return _deny(request, "device credential required")
-        if auth[0] != device:
-            return _deny(request, "URL was issued to another device")
-        if not await asyncio.to_thread(creds.verify, auth[0], auth[1]):
-            return _deny(request, "bad device credential")
+        header = request.headers.get("Authorization") or ""
+        if header.startswith("Bearer "):  # a temporary credential for this one artifact
+            try:
+                device = presign.verify_token(key, header[7:].strip(), name[:-4])
+            except presign.PresignError as e:
+                return _deny(request, str(e))
+            if not creds.known(device):
+                return _deny(request, "device revoked")
+        else:
+            try:
+                device = presign.verify(key, request.path, dict(request.query))
+            except presign.PresignError as e:
+                return _deny(request, str(e))
+            auth = _basic_auth(header)
+            if auth is None:
+                return _deny(request, "device credential required")
+            if auth[0] != device:
+                return _deny(request, "URL was issued to another device")
+            if not await asyncio.to_thread(creds.verify, auth[0], auth[1]):
+                return _deny(request, "bad device credential")
         path = registry.path_of(name[:-4])
         if not path.is_file():
             return _deny(request, "no such artifact", 404)

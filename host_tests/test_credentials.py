@@ -1,0 +1,86 @@
+"""Temporary credentials, the seed's second option: the desired firmware names a bare URL
+(`auth: token`), the device asks on state/<id>/credentials/get for a short-lived token bound to
+its id and that one image, and the store accepts it as a bearer credential."""
+
+import json
+import ssl
+import urllib.error
+import urllib.request
+
+from conftest import MQTTProbe, device_on_a, wait_reported
+from firmware import contract
+from tools import operator_client as op
+from tools import presign
+from tools.images import build_app_image
+
+DEV = "tok-1"
+BLOCK_OPS = 2  # flash operations per 4 KiB block (erase + program)
+
+
+def _updated(fw, doc):
+    return fw.get("version") == "1.1.0" and fw.get("state") == "idle"
+
+
+def test_device_downloads_with_a_temporary_credential_and_resumes_with_a_new_one(
+        site, services, recorder, devices, images):
+    rec = recorder(DEV)
+    dev, rel = device_on_a(site, services, devices, images, DEV)
+    dev.runner.arm_power_cut(20 * BLOCK_OPS)  # mid-download: the resumed attempt needs a token again
+    accepted = services.call(op.set_desired(site, DEV, rel, token=True))
+    url = accepted["state"]["desired"]["firmware"]["url"]
+    assert "?" not in url and url.endswith(presign.artifact_path(rel.sha256))  # nothing in the URL grants access
+
+    fw, doc = wait_reported(services, site, DEV, _updated, "1.1.0 over a bearer token")
+    assert fw["sha256"] == rel.sha256 and fw["auth"] == contract.AUTH_TOKEN
+    assert "delta" not in doc["state"]
+    asks = [m for m in rec.messages if m.topic.endswith("/" + contract.CREDENTIALS)]
+    answers = [m for m in rec.messages if m.topic.endswith("/" + contract.CREDENTIALS_ACCEPTED)]
+    assert len(asks) == len(answers) == 2 and services.services.renewer.issued == 2
+    assert all(a.payload["sha256"] == rel.sha256 for a in asks)
+    assert all(presign.verify_token(site.store_key, a.payload["token"], rel.sha256) == DEV for a in answers)
+    assert "installing 1.1.0 into ota_1 from 65536" in dev.output()  # resumed with Range + the new token
+    assert dev.flash.read_bytes()[0x190000:0x190000 + rel.size] == images["B"]
+
+
+def test_credentials_are_issued_only_for_the_image_the_device_is_told_to_install(site, services, images):
+    site.releases.add(images["A"], "1.0.0")
+    rel = site.releases.add(images["B"], "1.1.0")
+    other = site.releases.add(build_app_image("2.0.0", 64 * 1024), "2.0.0")
+    device = MQTTProbe(site, "tok-2", site.creds.set("tok-2"))
+    try:
+        assert device.connected() == 0
+        assert device.subscribe(contract.topic("tok-2", contract.CREDENTIALS + "/+")) == [1]
+
+        def ask(body):
+            device.publish(contract.topic("tok-2", contract.CREDENTIALS), json.dumps(body))
+            msg = device.next_message(10)
+            assert msg is not None, "no answer"
+            return msg[0].rsplit("/", 1)[1], json.loads(msg[1])
+
+        outcome, doc = ask({"sha256": rel.sha256, "clientToken": "c1"})  # nothing desired yet
+        assert (outcome, doc["code"], doc["clientToken"]) == ("rejected", 403, "c1")
+        services.call(op.set_desired(site, "tok-2", rel, token=True))
+        outcome, doc = ask({"sha256": other.sha256, "clientToken": "c2"})  # released, but not desired
+        assert (outcome, doc["code"]) == ("rejected", 403)
+        outcome, doc = ask({"sha256": "xyz", "clientToken": "c3"})
+        assert (outcome, doc["code"]) == ("rejected", 400)
+        outcome, doc = ask({"sha256": rel.sha256, "clientToken": "c4"})
+        assert outcome == "accepted" and doc["clientToken"] == "c4" and doc["sha256"] == rel.sha256
+        token = doc["token"]
+    finally:
+        device.close()
+
+    ctx = ssl.create_default_context(cafile=str(site.pki.ca_cert))
+
+    def fetch(sha):
+        req = urllib.request.Request(site.endpoints().store_url + presign.artifact_path(sha),
+                                     headers={"Authorization": "Bearer " + token})
+        try:
+            with urllib.request.urlopen(req, context=ctx, timeout=10) as r:
+                return r.status, r.read()
+        except urllib.error.HTTPError as e:
+            return e.code, e.read()
+
+    assert fetch(rel.sha256) == (200, images["B"])
+    status, body = fetch(other.sha256)  # the same token replayed for another artifact
+    assert status == 403 and b"another artifact" in body
