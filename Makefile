@@ -9,8 +9,10 @@ PORT ?=
 FIRMWARE ?=
 CONFIG ?=
 
-# Distribution packages the tests use (Debian/Ubuntu), pinned; installed when missing and root.
-APT_PACKAGES := mosquitto=2.0.11-1.2+deb12u2
+# Distribution packages the tests use (Debian/Ubuntu), pinned, each as <file it provides>:<package>;
+# installed when missing and root.
+APT_DEPS := mosquitto:mosquitto=2.0.11-1.2+deb12u2 \
+	/usr/lib/postgresql/15/bin/initdb:postgresql-15=15.18-0+deb12u1
 
 .PHONY: venv system-deps demo test bench flash deploy hil clean
 
@@ -26,17 +28,20 @@ $(STAMP): requirements-dev.txt
 demo: venv
 	$(BIN)/python -m tools demo
 
-# The pinned version, or (if the mirror has moved on) the distribution's current one, said so.
+# The pinned versions, or (if the mirror has moved on) the distribution's current ones, said so.
 system-deps:
-	@command -v mosquitto >/dev/null && exit 0; \
+	@missing=""; for dep in $(APT_DEPS); do \
+		f=$${dep%%:*}; { command -v $$f || test -x $$f; } >/dev/null 2>&1 || missing="$$missing $${dep#*:}"; done; \
+	[ -z "$$missing" ] && exit 0; \
 	if [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null; then \
-		echo "note: mosquitto is not installed; its tests will skip (apt-get install mosquitto)"; exit 0; fi; \
+		echo "note: not installed:$$missing; their tests will skip (apt-get install them)"; exit 0; fi; \
 	export DEBIAN_FRONTEND=noninteractive; \
-	apt-get install -y -q $(APT_PACKAGES) >/dev/null 2>&1 \
-	|| { apt-get update -q >/dev/null && apt-get install -y -q $(APT_PACKAGES) >/dev/null 2>&1; } \
-	|| { echo "note: $(APT_PACKAGES) unavailable; installing the distribution's mosquitto"; \
-	     apt-get install -y -q $(foreach p,$(APT_PACKAGES),$(firstword $(subst =, ,$(p)))) >/dev/null; } \
-	|| echo "note: could not install mosquitto; its tests will skip"
+	apt-get install -y -q $$missing >/dev/null 2>&1 \
+	|| { apt-get update -q >/dev/null && apt-get install -y -q $$missing >/dev/null 2>&1; } \
+	|| { names=$$(for p in $$missing; do printf ' %s' $${p%%=*}; done); \
+	     echo "note:$$missing unavailable; installing the distribution's$$names"; \
+	     apt-get install -y -q $$names >/dev/null; } \
+	|| echo "note: could not install$$missing; their tests will skip"
 
 test: venv system-deps
 	$(BIN)/python -m pytest host_tests $(PYTEST_ARGS)

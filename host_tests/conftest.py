@@ -150,6 +150,32 @@ def devices(site, services, tmp_path):
         print(f"--- console of {dev.root.name} ---\n{dev.output()}")  # shown when a test fails
 
 
+@pytest.fixture(scope="session")
+def postgres_server():
+    """One PostgreSQL server for the session (tools/postgres.py), stopped at the end."""
+    import shutil
+    import tempfile
+
+    from tools.postgres import Postgres, find_bin
+
+    if find_bin() is None:
+        pytest.skip("PostgreSQL server not installed (`make system-deps` installs postgresql-15)")
+    # Not under pytest's tmp_path: its parents are private to root, and the server runs as postgres.
+    folder = Path(tempfile.mkdtemp(prefix="fleet-ota-pg-"))
+    pg = Postgres(folder).start()
+    yield pg
+    pg.stop()
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture
+def postgres_url(postgres_server):
+    """A fresh, empty database for one test."""
+    import secrets
+
+    return postgres_server.create_database("t_" + secrets.token_hex(4))
+
+
 @pytest.fixture
 def recorder(site, services):
     """Factory: recorder(device) subscribes as the operator to state/<device>/#."""

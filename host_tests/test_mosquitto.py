@@ -12,7 +12,8 @@ import pytest
 
 from conftest import MQTTProbe, wait_until
 from tools import mosquitto
-from tools.replica import MQTTSettings, Replica, ShadowDB
+from tools.replica import MQTTSettings, Replica
+from tools.shadowstore import open_store
 
 pytestmark = pytest.mark.skipif(not mosquitto.available(), reason="mosquitto is not installed "
                                 "(make test installs it: apt-get install mosquitto)")
@@ -68,7 +69,7 @@ class Worker:
         import asyncio
 
         asyncio.set_event_loop(self.loop)
-        self.replica = Replica(self.settings, self.db_path)  # its SQLite connection belongs to this thread
+        self.replica = Replica(self.settings, self.db_path)  # its store connection belongs to this thread
         ready = asyncio.Event()
 
         async def main():
@@ -118,7 +119,7 @@ def _stream(site, port, tag):
 
 
 def _final(db_path):
-    db = ShadowDB(db_path)
+    db = open_store(db_path)
     try:
         return {f"d{d}": db.get(f"d{d}") for d in range(DEVICES)}
     finally:
@@ -126,17 +127,20 @@ def _final(db_path):
 
 
 @pytest.mark.timeout(240)
-def test_two_workers_split_the_stream_with_nothing_lost_or_applied_twice(site, broker, tmp_path):
+@pytest.mark.parametrize("store", ["sqlite", "postgresql"])
+def test_two_workers_split_the_stream_with_nothing_lost_or_applied_twice(site, broker, tmp_path, request, store):
+    # The reference: one worker, the default store (SQLite).
     one = Worker(site, broker.port, tmp_path / "one.db", "solo", "ref")
     ref_accepted = _stream(site, broker.port, "ref")
     one.stop()
     ref = _final(tmp_path / "one.db")
 
-    workers = [Worker(site, broker.port, tmp_path / "two.db", f"w{i}", "pair") for i in range(2)]
+    shared = tmp_path / "two.db" if store == "sqlite" else request.getfixturevalue("postgres_url")
+    workers = [Worker(site, broker.port, shared, f"w{i}", "pair") for i in range(2)]
     accepted = _stream(site, broker.port, "pair")
     for w in workers:
         w.stop()
-    got = _final(tmp_path / "two.db")
+    got = _final(shared)
 
     assert len(ref_accepted) == len(accepted) == DEVICES * UPDATES
     for d in range(DEVICES):

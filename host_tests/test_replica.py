@@ -1,10 +1,13 @@
-"""The replica answers bad input with `rejected`, keeps serving, and survives a restart."""
+"""The replica answers bad input with `rejected`, keeps serving, and survives a restart, on
+SQLite and on PostgreSQL."""
 
 import json
 
 import pytest
 
 from firmware import contract
+from tools.shadowstore import read_shadows
+from tools.site import Site
 
 
 def _answer(probe, timeout=5, documents=False):
@@ -14,6 +17,15 @@ def _answer(probe, timeout=5, documents=False):
         assert msg is not None, "no answer from the replica"
         if documents or not msg[0].endswith("/update/documents"):
             return msg[0].rsplit("/", 2)[-2:], json.loads(msg[1])
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def site(request, tmp_path):
+    """Every case here runs against both stores (tools/shadowstore.py)."""
+    s = Site(tmp_path / "site")
+    if request.param == "postgresql":
+        s.use_shadow_store(request.getfixturevalue("postgres_url"))
+    return s
 
 
 @pytest.fixture
@@ -47,7 +59,7 @@ def test_get_before_any_update_is_404(operator):
     assert (kind, outcome) == ("get", "rejected") and doc["code"] == contract.R_NOT_FOUND
 
 
-def test_document_survives_a_replica_restart(services, operator):
+def test_document_survives_a_replica_restart(site, services, operator):
     operator.publish("state/dev1/update", json.dumps({"state": {"desired": {"firmware": {"version": "2"}}}}))
     assert _answer(operator)[0][1] == "accepted"
     _answer(operator)  # the delta
@@ -58,6 +70,7 @@ def test_document_survives_a_replica_restart(services, operator):
     assert outcome == "accepted" and doc["clientToken"] == "after"
     assert doc["version"] == 1 and doc["state"]["desired"]["firmware"]["version"] == "2"
     assert doc["state"]["delta"] == {"firmware": {"version": "2"}}
+    assert read_shadows(site.shadow_store)["dev1"]["version"] == 1  # it is in this backend's store
 
 
 def test_documents_carry_previous_and_current_after_each_accepted_update(operator):

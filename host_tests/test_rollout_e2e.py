@@ -14,7 +14,7 @@ import time
 from conftest import REPO, wait_until
 from tools import shadow
 from tools.images import PANIC_BELOW_REV, build_app_image
-from tools.status import read_shadows
+from tools.shadowstore import read_shadows
 
 N = 20
 OLD_CHIPS = {"dev-04", "dev-05", "dev-06", "dev-07", "dev-15"}  # v1.0 silicon; dev-15 is in the last batch
@@ -34,11 +34,11 @@ def test_rollout_aborts_at_the_threshold_rolls_back_and_leaves_the_rest_untouche
              for d in ids}
 
     def all_reported():
-        docs = read_shadows(site.db_path, ids)
+        docs = read_shadows(site.shadow_store, ids)
         return len(docs) == N and all(doc["state"].get("reported", {}).get("firmware", {}).get("state") == "idle"
                                       for doc in docs.values())
     wait_until(all_reported, 120, "20 devices reporting 1.0.0", interval=0.5)
-    before = read_shadows(site.db_path, ids)
+    before = read_shadows(site.shadow_store, ids)
 
     t0 = time.monotonic()
     out = cli(site, "rollout", "start", "1.1.0", "--match", "dev-*", "--batches", "1,10%,50%,100%",
@@ -62,7 +62,7 @@ def test_rollout_aborts_at_the_threshold_rolls_back_and_leaves_the_rest_untouche
     assert all(t[d]["state"] == "skipped" for d in untouched)
     # Every touched device was set back to 1.0.0 and reports running it, idle.
     assert all(t[d]["rollback"] == "done" for d in touched), {d: t[d]["rollback"] for d in touched}
-    after = read_shadows(site.db_path, ids)
+    after = read_shadows(site.shadow_store, ids)
     for d in touched:
         fw = after[d]["state"]["reported"]["firmware"]
         assert (fw["version"], fw["sha256"], fw["state"]) == ("1.0.0", a.sha256, "idle"), (d, fw)

@@ -15,7 +15,7 @@ def _feed(replica, device, state):
 
 
 def test_status_shows_what_each_device_runs_and_what_is_wanted(site, tmp_path):
-    r = Replica(None, site.db_path)
+    r = Replica(None, site.shadow_store)
     fw = lambda v, sha, **kw: {"firmware": dict(version=v, sha256=sha, **kw)}  # noqa: E731
     _feed(r, "a1", {"reported": fw("1.0.0", "aa", state="idle", slot="ota_0")})
     _feed(r, "a2", {"desired": fw("1.1.0", "bb", url="u", size=1)})
@@ -26,7 +26,7 @@ def test_status_shows_what_each_device_runs_and_what_is_wanted(site, tmp_path):
     _feed(r, "a5", {"desired": fw("1.1.0", "bb", url="u", size=1)})
     _feed(r, "a5", {"reported": fw("1.1.0", "bb", state="idle")})
     r.db.close()
-    rows = {x.device: x for x in fleet(site.db_path)}
+    rows = {x.device: x for x in fleet(site.shadow_store)}
     assert (rows["a1"].running, rows["a1"].desired, rows["a1"].in_sync) == ("1.0.0", None, True)
     assert (rows["a2"].state, rows["a2"].progress, rows["a2"].in_sync) == ("downloading", 40, False)
     assert (rows["a3"].error, rows["a3"].attempts) == ("rolled_back", 3)
@@ -47,5 +47,5 @@ def test_status_shows_what_each_device_runs_and_what_is_wanted(site, tmp_path):
 
 
 def test_status_of_an_empty_site(site):
-    assert fleet(site.db_path) == []
+    assert fleet(site.shadow_store) == []
     assert "0 devices" in table([])

@@ -97,7 +97,7 @@ def cmd_replica(args) -> None:
     settings = MQTTSettings(args.mqtt_host, args.mqtt_port, "replica", site.service_password("replica"),
                             Path(args.ca) if args.ca else site.pki.ca_cert, client_id=f"replica-{args.name}",
                             share_group=args.share_group)
-    replica = Replica(settings, Path(args.db) if args.db else site.db_path)
+    replica = Replica(settings, args.db or site.shadow_store)
 
     async def main():
         task = asyncio.create_task(replica.run())
@@ -247,7 +247,7 @@ def cmd_status(args) -> None:
             db.close()
 
     while True:
-        rows = fleet(site.db_path)
+        rows = fleet(site.shadow_store)
         if args.device:
             rows = [r for r in rows if r.device in args.device]
         runs = rollouts()
@@ -296,11 +296,11 @@ def _drive(site, engine) -> None:
 def _rollout_devices(args, site) -> list[str]:
     import fnmatch
 
-    from tools.status import read_shadows
+    from tools.shadowstore import read_shadows
 
     if args.devices:
         return args.devices
-    known = list(read_shadows(site.db_path))
+    known = list(read_shadows(site.shadow_store))
     picked = known if args.all else [d for d in known if fnmatch.fnmatchcase(d, args.match)]
     if not picked:
         raise CommandError("no known device matches (devices appear once they have reported)")
@@ -407,7 +407,8 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("--share-group", help="subscribe as $share/GROUP/... so workers split the stream")
     sp.add_argument("--name", default="1", help="worker name (client id replica-NAME)")
     sp.add_argument("--ca", help="CA of the broker's certificate (default: the site's)")
-    sp.add_argument("--db", help="SQLite file (default: <site>/replica.db)")
+    sp.add_argument("--db", help="SQLite file or postgresql:// URL (default: <site>/shadows.url if present, "
+                    "else <site>/replica.db)")
 
     sp = with_site(add("provision", cmd_provision, "create an emulated device (needs `serve` running)"))
     sp.add_argument("device")

@@ -127,7 +127,7 @@ async def run_demo(root: Path) -> int:
     ep = await services.start()
     print(f"broker  mqtts://{ep.host}:{ep.mqtt_port}  (amqtt, TLS, per-device ACL)")
     print(f"store   https://{ep.host}:{ep.https_port}  (pre-signed, device-bound URLs)")
-    print(f"replica SQLite {site.db_path}")
+    print(f"replica store {site.shadow_store}")
     runner = None
     thread = None
     rec_task = None

@@ -25,7 +25,7 @@ import aiomqtt
 from firmware import contract
 from tools import presign
 from tools.site import Site
-from tools.status import read_shadows
+from tools.shadowstore import read_shadows
 
 log = logging.getLogger("renewer")
 
@@ -128,7 +128,7 @@ class Renewer:
             else:
                 continue
             # Sign what the shadow desires now (the replica's store), not what a message said.
-            shadows = await asyncio.to_thread(read_shadows, self.site.db_path, [device])
+            shadows = await asyncio.to_thread(read_shadows, self.site.shadow_store, [device])
             desired = shadows.get(device, {}).get("state", {}).get("desired")
             await self._answer(client, device, request, desired)
 

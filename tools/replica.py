@@ -1,7 +1,8 @@
 """The Device State Replica: an ordinary MQTT client that keeps one shadow per device.
 
 Subscribes `state/+/update` and `state/+/get`; for each update it validates and merges
-(tools.shadow), commits the document to SQLite (WAL, one transaction per update), and only then
+(tools.shadow), commits the document (tools.shadowstore: SQLite, or PostgreSQL to scale out;
+one transaction per update), and only then
 publishes `update/accepted`, while desired differs from reported `update/delta`, and
 `update/documents` (previous and current document). Bad input
 gets `update/rejected` {code, message}; nothing a client sends can stop the service.
@@ -13,7 +14,6 @@ import asyncio
 import hashlib
 import json
 import logging
-import sqlite3
 import ssl
 import time
 from dataclasses import dataclass
@@ -23,63 +23,9 @@ import aiomqtt
 
 from firmware import contract
 from tools import shadow
+from tools.shadowstore import open_store
 
 log = logging.getLogger("replica")
-
-
-class ShadowDB:
-    """SQLite store of shadow documents: one row per device, replaced per update."""
-
-    def __init__(self, path: Path):
-        self.conn = sqlite3.connect(str(path), isolation_level=None)
-        self.conn.execute("PRAGMA journal_mode=WAL")
-        self.conn.execute("PRAGMA synchronous=FULL")  # accepted means on disk
-        self.conn.execute(
-            "CREATE TABLE IF NOT EXISTS shadows ("
-            " device_id TEXT PRIMARY KEY, version INTEGER NOT NULL, doc TEXT NOT NULL)"
-        )
-        columns = {row[1] for row in self.conn.execute("PRAGMA table_info(shadows)")}
-        if "last_request" not in columns:  # databases from before idempotent requests
-            self.conn.execute("ALTER TABLE shadows ADD COLUMN last_request TEXT")
-            self.conn.execute("ALTER TABLE shadows ADD COLUMN last_answer TEXT")
-
-    def get(self, device_id: str) -> dict | None:
-        row = self.conn.execute("SELECT doc FROM shadows WHERE device_id = ?", (device_id,)).fetchone()
-        return json.loads(row[0]) if row else None
-
-    def last(self, device_id: str) -> tuple[str | None, list | None]:
-        """(digest of the last applied request that carried a clientToken, what it was answered)."""
-        row = self.conn.execute("SELECT last_request, last_answer FROM shadows WHERE device_id = ?",
-                                (device_id,)).fetchone()
-        if not row or row[0] is None:
-            return None, None
-        return row[0], json.loads(row[1])
-
-    def put(self, device_id: str, doc: dict, expected_version: int, request: str | None = None,
-            answer: list | None = None) -> bool:
-        """Compare-and-swap on version; False if someone else wrote first. `request`/`answer`
-        (kept when None) are written in the same transaction as the document, so a replayed
-        request is recognised after a crash too."""
-        text = json.dumps(doc, separators=(",", ":"))
-        ans = json.dumps(answer, separators=(",", ":")) if answer is not None else None
-        with self.conn:
-            if expected_version == 0:
-                cur = self.conn.execute(
-                    "INSERT OR IGNORE INTO shadows (device_id, version, doc, last_request, last_answer)"
-                    " VALUES (?, ?, ?, ?, ?)",
-                    (device_id, doc["version"], text, request, ans),
-                )
-            else:
-                cur = self.conn.execute(
-                    "UPDATE shadows SET version = ?, doc = ?, last_request = COALESCE(?, last_request),"
-                    " last_answer = COALESCE(?, last_answer)"
-                    " WHERE device_id = ? AND version = ?",
-                    (doc["version"], text, request, ans, device_id, expected_version),
-                )
-        return cur.rowcount == 1
-
-    def close(self) -> None:
-        self.conn.close()
 
 
 @dataclass
@@ -99,9 +45,10 @@ class MQTTSettings:
 
 
 class Replica:
-    def __init__(self, mqtt: MQTTSettings, db_path: Path):
+    def __init__(self, mqtt: MQTTSettings, store: Path | str):
+        """`store`: an SQLite file or a postgresql:// URL (tools.shadowstore)."""
         self.mqtt = mqtt
-        self.db = ShadowDB(db_path)
+        self.db = open_store(store)
         self.handled = 0
 
     def handle(self, topic: str, payload: bytes) -> list[tuple[str, dict]]:

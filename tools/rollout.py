@@ -473,7 +473,7 @@ async def run(site, engine: Engine, tick: float = 1.0, on_tick=None, reconnects:
     import aiomqtt
 
     from tools.operator_client import DesiredWriter
-    from tools.status import read_shadows
+    from tools.shadowstore import read_shadows
 
     delay = 1.0
     for attempt in range(reconnects + 1):
@@ -483,7 +483,7 @@ async def run(site, engine: Engine, tick: float = 1.0, on_tick=None, reconnects:
                     await writer.set(s.device, s.release, s.allow_downgrade,
                                      token=engine.info.policy.auth == contract.AUTH_TOKEN)
 
-                return await drive(engine, lambda devices: read_shadows(site.db_path, devices), publish, tick,
+                return await drive(engine, lambda devices: read_shadows(site.shadow_store, devices), publish, tick,
                                    on_tick)
         except aiomqtt.MqttError as e:
             if attempt == reconnects:

@@ -89,7 +89,7 @@ class Services:
         port = mqtt_port or self.endpoints.mqtt_port
         settings = MQTTSettings(self.host, port, "replica", self.site.service_password("replica"),
                                 self.site.pki.ca_cert)
-        self.replica = Replica(settings, self.site.db_path)
+        self.replica = Replica(settings, self.site.shadow_store)
         self._replica_task = await start_ready(self.replica.run)
 
     async def stop_replica(self) -> None:

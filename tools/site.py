@@ -5,7 +5,8 @@
     <root>/services.json   passwords of the service identities (mode 0600)
     <root>/store.key       HMAC key for pre-signed URLs (mode 0600)
     <root>/releases/       released images and their index
-    <root>/replica.db      shadow documents
+    <root>/replica.db      shadow documents (SQLite; the default store)
+    <root>/shadows.url     optional: a postgresql:// URL; then the shadows live there instead
     <root>/rollouts.db     rollouts and where each of their devices stands
     <root>/endpoints.json  where the running services listen (written by `serve`)
 """
@@ -46,6 +47,23 @@ class Site:
         self.db_path = self.root / "replica.db"
         self.rollouts_path = self.root / "rollouts.db"
         self.devices_dir = self.root / "devices"
+
+    @property
+    def shadow_store(self) -> Path | str:
+        """Where the replica keeps shadows: replica.db, or the URL in shadows.url."""
+        url = self.root / "shadows.url"
+        return url.read_text().strip() if url.exists() else self.db_path
+
+    def use_shadow_store(self, url: str | None) -> None:
+        """Keep the shadows in PostgreSQL at `url` from now on (None: back to SQLite)."""
+        path = self.root / "shadows.url"
+        if url is None:
+            path.unlink(missing_ok=True)
+            return
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(url + "\n")
+        os.chmod(tmp, 0o600)  # the URL may hold a password
+        tmp.replace(path)
 
     def _secret_file(self, name: str, make) -> bytes:
         path = self.root / name

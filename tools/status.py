@@ -1,16 +1,15 @@
 """Fleet status from the replica's store: one row per device, what it runs and what is wanted.
 
-Read-only: opens the SQLite database the replica writes (WAL lets readers in while it runs),
-so `status` works with or without the services up.
+Read-only: reads the store the replica writes (SQLite in WAL mode lets readers in while it
+runs; PostgreSQL anyway), so `status` works with or without the services up.
 """
 
 from __future__ import annotations
 
-import json
-import sqlite3
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
+
+from tools.shadowstore import read_shadows
 
 
 @dataclass
@@ -51,27 +50,9 @@ def device_status(device: str, doc: dict) -> DeviceStatus:
     )
 
 
-def read_shadows(db_path: Path, devices: list[str] | None = None) -> dict[str, dict]:
-    """Shadow documents by device (all, or those of `devices` that have one), read-only."""
-    if not Path(db_path).exists():
-        return {}
-    conn = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True, timeout=30)
-    try:
-        if devices is None:
-            rows = conn.execute("SELECT device_id, doc FROM shadows ORDER BY device_id").fetchall()
-        else:
-            rows = []
-            for i in range(0, len(devices), 500):  # SQLite bounds the number of parameters
-                chunk = devices[i:i + 500]
-                rows += conn.execute(f"SELECT device_id, doc FROM shadows WHERE device_id IN"
-                                     f" ({','.join('?' * len(chunk))})", chunk).fetchall()
-    finally:
-        conn.close()
-    return {d: json.loads(doc) for d, doc in rows}
-
-
-def fleet(db_path: Path) -> list[DeviceStatus]:
-    return [device_status(d, doc) for d, doc in read_shadows(db_path).items()]
+def fleet(store) -> list[DeviceStatus]:
+    """Every device in the replica's store (an SQLite file or a postgresql:// URL)."""
+    return [device_status(d, doc) for d, doc in read_shadows(store).items()]
 
 
 def summary(rows: list[DeviceStatus]) -> dict:

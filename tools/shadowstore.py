@@ -1,0 +1,144 @@
+"""Where the replica keeps shadow documents: SQLite by default, PostgreSQL to scale out.
+
+One schema on both (a row per device: version, document, and the last request that carried a
+clientToken with its answer), one interface, chosen by location: a file path is SQLite (WAL),
+a `postgresql://` URL is PostgreSQL. Every write is a compare-and-swap on the version, so
+several replica workers can share one store.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from pathlib import Path
+
+COLUMNS = ("device_id TEXT PRIMARY KEY, version INTEGER NOT NULL, doc TEXT NOT NULL,"
+           " last_request TEXT, last_answer TEXT")
+
+
+def _dump(obj) -> str:
+    return json.dumps(obj, separators=(",", ":"))
+
+
+class _Store:
+    """The SQL both engines share; subclasses supply `_query`/`_write` and the parameter style."""
+
+    P = "?"
+
+    def _query(self, sql: str, args: tuple = ()) -> list[tuple]:
+        raise NotImplementedError
+
+    def _write(self, sql: str, args: tuple) -> int:
+        raise NotImplementedError
+
+    def _sql(self, sql: str) -> str:
+        return sql.replace("?", self.P)
+
+    def get(self, device_id: str) -> dict | None:
+        rows = self._query(self._sql("SELECT doc FROM shadows WHERE device_id = ?"), (device_id,))
+        return json.loads(rows[0][0]) if rows else None
+
+    def last(self, device_id: str) -> tuple[str | None, list | None]:
+        """(digest of the last applied request that carried a clientToken, what it was answered)."""
+        rows = self._query(self._sql("SELECT last_request, last_answer FROM shadows WHERE device_id = ?"),
+                           (device_id,))
+        if not rows or rows[0][0] is None:
+            return None, None
+        return rows[0][0], json.loads(rows[0][1])
+
+    def put(self, device_id: str, doc: dict, expected_version: int, request: str | None = None,
+            answer: list | None = None) -> bool:
+        """Compare-and-swap on version; False if someone else wrote first. `request`/`answer`
+        (kept when None) are written in the same statement as the document, so a replayed
+        request is recognised after a crash too."""
+        text = _dump(doc)
+        ans = _dump(answer) if answer is not None else None
+        if expected_version == 0:
+            sql = ("INSERT INTO shadows (device_id, version, doc, last_request, last_answer) VALUES (?, ?, ?, ?, ?)"
+                   " ON CONFLICT (device_id) DO NOTHING")
+            return self._write(self._sql(sql), (device_id, doc["version"], text, request, ans)) == 1
+        sql = ("UPDATE shadows SET version = ?, doc = ?, last_request = COALESCE(?, last_request),"
+               " last_answer = COALESCE(?, last_answer) WHERE device_id = ? AND version = ?")
+        return self._write(self._sql(sql), (doc["version"], text, request, ans, device_id, expected_version)) == 1
+
+    def docs(self, devices: list[str] | None = None) -> dict[str, dict]:
+        """Documents by device: all, or those of `devices` that have one."""
+        if devices is None:
+            rows = self._query("SELECT device_id, doc FROM shadows ORDER BY device_id")
+        else:
+            rows = []
+            for i in range(0, len(devices), 500):  # engines bound the number of parameters
+                chunk = tuple(devices[i:i + 500])
+                marks = ",".join([self.P] * len(chunk))
+                rows += self._query(f"SELECT device_id, doc FROM shadows WHERE device_id IN ({marks})", chunk)
+        return {d: json.loads(doc) for d, doc in rows}
+
+
+class SQLiteStore(_Store):
+    def __init__(self, path: Path, readonly: bool = False):
+        if readonly:
+            self.conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)
+            return
+        self.conn = sqlite3.connect(str(path), isolation_level=None, timeout=30)
+        self.conn.execute("PRAGMA journal_mode=WAL")
+        self.conn.execute("PRAGMA synchronous=FULL")  # accepted means on disk
+        self.conn.execute(f"CREATE TABLE IF NOT EXISTS shadows ({COLUMNS})")
+        columns = {row[1] for row in self.conn.execute("PRAGMA table_info(shadows)")}
+        if "last_request" not in columns:  # databases from before idempotent requests
+            self.conn.execute("ALTER TABLE shadows ADD COLUMN last_request TEXT")
+            self.conn.execute("ALTER TABLE shadows ADD COLUMN last_answer TEXT")
+
+    def _query(self, sql: str, args: tuple = ()) -> list[tuple]:
+        return self.conn.execute(sql, args).fetchall()
+
+    def _write(self, sql: str, args: tuple) -> int:
+        with self.conn:
+            return self.conn.execute(sql, args).rowcount
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+class PostgresStore(_Store):
+    P = "%s"
+
+    def __init__(self, url: str, readonly: bool = False):
+        import psycopg
+
+        # autocommit: each statement is its own transaction, committed (and, with the
+        # server's default synchronous_commit, flushed) before it returns.
+        self.conn = psycopg.connect(url, autocommit=True, connect_timeout=10)
+        self.conn.execute(f"CREATE TABLE IF NOT EXISTS shadows ({COLUMNS})")
+        if readonly:
+            self.conn.read_only = True
+
+    def _query(self, sql: str, args: tuple = ()) -> list[tuple]:
+        return self.conn.execute(sql, args).fetchall()
+
+    def _write(self, sql: str, args: tuple) -> int:
+        return self.conn.execute(sql, args).rowcount
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+def is_url(location) -> bool:
+    return str(location).startswith(("postgresql://", "postgres://"))
+
+
+def open_store(location, readonly: bool = False) -> _Store:
+    """A file path (SQLite) or a postgresql:// URL."""
+    if is_url(location):
+        return PostgresStore(str(location), readonly)
+    return SQLiteStore(Path(location), readonly)
+
+
+def read_shadows(location, devices: list[str] | None = None) -> dict[str, dict]:
+    """Documents by device, read-only (nothing is created when there is no store yet)."""
+    if not is_url(location) and not Path(location).exists():
+        return {}
+    store = open_store(location, readonly=True)
+    try:
+        return store.docs(devices)
+    finally:
+        store.close()
