@@ -117,3 +117,34 @@ def test_a_request_with_a_client_token_is_applied_once(services, operator):
     assert doc["version"] == 2  # not applied a second time
     operator.publish("state/dev1/update", json.dumps({"state": {"desired": {"n": 1}}, "clientToken": "once-2"}))
     assert _answer(operator)[1]["version"] == 3  # another token is another request
+
+
+def test_messages_that_arrive_together_share_one_transaction_and_fall_back_alone(site, monkeypatch):
+    from tools.replica import Replica
+
+    r = Replica(None, site.shadow_store)
+    try:
+        batch = [("state/b1/update", json.dumps({"state": {"desired": {"n": i}}, "clientToken": f"t{i}"}).encode())
+                 for i in range(5)] + [("state/b1/get", b"{}")]
+        outs = r.handle_many(batch)
+        assert [o[0][1]["version"] for o in outs[:5]] == [1, 2, 3, 4, 5]
+        assert outs[5][0][1]["state"]["desired"] == {"n": 4}  # the get sees the updates before it
+        # The store fails on the third write of the next batch: nothing of that batch may stay
+        # committed, and each message is then handled alone, exactly once.
+        calls = {"n": 0}
+        put = r.db.put
+
+        def flaky(*a, **kw):
+            calls["n"] += 1
+            if calls["n"] == 3:
+                raise r.db.errors[0]("deadlock detected")
+            return put(*a, **kw)
+        monkeypatch.setattr(r.db, "put", flaky)
+        more = [("state/b1/update", json.dumps({"state": {"desired": {"m": i}}, "clientToken": f"u{i}"}).encode())
+                for i in range(4)]
+        outs = r.handle_many(more)
+        assert [o[0][1]["version"] for o in outs] == [6, 7, 8, 9]
+        doc = r.db.get("b1")
+        assert doc["version"] == 9 and doc["state"]["desired"] == {"n": 4, "m": 3}
+    finally:
+        r.db.close()

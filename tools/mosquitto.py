@@ -50,6 +50,26 @@ class Mosquitto:
         if self.proc is not None:
             self.proc.send_signal(1)  # SIGHUP: reload password and ACL files
 
+    def add_users(self, users: dict[str, str]) -> None:
+        """Many new logins at once (simulated fleets), hashed here in mosquitto 2's own format
+        (PBKDF2-SHA512, 101 rounds, `$7$`) instead of one mosquitto_passwd run per user."""
+        import base64
+        import hashlib
+        import os
+
+        def b64(b: bytes) -> str:
+            return base64.b64encode(b).decode()
+
+        self.dir.mkdir(parents=True, exist_ok=True)
+        with open(self.passwd, "a") as f:
+            for name, password in users.items():
+                salt = os.urandom(12)
+                digest = hashlib.pbkdf2_hmac("sha512", password.encode(), salt, 101)
+                f.write(f"{name}:$7$101${b64(salt)}${b64(digest)}\n")
+        self.passwd.chmod(0o600)
+        if self.proc is not None:
+            self.proc.send_signal(1)
+
     def _write_config(self) -> Path:
         acl = self.dir / "acl"
         acl.write_text("".join(f"user {u}\ntopic readwrite state/#\n\n" for u in self.services)

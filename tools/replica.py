@@ -2,7 +2,7 @@
 
 Subscribes `state/+/update` and `state/+/get`; for each update it validates and merges
 (tools.shadow), commits the document (tools.shadowstore: SQLite, or PostgreSQL to scale out;
-one transaction per update), and only then
+messages that arrive together share one transaction), and only then
 publishes `update/accepted`, while desired differs from reported `update/delta`, and
 `update/documents` (previous and current document). Bad input
 gets `update/rejected` {code, message}; nothing a client sends can stop the service.
@@ -50,6 +50,7 @@ class Replica:
         self.mqtt = mqtt
         self.db = open_store(store)
         self.handled = 0
+        self.batch_max = 200  # messages per transaction, at most
 
     def handle(self, topic: str, payload: bytes) -> list[tuple[str, dict]]:
         """Process one message; returns the (topic, message) pairs to publish, in order.
@@ -96,6 +97,27 @@ class Replica:
             return [(contract.topic(device_id, contract.UPDATE_REJECTED), e.payload())]
         return [(contract.topic(device_id, suffix), msg) for suffix, msg in out]
 
+    def _one(self, topic: str, payload: bytes) -> list[tuple[str, dict]]:
+        try:
+            return self.handle(topic, payload)
+        except self.db.errors:
+            raise
+        except Exception:  # noqa: BLE001 - one bad message must not stop the service
+            log.exception("failed to handle %s", topic)
+            return []
+
+    def handle_many(self, batch: list[tuple[str, bytes]]) -> list[list[tuple[str, dict]]]:
+        """Messages that arrived together, in one transaction: one commit (one fsync) for all,
+        and only then their answers. If the store fails part way (a deadlock with another
+        worker, a busy database), none of it was committed: each is handled again alone."""
+        if len(batch) > 1:
+            try:
+                with self.db.transaction():
+                    return [self._one(t, p) for t, p in batch]
+            except self.db.errors as e:
+                log.warning("batch of %d failed (%s); one at a time", len(batch), e)
+        return [self._one(t, p) for t, p in batch]
+
     async def run(self, ready: asyncio.Event | None = None) -> None:
         """Serve until cancelled; reconnects with backoff if the broker goes away."""
         m = self.mqtt
@@ -105,7 +127,7 @@ class Replica:
                 async with aiomqtt.Client(
                     m.host, m.port, username=m.username, password=m.password,
                     identifier=m.client_id or f"{m.username}-replica", tls_context=m.tls_context(),
-                    clean_session=False,
+                    clean_session=False, max_inflight_messages=1000,
                 ) as client:
                     share = f"$share/{m.share_group}/" if m.share_group else ""
                     await client.subscribe(f"{share}{contract.ROOT}/+/{contract.UPDATE}", qos=1)
@@ -114,15 +136,21 @@ class Replica:
                     delay = 0.5
                     if ready is not None:
                         ready.set()
-                    async for message in client.messages:
+                    messages = client.messages
+                    async for message in messages:
+                        batch = [message]
+                        while len(messages) and len(batch) < self.batch_max:  # what is already queued
+                            batch.append(await anext(messages))
                         try:
-                            out = self.handle(str(message.topic), bytes(message.payload or b""))
-                        except Exception:  # noqa: BLE001 - one bad message must not stop the service
-                            log.exception("failed to handle %s", message.topic)
+                            outs = self.handle_many([(str(m.topic), bytes(m.payload or b"")) for m in batch])
+                        except Exception:  # noqa: BLE001 - the store is down: the requests go unanswered
+                            log.exception("failed to handle %d messages", len(batch))
                             continue
-                        self.handled += 1
-                        for topic, msg in out:
-                            await client.publish(topic, json.dumps(msg, separators=(",", ":")), qos=1)
+                        self.handled += len(batch)
+                        # Sent in this order, acknowledged together: a QoS 1 publish waits for
+                        # its PUBACK, and one round trip per answer would bound the service.
+                        await asyncio.gather(*(client.publish(topic, json.dumps(msg, separators=(",", ":")), qos=1)
+                                               for out in outs for topic, msg in out))
             except aiomqtt.MqttError as e:
                 log.warning("broker connection lost (%s); reconnecting in %.1fs", e, delay)
                 await asyncio.sleep(delay)

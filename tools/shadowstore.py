@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+from contextlib import contextmanager
 from pathlib import Path
 
 COLUMNS = ("device_id TEXT PRIMARY KEY, version INTEGER NOT NULL, doc TEXT NOT NULL,"
@@ -75,7 +76,10 @@ class _Store:
 
 
 class SQLiteStore(_Store):
+    errors = (sqlite3.Error,)
+
     def __init__(self, path: Path, readonly: bool = False):
+        self._in_tx = False
         if readonly:
             self.conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)
             return
@@ -92,8 +96,25 @@ class SQLiteStore(_Store):
         return self.conn.execute(sql, args).fetchall()
 
     def _write(self, sql: str, args: tuple) -> int:
+        if self._in_tx:
+            return self.conn.execute(sql, args).rowcount
         with self.conn:
             return self.conn.execute(sql, args).rowcount
+
+    @contextmanager
+    def transaction(self):
+        """Several writes, one commit (one fsync). IMMEDIATE: other writers wait for it."""
+        self.conn.execute("BEGIN IMMEDIATE")
+        self._in_tx = True
+        try:
+            yield
+        except BaseException:
+            self.conn.execute("ROLLBACK")
+            raise
+        else:
+            self.conn.execute("COMMIT")
+        finally:
+            self._in_tx = False
 
     def close(self) -> None:
         self.conn.close()
@@ -104,6 +125,8 @@ class PostgresStore(_Store):
 
     def __init__(self, url: str, readonly: bool = False):
         import psycopg
+
+        self.errors = (psycopg.Error,)
 
         # autocommit: each statement is its own transaction, committed (and, with the
         # server's default synchronous_commit, flushed) before it returns.
@@ -117,6 +140,13 @@ class PostgresStore(_Store):
 
     def _write(self, sql: str, args: tuple) -> int:
         return self.conn.execute(sql, args).rowcount
+
+    @contextmanager
+    def transaction(self):
+        """Several writes, one commit. Row locks make a competing worker wait (or, on a
+        deadlock, fail this transaction: the caller retries)."""
+        with self.conn.transaction():
+            yield
 
     def close(self) -> None:
         self.conn.close()
