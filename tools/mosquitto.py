@@ -81,6 +81,7 @@ class Mosquitto:
             f"password_file {self.passwd}\n"
             f"acl_file {acl}\n"
             "persistence false\n"
+            "set_tcp_nodelay true\n"  # small shadow messages must not wait for ACKs (Nagle)
             "user root\n"  # keep the test's files readable (mosquitto drops to 'mosquitto' by default)
             "log_dest stdout\n"
             "log_type error\nlog_type warning\nlog_type notice\n"

@@ -15,6 +15,7 @@ import aiomqtt
 from firmware import contract
 from tools import presign
 from tools.releases import Release
+from tools.replica import NODELAY
 from tools.site import Site
 
 
@@ -27,7 +28,8 @@ def _client(site: Site, suffix: str) -> aiomqtt.Client:
     ctx = ssl.create_default_context(cafile=str(site.pki.ca_cert))
     return aiomqtt.Client(ep.host, ep.mqtt_port, username="operator",
                           password=site.service_password("operator"),
-                          identifier=f"operator-{suffix}-{secrets.token_hex(3)}", tls_context=ctx)
+                          identifier=f"operator-{suffix}-{secrets.token_hex(3)}", tls_context=ctx,
+                          socket_options=NODELAY)
 
 
 def desired_firmware(site: Site, device: str, release: Release, ttl: int = presign.DEFAULT_TTL,

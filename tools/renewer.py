@@ -24,6 +24,7 @@ import aiomqtt
 
 from firmware import contract
 from tools import presign
+from tools.replica import NODELAY
 from tools.site import Site
 from tools.shadowstore import read_shadows
 
@@ -97,7 +98,8 @@ class Renewer:
             try:
                 async with aiomqtt.Client(self.host, self.port, username="operator",
                                           password=self.site.service_password("operator"),
-                                          identifier="operator-renewer", tls_context=ctx) as client:
+                                          identifier="operator-renewer", tls_context=ctx,
+                                          socket_options=NODELAY) as client:
                     await client.subscribe(f"{contract.ROOT}/+/{contract.UPDATE_ACCEPTED}", qos=1)
                     await client.subscribe(f"{contract.ROOT}/+/{contract.CREDENTIALS}", qos=1)
                     delay = 0.5

@@ -14,6 +14,7 @@ import asyncio
 import hashlib
 import json
 import logging
+import socket
 import ssl
 import time
 from dataclasses import dataclass
@@ -26,6 +27,10 @@ from tools import shadow
 from tools.shadowstore import open_store
 
 log = logging.getLogger("replica")
+
+# paho leaves Nagle on: the second and third answer to an update would wait for the first
+# one's ACK, which the broker delays (delayed ACK), ~40 ms per hop.
+NODELAY = ((socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),)
 
 
 @dataclass
@@ -127,7 +132,7 @@ class Replica:
                 async with aiomqtt.Client(
                     m.host, m.port, username=m.username, password=m.password,
                     identifier=m.client_id or f"{m.username}-replica", tls_context=m.tls_context(),
-                    clean_session=False, max_inflight_messages=1000,
+                    clean_session=False, max_inflight_messages=1000, socket_options=NODELAY,
                 ) as client:
                     share = f"$share/{m.share_group}/" if m.share_group else ""
                     await client.subscribe(f"{share}{contract.ROOT}/+/{contract.UPDATE}", qos=1)
