@@ -48,10 +48,12 @@ test: venv system-deps
 
 # Measurements, not tests: each prints its figures with a reference from the same run and
 # writes JSON under build/bench/.
-bench: venv
+bench: venv system-deps
 	$(BIN)/python -m tools.bench.ota_throughput
 	$(BIN)/python -m tools.bench.memory
 	$(BIN)/python -m tools.bench.emulator_cost --devices 1,10,50
+	$(BIN)/python -m tools.bench.replica --runs 3
+	$(BIN)/python -m tools.bench.control_plane --devices 10000 --workers 2
 
 flash: venv
 	@test -n "$(PORT)" -a -n "$(FIRMWARE)" || { echo "usage: make flash PORT=/dev/ttyUSB0 FIRMWARE=firmware.bin"; exit 2; }

@@ -250,3 +250,23 @@ def test_roll_back_by_the_operator_cancels_and_restores_each_device_s_previous_r
     assert sorted((s.device, s.release.version, s.allow_downgrade) for s in back) == [
         ("dev-00", "1.0.0", True), ("dev-01", "1.0.0", True)]
     assert list(states(db, engine).values()).count(ro.SKIPPED) == 18
+
+
+def test_a_cancel_that_lands_while_a_batch_opens_wins(tmp_path):
+    db, fleet, engine = make(tmp_path, 20)
+    step(engine, fleet)
+    fleet.report("dev-00", B)
+    # Another process cancels between this step's read of the rollout and its targeting.
+    other = ro.RolloutDB(tmp_path / "rollouts.db")
+    real_targets = db.targets
+
+    def targets_then_cancel(rid):
+        out = real_targets(rid)
+        if other.info(rid).state == ro.RUNNING:
+            ro.Engine(other, rid, RELEASES.get).abort("cancelled", state=ro.CANCELLED)
+        return out
+    db.targets = targets_then_cancel
+    assert step(engine, fleet) == []  # batch 2 was about to open: nothing goes out
+    db.targets = real_targets
+    st = states(db, engine)
+    assert st["dev-01"] == ro.SKIPPED and list(st.values()).count(ro.SKIPPED) == 19

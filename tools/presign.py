@@ -29,11 +29,23 @@ def artifact_path(sha256: str) -> str:
     return f"/fw/{sha256}.bin"
 
 
-def sign(key: bytes, base_url: str, sha256: str, device: str, ttl: int = DEFAULT_TTL, now: float | None = None) -> str:
-    """A URL for `device` to GET the artifact `sha256` until now + ttl (at most MAX_TTL)."""
+def _expiry(ttl: int, now: float | None) -> int:
     if not 0 < ttl <= MAX_TTL:
         raise ValueError(f"ttl must be 1..{MAX_TTL} seconds")
-    expires = int(now if now is not None else time.time()) + ttl
+    return int(now if now is not None else time.time()) + ttl
+
+
+def _check_expiry(expires: int, now: float | None, what: str) -> None:
+    now = now if now is not None else time.time()
+    if now > expires:
+        raise PresignError(f"{what} expired")
+    if expires - now > MAX_TTL:
+        raise PresignError(f"{what} lifetime exceeds the store's limit")
+
+
+def sign(key: bytes, base_url: str, sha256: str, device: str, ttl: int = DEFAULT_TTL, now: float | None = None) -> str:
+    """A URL for `device` to GET the artifact `sha256` until now + ttl (at most MAX_TTL)."""
+    expires = _expiry(ttl, now)
     path = artifact_path(sha256)
     q = urlencode({"device": device, "expires": expires, "sig": _mac(key, path, device, expires)})
     return f"{base_url.rstrip('/')}{path}?{q}"
@@ -50,11 +62,7 @@ def verify(key: bytes, path: str, query: dict[str, str], now: float | None = Non
         raise PresignError("bad expiry") from None
     if not hmac.compare_digest(sig, _mac(key, path, device, exp)):
         raise PresignError("signature does not match")
-    now = now if now is not None else time.time()
-    if now > exp:
-        raise PresignError("URL expired")
-    if exp - now > MAX_TTL:
-        raise PresignError("URL lifetime exceeds the store's limit")
+    _check_expiry(exp, now, "URL")
     return device
 
 
@@ -70,9 +78,7 @@ def _token_mac(key: bytes, device: str, sha256: str, expires: int) -> str:
 
 def issue_token(key: bytes, device: str, sha256: str, ttl: int = DEFAULT_TTL, now: float | None = None) -> tuple[str, int]:
     """(token, expires) letting `device` GET artifact `sha256` until now + ttl."""
-    if not 0 < ttl <= MAX_TTL:
-        raise ValueError(f"ttl must be 1..{MAX_TTL} seconds")
-    expires = int(now if now is not None else time.time()) + ttl
+    expires = _expiry(ttl, now)
     return f"{device}.{sha256}.{expires}.{_token_mac(key, device, sha256, expires)}", expires
 
 
@@ -86,9 +92,5 @@ def verify_token(key: bytes, token: str, sha256: str, now: float | None = None) 
         raise PresignError("token signature does not match")
     if sha != sha256:
         raise PresignError("token is for another artifact")
-    now = now if now is not None else time.time()
-    if now > expires:
-        raise PresignError("token expired")
-    if expires - now > MAX_TTL:
-        raise PresignError("token lifetime exceeds the store's limit")
+    _check_expiry(expires, now, "token")
     return device

@@ -241,6 +241,26 @@ class RolloutDB:
                 f"UPDATE targets SET {', '.join(c + ' = ?' for c in cols)} WHERE rollout = ? AND device = ?",
                 [tuple(getattr(t, c) for c in cols) + (rollout_id, t.device) for t in targets])
 
+    def start_targets(self, rollout_id: str, targets: list[Target]) -> bool:
+        """Save newly targeted devices, in one transaction and only while the rollout still
+        runs: a `cancel` from another process that got there first wins (False)."""
+        self.conn.execute("BEGIN IMMEDIATE")
+        try:
+            row = self.conn.execute("SELECT state FROM rollouts WHERE id = ?", (rollout_id,)).fetchone()
+            if row is None or row[0] != RUNNING:
+                self.conn.execute("ROLLBACK")
+                return False
+            self.conn.executemany(
+                "UPDATE targets SET state = ?, prev_version = ?, prev_sha256 = ?, prev_desired = ?, targeted_at = ?"
+                " WHERE rollout = ? AND device = ? AND state = ?",
+                [(t.state, t.prev_version, t.prev_sha256, t.prev_desired, t.targeted_at, rollout_id, t.device,
+                  PENDING) for t in targets])
+        except BaseException:
+            self.conn.execute("ROLLBACK")
+            raise
+        self.conn.execute("COMMIT")
+        return True
+
     def set_state(self, rollout_id: str, state: str, reason: str | None = None, batch: int | None = None,
                   only_from: str | None = RUNNING) -> bool:
         """Move a rollout on; with only_from, only if it is still in that state (a `cancel`
@@ -341,11 +361,13 @@ class Engine:
                 if batch != info.batch:
                     self.db.set_state(self.id, RUNNING, batch=batch)
                     info.batch = batch
-                for t in targets:
-                    if t.state == PENDING and t.batch <= info.batch:
-                        self._target(t, shadows.get(t.device), now)
-                        changed.append(t)
-                        sends.append(Send(t.device, self.release))
+                self.db.save_targets(self.id, changed)
+                changed = [t for t in targets if t.state == PENDING and t.batch <= info.batch]
+                for t in changed:
+                    self._target(t, shadows.get(t.device), now)
+                if changed and self.db.start_targets(self.id, changed):
+                    sends += [Send(t.device, self.release) for t in changed]
+                changed = []
                 if all(t.state in (SUCCEEDED, FAILED) for t in targets):
                     self.db.set_state(self.id, COMPLETED)
         self.db.save_targets(self.id, changed)
