@@ -95,9 +95,13 @@ def test_detached_rollout_resumes_and_completes_with_temporary_credentials(site,
         devices(d, images["A"], "1.0.0")
     wait_until(lambda: len(read_shadows(site.shadow_store, ids)) == 3, 60, "3 devices reporting", interval=0.5)
 
-    out = cli(site, "rollout", "start", "1.1.0", "--devices", *ids, "--batches", "1,100%", "--auth", "token",
+    (site.root / "groups.json").write_text(json.dumps({"tokens": ["tk-*"], "other": ["x-1"]}))
+    out = cli(site, "rollout", "start", "1.1.0", "--group", "nope", "--detach")
+    assert out.returncode == 1 and "no group 'nope'" in out.stderr
+    out = cli(site, "rollout", "start", "1.1.0", "--group", "tokens", "--batches", "1,100%", "--auth", "token",
               "--detach")
     assert out.returncode == 0, out.stderr
+    assert "to 3 devices" in out.stdout
     rid = out.stdout.split(":")[0]
     time.sleep(2)  # created, not driven: nothing may have been sent
     assert all("desired" not in doc["state"] for doc in read_shadows(site.shadow_store, ids).values())

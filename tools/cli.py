@@ -294,14 +294,24 @@ def _drive(site, engine) -> None:
 
 
 def _rollout_devices(args, site) -> list[str]:
+    """--devices as given; --match, --group and --all among the devices the replica knows."""
     import fnmatch
 
     from tools.shadowstore import read_shadows
 
     if args.devices:
         return args.devices
+    patterns = [args.match] if args.match else None
+    if args.group:
+        try:
+            groups = site.groups()
+        except ValueError as e:
+            raise CommandError(str(e)) from None
+        if args.group not in groups:
+            raise CommandError(f"no group {args.group!r} in {site.root / 'groups.json'} (groups: {sorted(groups)})")
+        patterns = groups[args.group]
     known = list(read_shadows(site.shadow_store))
-    picked = known if args.all else [d for d in known if fnmatch.fnmatchcase(d, args.match)]
+    picked = known if patterns is None else [d for d in known if any(fnmatch.fnmatchcase(d, p) for p in patterns)]
     if not picked:
         raise CommandError("no known device matches (devices appear once they have reported)")
     return picked
@@ -486,6 +496,7 @@ def parser() -> argparse.ArgumentParser:
     who = st.add_mutually_exclusive_group(required=True)
     who.add_argument("--devices", nargs="+", metavar="ID")
     who.add_argument("--match", metavar="GLOB", help="devices whose id matches, e.g. 'shelf-*'")
+    who.add_argument("--group", metavar="NAME", help="a group from <site>/groups.json: {\"NAME\": [ids or globs]}")
     who.add_argument("--all", action="store_true", help="every device the replica knows")
     st.add_argument("--batches", default="1,10%,50%,100%",
                     help="cumulative batch ends, counts or percentages (default 1,10%%,50%%,100%%)")

@@ -9,6 +9,7 @@
     <root>/shadows.url     optional: a postgresql:// URL; then the shadows live there instead
     <root>/rollouts.db     rollouts and where each of their devices stands
     <root>/endpoints.json  where the running services listen (written by `serve`)
+    <root>/groups.json     optional: device groups for rollouts, {"name": ["id", "glob*", ...]}
 """
 
 from __future__ import annotations
@@ -91,6 +92,17 @@ class Site:
             os.chmod(tmp, 0o600)
             tmp.replace(path)
         return data[user]
+
+    def groups(self) -> dict[str, list[str]]:
+        """Device groups (ids or globs) by name; {} without a groups.json."""
+        path = self.root / "groups.json"
+        if not path.exists():
+            return {}
+        data = json.loads(path.read_text())
+        if not isinstance(data, dict) or not all(isinstance(v, list) and all(isinstance(x, str) for x in v)
+                                                 for v in data.values()):
+            raise ValueError(f"{path}: must be an object of name -> list of device ids or globs")
+        return data
 
     def write_endpoints(self, ep: Endpoints) -> None:
         (self.root / "endpoints.json").write_text(json.dumps(ep.__dict__))

@@ -1,0 +1,107 @@
+"""A whole fleet update: a release rolled out with `rollout` to N emulated ESP32s running the
+real firmware (download over HTTPS, SHA-256, flash, reboot, health check, confirm, report).
+
+Measures the wall time from the rollout's start until every device has reported the new image
+and the CPU time it took (the boards' MicroPython processes and the services), so a figure
+for a larger fleet on this machine can be read off as CPU-bound: CPU per board x boards / cores.
+The reference in the same run is the time the same fleet took to boot and report.
+
+    python -m tools.bench.fleet_rollout --devices 20 --size 1572864
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import resource
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from tools import rollout as ro
+from tools.esp32emu.runner import Runner
+from tools.images import build_app_image
+from tools.provision import provision_emulated
+from tools.services import ServicesThread
+from tools.shadowstore import read_shadows
+from tools.site import Site
+
+
+def _cpu() -> float:
+    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def _wait_all(site: Site, ids: list[str], sha256: str, timeout: float) -> float | None:
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        docs = read_shadows(site.shadow_store, ids)
+        if len(docs) == len(ids) and all(d["state"].get("reported", {}).get("firmware", {}).get("sha256") == sha256
+                                         and d["state"]["reported"]["firmware"].get("state") == "idle"
+                                         for d in docs.values()):
+            return time.monotonic() - t0
+        time.sleep(0.25)
+    return None
+
+
+def measure(n: int, size: int, workdir: Path, timeout: float) -> dict:
+    site = Site(workdir / "site")
+    old = site.releases.add(build_app_image("1.0.0", 256 * 1024), "1.0.0")
+    new = site.releases.add(build_app_image("2.0.0", size), "2.0.0")
+    ids = [f"fleet{i:03d}" for i in range(n)]
+    with ServicesThread(site):
+        runners = [Runner(provision_emulated(site, d, site.releases.path_of(old.sha256).read_bytes(), "1.0.0",
+                                             directory=workdir / d), on_line=lambda s: None) for d in ids]
+        threads = [threading.Thread(target=r.run, daemon=True) for r in runners]
+        try:
+            cpu0 = _cpu()
+            for t in threads:
+                t.start()
+            boot_s = _wait_all(site, ids, old.sha256, timeout)
+            cpu1 = _cpu()
+            db = ro.RolloutDB(site.rollouts_path)
+            info = db.create(new, ids, ro.Policy(batches=["100%"], timeout_s=int(timeout)))
+            t0 = time.monotonic()
+            final = asyncio.run(ro.run(site, ro.Engine(db, info.id, site.releases.by_sha256), tick=0.25))
+            rollout_s = time.monotonic() - t0
+            counts = ro.counts(db.targets(info.id))
+            db.close()
+            cpu2 = _cpu()
+        finally:
+            for r in runners:
+                r.stop()
+            for t in threads:
+                t.join(15)
+    return {"devices": n, "image_bytes": new.size, "boot_and_report_s": round(boot_s, 1) if boot_s else None,
+            "rollout_s": round(rollout_s, 1), "state": final.state, "succeeded": counts[ro.SUCCEEDED],
+            "failed": counts[ro.FAILED], "cpu_s_boot": round(cpu1 - cpu0, 1), "cpu_s_rollout": round(cpu2 - cpu1, 1),
+            "cpu_s_per_board_update": round((cpu2 - cpu1) / n, 2)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--devices", type=int, default=20)
+    ap.add_argument("--size", type=int, default=1536 * 1024, help="bytes of the new image (default 1.5 MiB)")
+    ap.add_argument("--timeout", type=float, default=900)
+    ap.add_argument("--json", type=Path, default=Path("build/bench/fleet_rollout.json"))
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory(prefix="bench-fleet-", ignore_cleanup_errors=True) as tmp:
+        row = measure(args.devices, args.size, Path(tmp), args.timeout)
+    print(json.dumps(row))
+    cores = os.cpu_count() or 1
+    per = row["cpu_s_per_board_update"]
+    print(f"\n{row['devices']} emulated boards, {row['image_bytes']} byte image, {cores} CPUs: rollout {row['state']} "
+          f"in {row['rollout_s']} s ({row['succeeded']} succeeded, {row['failed']} failed); the same boards took "
+          f"{row['boot_and_report_s']} s to boot and report. CPU per board update {per} s, so 200 boards need at "
+          f"least {200 * per / cores:.0f} s of this machine (target 30 s)")
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps({"cpus": cores, **row}, indent=1))
+    if row["state"] != ro.COMPLETED:
+        raise SystemExit("the rollout did not complete")
+
+
+if __name__ == "__main__":
+    main()
