@@ -178,3 +178,40 @@ def test_replica_command_serves_through_mosquitto(site, broker):
         out, _ = proc.communicate(timeout=20)
     assert proc.returncode == 0, out
     assert "replica subscribed" in out
+
+
+def test_services_on_mosquitto_serve_an_emulated_device_provisioned_while_they_run(tmp_path, images):
+    """`serve --broker mosquitto`: provisioning writes passwd.mosquitto and the broker reloads
+    it, so a device added while everything runs connects and updates; a revoked device cannot
+    connect again."""
+    from conftest import EmuDevice, wait_reported
+    from tools import operator_client as op
+    from tools.esp32emu.runner import Runner
+    from tools.provision import provision_emulated, revoke
+    from tools.services import ServicesThread
+    from tools.site import Site
+
+    site = Site(tmp_path / "site")
+    site.releases.add(images["A"], "1.0.0")
+    rel = site.releases.add(images["B"], "1.1.0")
+    with ServicesThread(site, broker="mosquitto") as svc:
+        root = provision_emulated(site, "mq-1", images["A"], "1.0.0", directory=tmp_path / "mq-1")
+        lines = []
+        runner = Runner(root, on_line=lines.append, max_boots=10)
+        dev = EmuDevice(runner, threading.Thread(target=runner.run, daemon=True), root, lines)
+        dev.thread.start()
+        try:
+            wait_reported(svc, site, "mq-1", lambda fw, d: fw.get("version") == "1.0.0", "first report", 60)
+            svc.call(op.set_desired(site, "mq-1", rel))
+            wait_reported(svc, site, "mq-1", lambda fw, d: fw.get("version") == "1.1.0" and fw.get("state") == "idle",
+                          "1.1.0 through mosquitto", 90)
+        finally:
+            dev.stop()
+        assert revoke(site, "mq-1")
+        time.sleep(1.5)  # the broker re-reads its password file
+        password = json.loads((root / "fs" / "secrets.json").read_text())["mqtt_password"]
+        probe = MQTTProbe(site, "mq-1", password, port=svc.endpoints.mqtt_port)
+        try:
+            assert probe.connected() != 0 or wait_until(lambda: not probe.c.is_connected(), 5, "refusal")
+        finally:
+            probe.close()

@@ -75,7 +75,7 @@ def cmd_serve(args) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
     async def main():
-        services = Services(_site(args), args.host, args.mqtt_port, args.https_port, args.ntp_port)
+        services = Services(_site(args), args.host, args.mqtt_port, args.https_port, args.ntp_port, args.broker)
         ep = await services.start()
         print(f"mqtts://{ep.host}:{ep.mqtt_port}  https://{ep.host}:{ep.https_port}  sntp://{ep.host}:{ep.ntp_port}"
               "  (Ctrl-C stops)", flush=True)
@@ -409,6 +409,8 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("--ntp-port", type=int, default=1123, help="UDP port of the SNTP server for devices")
     sp.add_argument("--cert-name", action="append", default=[],
                     help="another DNS name or address boards may use (repeatable)")
+    sp.add_argument("--broker", choices=("amqtt", "mosquitto"), default="amqtt",
+                    help="embedded amqtt (default), or mosquitto as a child process (many devices)")
 
     sp = with_site(add("replica", cmd_replica, "run one replica worker against any MQTT broker (mosquitto: "
                        "several workers with --share-group)"))

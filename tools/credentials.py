@@ -3,12 +3,18 @@
 One line per identity, `name:<argon2 hash>`, in the same shape as amqtt's password file. A
 device proves who it is with the same credential to the broker (MQTT username/password) and
 to the store (HTTP Basic), so revoking a device is removing its line.
+
+Beside it, `<file>.mosquitto` holds the same identities in mosquitto's own format (PBKDF2-SHA512,
+`$7$`; mosquitto cannot read argon2), written in the same step, so either broker can serve a
+site (`serve --broker mosquitto`).
 """
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import fcntl
+import hashlib
 import os
 import secrets
 import threading
@@ -21,11 +27,19 @@ from argon2.exceptions import InvalidHashError, VerificationError
 _HASHER = PasswordHasher(time_cost=2, memory_cost=19456, parallelism=1)
 
 
+def mosquitto_hash(password: str) -> str:
+    """A password in mosquitto 2's file format: PBKDF2-SHA512, 101 rounds, 12-byte salt."""
+    salt = os.urandom(12)
+    digest = hashlib.pbkdf2_hmac("sha512", password.encode(), salt, 101)
+    return f"$7$101${base64.b64encode(salt).decode()}${base64.b64encode(digest).decode()}"
+
+
 class Credentials:
     """A password file that reloads itself when it changes on disk."""
 
     def __init__(self, path: Path):
         self.path = Path(path)
+        self.mosquitto_path = self.path.with_name(self.path.name + ".mosquitto")
         self._lock = threading.Lock()
         self._mtime: float | None = None
         self._hashes: dict[str, str] = {}
@@ -38,16 +52,15 @@ class Credentials:
                 self._hashes, self._mtime = {}, None
                 return self._hashes
             if mtime != self._mtime:
-                hashes = {}
-                for line in self.path.read_text().splitlines():
-                    name, sep, h = line.partition(":")
-                    if sep and name and h:
-                        hashes[name] = h
-                self._hashes, self._mtime = hashes, mtime
+                self._hashes, self._mtime = _read_lines(self.path), mtime
             return self._hashes
 
     def names(self) -> list[str]:
         return sorted(self._load())
+
+    def mosquitto_names(self) -> set[str]:
+        """Identities the mosquitto file has (those set before it existed are missing)."""
+        return set(_read_lines(self.mosquitto_path))
 
     def known(self, name: str) -> bool:
         """Whether `name` has a password (a stat per call; no hashing)."""
@@ -74,7 +87,9 @@ class Credentials:
                 with self._lock:
                     self._mtime = None  # re-read: another process may have written
                 hashes = dict(self._load())
-                yield hashes
+                mosq = _read_lines(self.mosquitto_path)
+                yield hashes, mosq
+                _write_lines(self.mosquitto_path, {n: h for n, h in mosq.items() if n in hashes})
                 self._write(hashes)
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
@@ -85,17 +100,31 @@ class Credentials:
             raise ValueError(f"bad identity name {name!r}")
         password = password or secrets.token_urlsafe(24)
         digest = _HASHER.hash(password)
-        with self._editing() as hashes:
+        with self._editing() as (hashes, mosq):
             hashes[name] = digest
+            mosq[name] = mosquitto_hash(password)
         return password
 
     def remove(self, name: str) -> bool:
-        with self._editing() as hashes:
+        with self._editing() as (hashes, mosq):
+            mosq.pop(name, None)
             return hashes.pop(name, None) is not None
 
     def _write(self, hashes: dict[str, str]) -> None:
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text("".join(f"{n}:{h}\n" for n, h in sorted(hashes.items())))
-        os.chmod(tmp, 0o600)
-        tmp.replace(self.path)
+        _write_lines(self.path, hashes)
+
+
+def _read_lines(path: Path) -> dict[str, str]:
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return {}
+    return {n: h for n, sep, h in (line.partition(":") for line in text.splitlines()) if sep and n and h}
+
+
+def _write_lines(path: Path, hashes: dict[str, str]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(f"{n}:{h}\n" for n, h in sorted(hashes.items())))
+    os.chmod(tmp, 0o600)
+    tmp.replace(path)
 

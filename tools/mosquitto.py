@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 from tools.broker import SERVICE_USERS
+from tools.credentials import mosquitto_hash
 from tools.pki import PKI
 
 
@@ -30,14 +31,16 @@ def available() -> bool:
 
 class Mosquitto:
     def __init__(self, workdir: Path, pki: PKI, host: str = "127.0.0.1", port: int = 0,
-                 services: tuple[str, ...] = SERVICE_USERS):
+                 services: tuple[str, ...] = SERVICE_USERS, password_file: Path | None = None):
+        """`password_file`: a site's `passwd.mosquitto` (tools.credentials keeps it); else the
+        broker has its own file in `workdir`, filled with add_user/add_users."""
         self.dir = Path(workdir)
         self.pki = pki
         self.host = host
         self.port = port
         self.services = services
         self.proc: subprocess.Popen | None = None
-        self.passwd = self.dir / "passwd"
+        self.passwd = Path(password_file) if password_file else self.dir / "passwd"
 
     def add_user(self, name: str, password: str) -> None:
         """Create or replace a login (mosquitto re-reads the file on SIGHUP)."""
@@ -51,23 +54,19 @@ class Mosquitto:
             self.proc.send_signal(1)  # SIGHUP: reload password and ACL files
 
     def add_users(self, users: dict[str, str]) -> None:
-        """Many new logins at once (simulated fleets), hashed here in mosquitto 2's own format
-        (PBKDF2-SHA512, 101 rounds, `$7$`) instead of one mosquitto_passwd run per user."""
-        import base64
-        import hashlib
-        import os
-
-        def b64(b: bytes) -> str:
-            return base64.b64encode(b).decode()
-
+        """Many new logins at once (simulated fleets), hashed here instead of one
+        mosquitto_passwd run per user."""
         self.dir.mkdir(parents=True, exist_ok=True)
         with open(self.passwd, "a") as f:
             for name, password in users.items():
-                salt = os.urandom(12)
-                digest = hashlib.pbkdf2_hmac("sha512", password.encode(), salt, 101)
-                f.write(f"{name}:$7$101${b64(salt)}${b64(digest)}\n")
+                f.write(f"{name}:{mosquitto_hash(password)}\n")
         self.passwd.chmod(0o600)
         if self.proc is not None:
+            self.proc.send_signal(1)
+
+    def reload(self) -> None:
+        """Re-read the password and ACL files (SIGHUP). Connected clients stay connected."""
+        if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(1)
 
     def _write_config(self) -> Path:
@@ -105,6 +104,7 @@ class Mosquitto:
                 self.port = s.getsockname()[1]
         if not self.passwd.exists():
             raise MosquittoError("add at least one user before starting")
+        self.dir.mkdir(parents=True, exist_ok=True)
         conf = self._write_config()
         log = open(self.dir / "mosquitto.log", "ab")
         self.proc = subprocess.Popen(["mosquitto", "-c", str(conf)], stdout=log, stderr=subprocess.STDOUT)

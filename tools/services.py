@@ -12,7 +12,7 @@ import socket
 import threading
 
 from tools import store
-from tools.broker import shutdown_broker, start_broker
+from tools.broker import SERVICE_USERS, shutdown_broker, start_broker
 from tools.pki import server_ssl_context
 from tools.renewer import Renewer
 from tools.replica import MQTTSettings, Replica
@@ -53,7 +53,13 @@ def free_port(host: str) -> int:
 
 class Services:
     def __init__(self, site: Site, host: str = "127.0.0.1", mqtt_port: int = 0, https_port: int = 0,
-                 ntp_port: int = 0):
+                 ntp_port: int = 0, broker: str = "amqtt"):
+        """broker: "amqtt" (embedded, in this process) or "mosquitto" (a child process on the
+        site's PKI and `passwd.mosquitto`, reloaded when provisioning or revoke changes it)."""
+        if broker not in ("amqtt", "mosquitto"):
+            raise ValueError("broker: amqtt or mosquitto")
+        self.broker_kind = broker
+        self._follow_task: asyncio.Task | None = None
         self.site = site
         self.host = host
         self.mqtt_port = mqtt_port
@@ -71,7 +77,7 @@ class Services:
     async def start(self) -> Endpoints:
         site = self.site
         mqtt_port = self.mqtt_port or free_port(self.host)
-        self.broker = await start_broker(self.host, mqtt_port, site.pki, site.creds.path)
+        self.broker = await self._start_broker(mqtt_port)
         app = store.make_app(site.releases, site.store_key, site.creds)
         self._store_runner, https_port = await store.start_store(
             self.host, self.https_port, app, server_ssl_context(site.pki))
@@ -84,6 +90,44 @@ class Services:
         log.info("services up: mqtts://%s:%d https://%s:%d sntp://%s:%d", self.host, mqtt_port,
                  self.host, https_port, self.host, ntp_port)
         return self.endpoints
+
+    async def _start_broker(self, port: int):
+        site = self.site
+        if self.broker_kind == "amqtt":
+            return await start_broker(self.host, port, site.pki, site.creds.path)
+        from tools.mosquitto import Mosquitto
+
+        for user in SERVICE_USERS:  # sites from before passwd.mosquitto: add the services to it
+            password = site.service_password(user)
+            if user not in site.creds.mosquitto_names():
+                site.creds.set(user, password)
+        m = Mosquitto(site.root / "mosquitto", site.pki, self.host, port, password_file=site.creds.mosquitto_path)
+        await asyncio.to_thread(m.start)
+        self._follow_task = asyncio.create_task(self._follow_passwords(m))
+        return m
+
+    async def _follow_passwords(self, m) -> None:
+        """mosquitto reads its password file at start and on SIGHUP: send one when it changes."""
+        path = self.site.creds.mosquitto_path
+        seen = path.stat().st_mtime_ns
+        while True:
+            await asyncio.sleep(0.5)
+            try:
+                now = path.stat().st_mtime_ns
+            except FileNotFoundError:
+                continue
+            if now != seen:
+                seen = now
+                m.reload()
+
+    async def _stop_broker(self) -> None:
+        if self._follow_task:
+            await stop_task(self._follow_task)
+            self._follow_task = None
+        if self.broker_kind == "amqtt":
+            await shutdown_broker(self.broker)
+        else:
+            await asyncio.to_thread(self.broker.stop)
 
     async def start_replica(self, mqtt_port: int | None = None) -> None:
         port = mqtt_port or self.endpoints.mqtt_port
@@ -102,9 +146,9 @@ class Services:
 
     async def restart_broker(self, down_s: float = 0.0) -> None:
         """Stop the broker (every client is disconnected) and start it on the same port."""
-        await shutdown_broker(self.broker)
+        await self._stop_broker()
         await asyncio.sleep(down_s)
-        self.broker = await start_broker(self.host, self.endpoints.mqtt_port, self.site.pki, self.site.creds.path)
+        self.broker = await self._start_broker(self.endpoints.mqtt_port)
 
     async def stop(self) -> None:
         if self._renewer_task:
@@ -118,15 +162,15 @@ class Services:
             self._time_server.close()
             self._time_server = None
         if self.broker:
-            await shutdown_broker(self.broker)
+            await self._stop_broker()
             self.broker = None
 
 
 class ServicesThread:
     """Services on their own loop in a background thread, for synchronous callers (tests)."""
 
-    def __init__(self, site: Site, host: str = "127.0.0.1"):
-        self.services = Services(site, host)
+    def __init__(self, site: Site, host: str = "127.0.0.1", broker: str = "amqtt"):
+        self.services = Services(site, host, broker=broker)
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._run, daemon=True, name="services")
 

@@ -47,12 +47,12 @@ def _wait_all(site: Site, ids: list[str], sha256: str, timeout: float) -> float 
     return None
 
 
-def measure(n: int, size: int, workdir: Path, timeout: float) -> dict:
+def measure(n: int, size: int, workdir: Path, timeout: float, broker: str = "mosquitto") -> dict:
     site = Site(workdir / "site")
     old = site.releases.add(build_app_image("1.0.0", 256 * 1024), "1.0.0")
     new = site.releases.add(build_app_image("2.0.0", size), "2.0.0")
     ids = [f"fleet{i:03d}" for i in range(n)]
-    with ServicesThread(site):
+    with ServicesThread(site, broker=broker):
         runners = [Runner(provision_emulated(site, d, site.releases.path_of(old.sha256).read_bytes(), "1.0.0",
                                              directory=workdir / d), on_line=lambda s: None) for d in ids]
         threads = [threading.Thread(target=r.run, daemon=True) for r in runners]
@@ -75,7 +75,7 @@ def measure(n: int, size: int, workdir: Path, timeout: float) -> dict:
                 r.stop()
             for t in threads:
                 t.join(15)
-    return {"devices": n, "image_bytes": new.size, "boot_and_report_s": round(boot_s, 1) if boot_s else None,
+    return {"devices": n, "broker": broker, "image_bytes": new.size, "boot_and_report_s": round(boot_s, 1) if boot_s else None,
             "rollout_s": round(rollout_s, 1), "state": final.state, "succeeded": counts[ro.SUCCEEDED],
             "failed": counts[ro.FAILED], "cpu_s_boot": round(cpu1 - cpu0, 1), "cpu_s_rollout": round(cpu2 - cpu1, 1),
             "cpu_s_per_board_update": round((cpu2 - cpu1) / n, 2)}
@@ -86,14 +86,17 @@ def main() -> None:
     ap.add_argument("--devices", type=int, default=20)
     ap.add_argument("--size", type=int, default=1536 * 1024, help="bytes of the new image (default 1.5 MiB)")
     ap.add_argument("--timeout", type=float, default=900)
+    ap.add_argument("--broker", choices=("mosquitto", "amqtt"), default="mosquitto",
+                    help="amqtt saturates near 100 emulated boards on 2 cores")
     ap.add_argument("--json", type=Path, default=Path("build/bench/fleet_rollout.json"))
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-fleet-", ignore_cleanup_errors=True) as tmp:
-        row = measure(args.devices, args.size, Path(tmp), args.timeout)
+        row = measure(args.devices, args.size, Path(tmp), args.timeout, args.broker)
     print(json.dumps(row))
     cores = os.cpu_count() or 1
     per = row["cpu_s_per_board_update"]
-    print(f"\n{row['devices']} emulated boards, {row['image_bytes']} byte image, {cores} CPUs: rollout {row['state']} "
+    print(f"\n{row['devices']} emulated boards on {row['broker']}, {row['image_bytes']} byte image, {cores} CPUs: "
+          f"rollout {row['state']} "
           f"in {row['rollout_s']} s ({row['succeeded']} succeeded, {row['failed']} failed); the same boards took "
           f"{row['boot_and_report_s']} s to boot and report. CPU per board update {per} s, so 200 boards need at "
           f"least {200 * per / cores:.0f} s of this machine (target 30 s)")
