@@ -214,10 +214,16 @@ class Installer:
         try:
             if fw.get("auth") == contract.AUTH_TOKEN:
                 bearer = self._credential(fw)  # while MQTT is still up
-        except UpdateError as e:
-            log("no download credential:", e.code, e.detail)
-            self._fail(e.code)
-            self.report(detail=e.detail)
+        except (UpdateError, OSError) as e:
+            code = e.code if isinstance(e, UpdateError) else contract.E_NETWORK
+            log("no download credential:", code)
+            self._fail(code)
+            if not isinstance(e, UpdateError) and self.link is not None:
+                self.link.close()  # the link broke while asking
+                self.link = None
+            if self.link is None:
+                self._reconnect()
+            self.report(detail=e.detail if isinstance(e, UpdateError) else None)
             return
         if parked:
             self._park_link()
