@@ -23,7 +23,7 @@ import ssl
 import aiomqtt
 
 from firmware import contract
-from tools import presign
+from tools import presign, shadow
 from tools.replica import NODELAY
 from tools.site import Site
 from tools.shadowstore import read_shadows
@@ -62,10 +62,7 @@ def credential(site: Site, device: str, request: dict, desired: dict | None, ttl
     fw = desired.get("firmware") if isinstance(desired, dict) else None
 
     def reject(code: int, message: str) -> tuple[str, dict]:
-        out = {"code": code, "message": message}
-        if token is not None:
-            out["clientToken"] = token
-        return contract.CREDENTIALS_REJECTED, out
+        return contract.CREDENTIALS_REJECTED, shadow.ShadowError(code, message, token).payload()
 
     if not contract.is_sha256_hex(sha):
         return reject(contract.R_BAD_REQUEST, "sha256: must be 64 lowercase hex digits")
@@ -78,11 +75,6 @@ def credential(site: Site, device: str, request: dict, desired: dict | None, ttl
     if token is not None:
         out["clientToken"] = token
     return contract.CREDENTIALS_ACCEPTED, out
-
-
-def _valid_request(doc) -> bool:
-    token = doc.get("clientToken")
-    return token is None or isinstance(token, str) and len(token.encode()) <= contract.MAX_CLIENT_TOKEN
 
 
 class Renewer:
@@ -125,8 +117,11 @@ class Renewer:
                 continue
             if suffix == contract.UPDATE_ACCEPTED and asks_for_url(doc):
                 request = None
-            elif suffix == contract.CREDENTIALS and _valid_request(doc):
-                request = doc
+            elif suffix == contract.CREDENTIALS:
+                try:
+                    request = shadow.parse_request(bytes(msg.payload))  # the replica's rules for a request
+                except shadow.ShadowError:
+                    continue  # no clientToken we could answer to
             else:
                 continue
             # Sign what the shadow desires now (the replica's store), not what a message said.
