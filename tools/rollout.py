@@ -31,6 +31,7 @@ from typing import Awaitable, Callable
 from firmware import contract
 from tools import presign
 from tools.releases import Release
+from tools.shadowstore import sqlite_transaction
 
 log = logging.getLogger("rollout")
 
@@ -244,21 +245,15 @@ class RolloutDB:
     def start_targets(self, rollout_id: str, targets: list[Target]) -> bool:
         """Save newly targeted devices, in one transaction and only while the rollout still
         runs: a `cancel` from another process that got there first wins (False)."""
-        self.conn.execute("BEGIN IMMEDIATE")
-        try:
+        with sqlite_transaction(self.conn):
             row = self.conn.execute("SELECT state FROM rollouts WHERE id = ?", (rollout_id,)).fetchone()
             if row is None or row[0] != RUNNING:
-                self.conn.execute("ROLLBACK")
                 return False
             self.conn.executemany(
                 "UPDATE targets SET state = ?, prev_version = ?, prev_sha256 = ?, prev_desired = ?, targeted_at = ?"
                 " WHERE rollout = ? AND device = ? AND state = ?",
                 [(t.state, t.prev_version, t.prev_sha256, t.prev_desired, t.targeted_at, rollout_id, t.device,
                   PENDING) for t in targets])
-        except BaseException:
-            self.conn.execute("ROLLBACK")
-            raise
-        self.conn.execute("COMMIT")
         return True
 
     def set_state(self, rollout_id: str, state: str, reason: str | None = None, batch: int | None = None,

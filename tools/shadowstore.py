@@ -17,6 +17,19 @@ COLUMNS = ("device_id TEXT PRIMARY KEY, version INTEGER NOT NULL, doc TEXT NOT N
            " last_request TEXT, last_answer TEXT")
 
 
+@contextmanager
+def sqlite_transaction(conn: sqlite3.Connection):
+    """Several statements, one commit (one fsync), or none on any exception. IMMEDIATE: other
+    writers wait for it. For connections in autocommit mode (isolation_level=None)."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
+
+
 def _dump(obj) -> str:
     return json.dumps(obj, separators=(",", ":"))
 
@@ -104,15 +117,10 @@ class SQLiteStore(_Store):
     @contextmanager
     def transaction(self):
         """Several writes, one commit (one fsync). IMMEDIATE: other writers wait for it."""
-        self.conn.execute("BEGIN IMMEDIATE")
         self._in_tx = True
         try:
-            yield
-        except BaseException:
-            self.conn.execute("ROLLBACK")
-            raise
-        else:
-            self.conn.execute("COMMIT")
+            with sqlite_transaction(self.conn):
+                yield
         finally:
             self._in_tx = False
 
