@@ -132,7 +132,12 @@ class _SnapshotTable(dict):
 
 async def start_broker(host: str, port: int, pki: PKI, password_file: Path) -> Broker:
     """Start amqtt on the running loop; stop it with `await shutdown_broker(broker)`."""
-    broker = Broker(broker_config(host, port, pki, password_file))
+    return await start_amqtt(broker_config(host, port, pki, password_file))
+
+
+async def start_amqtt(config: dict, broker_class: type[Broker] = Broker) -> Broker:
+    """Start an amqtt broker (or subclass) from a config, with our fixes applied."""
+    broker = broker_class(config)
     broker._subscriptions = _SnapshotTable()  # see _SnapshotTable
     await broker.start()
     return broker

@@ -42,7 +42,7 @@ def _amqtt(site_root: str, port: int, contrib_db: str | None, ready) -> None:
 
     from amqtt.broker import BrokerEvents
 
-    from tools.broker import Broker, _SnapshotTable, broker_config, shutdown_broker
+    from tools.broker import Broker, broker_config, shutdown_broker, start_amqtt
 
     logging.basicConfig(level=logging.ERROR)  # plugin failures are worth seeing
     site = Site(Path(site_root))
@@ -67,9 +67,7 @@ def _amqtt(site_root: str, port: int, contrib_db: str | None, ready) -> None:
             return await super()._handle_message_delivery(client_session, handler, wait_deliver)
 
     async def main():
-        broker = (ShadowBroker if contrib_db else Broker)(cfg)
-        broker._subscriptions = _SnapshotTable()
-        await broker.start()
+        broker = await start_amqtt(cfg, ShadowBroker if contrib_db else Broker)
         ready.set()
         try:
             await asyncio.Event().wait()
