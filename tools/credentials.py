@@ -123,8 +123,13 @@ def _read_lines(path: Path) -> dict[str, str]:
 
 
 def _write_lines(path: Path, hashes: dict[str, str]) -> None:
+    write_private(path, "".join(f"{n}:{h}\n" for n, h in sorted(hashes.items())))
+
+
+def write_private(path: Path, data: str | bytes) -> None:
+    """Replace `path` at once with a file only its owner can read (secrets, hashes)."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(f"{n}:{h}\n" for n, h in sorted(hashes.items())))
+    tmp.write_bytes(data if isinstance(data, bytes) else data.encode())
     os.chmod(tmp, 0o600)
     tmp.replace(path)
 

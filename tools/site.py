@@ -15,13 +15,12 @@
 from __future__ import annotations
 
 import json
-import os
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
 from tools.broker import SERVICE_USERS
-from tools.credentials import Credentials
+from tools.credentials import Credentials, write_private
 from tools.pki import DEFAULT_NAMES, PKI, ensure_pki
 from tools.releases import Registry
 
@@ -61,18 +60,12 @@ class Site:
         if url is None:
             path.unlink(missing_ok=True)
             return
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(url + "\n")
-        os.chmod(tmp, 0o600)  # the URL may hold a password
-        tmp.replace(path)
+        write_private(path, url + "\n")  # the URL may hold a password
 
     def _secret_file(self, name: str, make) -> bytes:
         path = self.root / name
         if not path.exists():
-            tmp = path.with_suffix(".tmp")
-            tmp.write_bytes(make())
-            os.chmod(tmp, 0o600)
-            tmp.replace(path)
+            write_private(path, make())
         return path.read_bytes()
 
     @property
@@ -87,10 +80,7 @@ class Site:
         data = json.loads(path.read_text()) if path.exists() else {}
         if user not in data or user not in self.creds.names():
             data[user] = self.creds.set(user)
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(data))
-            os.chmod(tmp, 0o600)
-            tmp.replace(path)
+            write_private(path, json.dumps(data))
         return data[user]
 
     def groups(self) -> dict[str, list[str]]:
