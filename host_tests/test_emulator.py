@@ -6,6 +6,7 @@ Device code here is small MicroPython programs run on the emulated chip, either 
 
 import json
 import textwrap
+import time
 
 import pytest
 
@@ -377,6 +378,72 @@ def test_tls_budget_fails_wrap_socket_with_enomem(tmp_path, app_a, site):
         srv.close()
         for s in held:
             s.close()
+
+
+TLS_POLL = """
+import socket, ssl, json, select, time
+ca = open("ca.der", "rb").read()
+s = socket.socket()
+s.connect(socket.getaddrinfo("127.0.0.1", PORT)[0][-1])
+ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+ctx.verify_mode = ssl.CERT_REQUIRED
+ctx.load_verify_locations(cadata=ca)
+t = ctx.wrap_socket(s, server_hostname="127.0.0.1")
+p = select.poll()
+p.register(t, select.POLLIN)
+out = {"emulated": hasattr(p, "_wait")}
+out["first"] = len(p.poll(5000))
+out["a"] = t.read(5).decode()  # one record of 10 bytes: 5 stay in the TLS layer
+out["pending"] = len(p.poll(0))  # the raw socket is empty: only the TLS layer has them
+out["b"] = t.read(5).decode()
+t0 = time.ticks_ms()
+out["quiet"] = len(p.poll(150))
+out["quiet_ms"] = time.ticks_diff(time.ticks_ms(), t0)
+out["later"] = len(p.poll(5000))
+out["c"] = t.read(5).decode()
+print(json.dumps(out))
+"""
+
+
+def test_poll_on_a_tls_socket_sees_pending_bytes_and_waits_in_the_kernel(tmp_path, app_a, site):
+    # The emulated select.poll (target/select.py) must answer as MicroPython's: ready when
+    # the TLS layer holds bytes even though the socket underneath is empty, quiet until the
+    # timeout, ready again when the peer sends.
+    import socket
+    import threading
+
+    from tools.pki import server_ssl_context
+
+    ctx = server_ssl_context(site.pki)
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(1)
+    done = threading.Event()
+
+    def serve():
+        c, _ = srv.accept()
+        with ctx.wrap_socket(c, server_side=True) as tc:
+            tc.sendall(b"helloworld")
+            time.sleep(0.6)
+            tc.sendall(b"later")
+            done.wait(30)
+
+    th = threading.Thread(target=serve, daemon=True)
+    th.start()
+    try:
+        make_flash(tmp_path / "flash.bin", app_a)
+        (tmp_path / "ca.der").write_bytes(site.pki.ca_der.read_bytes())
+        proc = run_micropython(TLS_POLL.replace("PORT", str(srv.getsockname()[1])), tmp_path,
+                               chip_env(tmp_path / "flash.bin"))
+        out = last_json_line(proc.stdout)
+        assert out is not None, proc.stderr
+        assert out.pop("quiet_ms") >= 150
+        assert out == {"emulated": True, "first": 1, "a": "hello", "pending": 1, "b": "world",
+                       "quiet": 0, "later": 1, "c": "later"}
+    finally:
+        done.set()
+        th.join(10)
+        srv.close()
 
 
 # ---- the clock ------------------------------------------------------------------------------

@@ -11,6 +11,7 @@
 import os
 
 import tls
+from _emuhw import HEAP_PROBE, heap_probe
 from tls import (  # noqa: F401 - re-exported API
     CERT_NONE,
     CERT_OPTIONAL,
@@ -23,14 +24,25 @@ from tls import (  # noqa: F401 - re-exported API
 _ENOMEM = 12
 _BUDGET = int(os.getenv("ESP32EMU_TLS_BUDGET") or "2")
 _CLOCK_SET_AFTER = 1577836800  # 2020-01-01: before this the board's clock was never set
-_live = []  # raw sockets under open TLS connections
+_live = []  # [id(TLS socket), raw socket] of open TLS connections; ids keep nothing alive
 
 
 def open_connections():
-    for s in list(_live):
-        if s.fileno() < 0:
-            _live.remove(s)
+    for pair in list(_live):
+        if pair[1].fileno() < 0:
+            _live.remove(pair)
     return len(_live)
+
+
+def raw_socket(obj):
+    """The socket under a TLS socket this module wrapped (for select.py), or None. Keyed by
+    id(): holding the TLS socket would keep its SSLContext (~3 KiB of GC heap) alive after
+    close, and the firmware needs that room for its next connection."""
+    key = id(obj)
+    for pair in _live:
+        if pair[0] == key:
+            return pair[1]
+    return None
 
 
 class SSLContext:
@@ -64,7 +76,13 @@ class SSLContext:
         s = self._ctx.wrap_socket(sock, server_side=server_side,
                                   do_handshake_on_connect=do_handshake_on_connect,
                                   server_hostname=server_hostname)
-        _live.append(sock)
+        for pair in _live:
+            if pair[0] == id(s):
+                _live.remove(pair)  # that address was a TLS socket which is gone now
+                break
+        _live.append([id(s), sock])
+        if HEAP_PROBE:
+            heap_probe()  # a sample with the session open, right after the handshake
         return s
 
 
