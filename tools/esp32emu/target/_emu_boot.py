@@ -5,11 +5,16 @@
 import os
 import sys
 
+# The firmware's heap, taken first so that it stays in one piece while the emulator loads.
+_reserve = [bytearray(int(os.getenv("ESP32EMU_HEAP") or "0"))]
 sys.path[:] = [os.getenv("ESP32EMU_ROM"), "", ".frozen", "lib"]
 
 import _emuhw  # noqa: E402
 
-_emuhw.pin_heap()
+_crumbs = _emuhw.pin_heap(_reserve)
+_reserve.clear()
+del _reserve
+_emuhw.settle(_crumbs)
 
 
 def _run(name):

@@ -21,33 +21,89 @@ RUNNING_OFFSET = int(os.getenv("ESP32EMU_RUNNING") or "65536")
 RESET_CAUSE = int(os.getenv("ESP32EMU_RESET_CAUSE") or "1")
 CHIP_REV = int(os.getenv("ESP32EMU_CHIP_REV") or "301")
 DEVICE_ID = os.getenv("ESP32EMU_DEVICE_ID") or "esp32emu"
+# Benchmarks only (tools/bench/memory.py): a file that collects the peak live heap of the
+# firmware, sampled after a collection at every emulated hardware call (see heap_probe).
+HEAP_PROBE = os.getenv("ESP32EMU_HEAP_PROBE")
 
 _flash = None
 _parts = None
 _ballast = None
+_probe_base = 0  # heap held by the emulator itself when the firmware starts
+_probe_peak = 0
 
 
-def pin_heap():
-    """Load the emulated chip's modules, then hold back the extra heap the runner granted,
-    so the firmware starts with the nominal free GC heap (ESP32EMU_HEAP bytes). The models'
-    small transient allocations (set_boot's image check) then come out of that heap too,
-    which is stricter than the chip, never more lenient."""
-    global _ballast
-    import gc
-
+def _load_models():
     import esp32  # noqa: F401
     import machine  # noqa: F401
     import network  # noqa: F401
+    import select  # noqa: F401
     import ssl  # noqa: F401
     import time  # noqa: F401
 
     flash()
     parts()
+
+
+def pin_heap(reserve):
+    """Load the emulated chip's modules, then hold back the extra heap the runner granted,
+    leaving the firmware the nominal GC heap (ESP32EMU_HEAP bytes) mostly in one piece, as a
+    chip's freshly started heap is. `reserve` holds one bytearray of that size, allocated
+    before anything else: the modules load around it and ballast takes every other free
+    block. Returns the free bytes ballast could not take (holes too small for an object);
+    after the caller lets the reserve go, settle() takes that many from the reserve's room,
+    so the free total is the nominal size. (Taking one ballast block from a heap the modules
+    had already fragmented left the firmware part of its bytes in their holes, so whether a
+    whole update fit in 64 KiB changed with the emulator's own code.) The models' small
+    transient allocations (set_boot's image check) come out of the firmware's heap, which is
+    stricter than the chip, never more lenient."""
+    global _ballast
+    import gc
+
+    _load_models()  # in its own call: what loading left on the C stack is gone once it returns
+    _ballast = []
+    for _ in range(3):  # again for what the previous pass left as garbage (list growth)
+        gc.collect()
+        size = gc.mem_free() if reserve and len(reserve[0]) else 0  # no nominal size: no ballast
+        while size:
+            try:
+                _ballast.append(bytearray(size))
+            except MemoryError:
+                size //= 2  # no hole that big: take smaller pieces, down to the last crumbs
+                continue
+            size = min(size, gc.mem_free())
     gc.collect()
-    nominal = int(os.getenv("ESP32EMU_HEAP") or "0")
-    extra = gc.mem_free() - nominal
-    if nominal and extra > 0:
-        _ballast = bytearray(extra)
+    return gc.mem_free() if _ballast else 0
+
+
+def settle(crumbs):
+    """Second half of pin_heap, once the reserve is gone: ballast `crumbs` bytes (from the
+    start of the reserve's room, first fit), then note the baseline for heap_probe."""
+    global _probe_base
+    import gc
+
+    gc.collect()
+    if crumbs > 64:
+        _ballast.append(bytearray(crumbs - 32))  # less the bytearray's own header
+    gc.collect()
+    if HEAP_PROBE:
+        _probe_base = gc.mem_alloc()
+        with open(HEAP_PROBE, "a") as f:
+            f.write("boot\n")
+
+
+def heap_probe():
+    """Record the firmware's live heap if it is a new peak for this boot. Collecting first
+    makes it the live data, not garbage; it perturbs timing and GC, so it is for benchmarks.
+    Appends one line per new peak: bytes above what the emulator held at start."""
+    global _probe_peak
+    import gc
+
+    gc.collect()
+    live = gc.mem_alloc() - _probe_base
+    if live > _probe_peak:
+        _probe_peak = live
+        with open(HEAP_PROBE, "a") as f:
+            f.write("%d\n" % live)
 
 
 def flash():
@@ -92,10 +148,14 @@ def unlock():
     """Lift micropython.heap_lock() for an emulated hardware operation; returns whether it was
     locked (pass that to relock). Called with no arguments, so it allocates nothing itself."""
     if not _heap_locked():
+        if HEAP_PROBE:
+            heap_probe()
         return False
     import micropython
 
     micropython.heap_unlock()
+    if HEAP_PROBE:
+        heap_probe()
     return True
 
 
