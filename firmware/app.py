@@ -18,6 +18,8 @@ import time
 from firmware import clock, contract, phases, power, slots, state, wifi
 from firmware.install import Installer, _new_link, log
 
+_STABLE_LINK_MS = 30000  # a link up this long has worked: the next failure starts a fresh backoff
+
 
 class Agent(Installer):
     def __init__(self, cfg):
@@ -220,6 +222,7 @@ class Agent(Installer):
         t_boot = time.ticks_ms()
         failures = 0
         while True:
+            up_at = None  # ticks_ms when this round's link came up
             try:
                 wifi.connect(self.cfg["wifi_ssid"], self.cfg["wifi_password"])
                 clock_state = clock.ensure(self.cfg["ntp_host"], self.cfg["ntp_port"])
@@ -235,7 +238,7 @@ class Agent(Installer):
                         raise OSError(110, "health check: no shadow round trip")
                     self.finish_trial()
                     trial = False
-                failures = 0
+                up_at = time.ticks_ms()
                 self.report()
                 self.link.request_get()
                 self.serve()
@@ -252,6 +255,10 @@ class Agent(Installer):
             if trial and time.ticks_diff(time.ticks_ms(), t_boot) > self.cfg["health_deadline_s"] * 1000:
                 log("health check deadline passed: resetting without confirming")
                 power.reset()
+            # Only a link that stayed up a while resets the backoff: one that fails right after
+            # connecting (out of memory in every round) would otherwise reconnect every second.
+            if up_at is not None and time.ticks_diff(time.ticks_ms(), up_at) > _STABLE_LINK_MS:
+                failures = 0
             failures += 1
             delay = min(30000, 500 * 2 ** min(failures, 6))
             delay = delay // 2 + random.getrandbits(16) % (delay // 2 + 1)

@@ -172,3 +172,72 @@ def test_wifi_drop_on_the_device_cuts_its_connections_and_it_recovers(site, serv
     assert fw["sha256"] == rel.sha256
     resumed = [ln for ln in dev.lines if "installing 1.1.0 into ota_1 from" in ln]
     assert len(resumed) >= 2 and resumed[-1].split(" from ")[1].split()[0] != "0"
+
+
+class _CuttingProxy:
+    """A TCP pass-through to the broker that cuts every connection `after` seconds in (TLS
+    goes through untouched): a link that comes up, works briefly, and drops."""
+
+    def __init__(self, target_port: int, after: float):
+        import socket
+        import threading
+
+        self._socket, self._threading = socket, threading
+        self.target_port, self.after = target_port, after
+        self.srv = socket.create_server(("127.0.0.1", 0))
+        self.port = self.srv.getsockname()[1]
+        self.live: list = []
+        self.connections = 0
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                c, _ = self.srv.accept()
+            except OSError:
+                return
+            self.connections += 1
+            up = self._socket.create_connection(("127.0.0.1", self.target_port))
+            self.live += [c, up]
+            for a, b in ((c, up), (up, c)):
+                self._threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+            timer = self._threading.Timer(self.after, self._cut, args=(c, up))
+            timer.daemon = True
+            timer.start()
+
+    @staticmethod
+    def _pipe(a, b) -> None:
+        try:
+            while data := a.recv(65536):
+                b.sendall(data)
+        except OSError:
+            pass
+
+    def _cut(self, *socks) -> None:
+        for s in socks:
+            try:
+                s.shutdown(self._socket.SHUT_RDWR)
+            except OSError:
+                pass
+            s.close()
+
+    def close(self) -> None:
+        self.srv.close()
+        self._cut(*self.live)
+
+
+def test_a_link_that_drops_right_after_connecting_backs_off(site, services, devices, images):
+    # Each connection works (CONNACK, subscriptions, the report) and is cut a second later.
+    # Only a link that stayed up a while may reset the backoff; before, every round counted
+    # as a success and the board reconnected every 0.5-1 s for as long as it lasted.
+    site.releases.add(images["A"], "1.0.0")
+    proxy = _CuttingProxy(site.endpoints().mqtt_port, after=1.0)
+    try:
+        dev = devices(DEV, images["A"], "1.0.0", broker_port=proxy.port)
+        wait_reported(services, site, DEV, lambda fw, d: fw.get("version") == "1.0.0", "a report through the proxy")
+        t0 = time.monotonic()
+        time.sleep(20)
+        rounds = dev.output().count("link error")
+    finally:
+        proxy.close()
+    assert 2 <= rounds <= 6, f"{rounds} reconnects in {time.monotonic() - t0:.0f} s:\n{dev.output()[-3000:]}"
