@@ -12,7 +12,7 @@ connection at a time) still succeeds.
   board; each probe is a fresh board and must end on the new image with nothing failed.
   The reference point is the default 112 KiB board doing the same update.
 
-    python -m tools.bench.memory [--lo 40] [--hi 80] [--json build/bench/memory.json]
+    python -m tools.bench.memory [--lo 64] [--hi 96] [--json build/bench/memory.json]
 """
 
 from __future__ import annotations
@@ -163,8 +163,8 @@ def smallest_heap(work: Path, lo: int, hi: int) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--lo", type=int, default=40, help="KiB known or assumed to fail")
-    ap.add_argument("--hi", type=int, default=80, help="KiB expected to succeed")
+    ap.add_argument("--lo", type=int, default=64, help="KiB known or assumed to fail")
+    ap.add_argument("--hi", type=int, default=96, help="KiB expected to succeed")
     ap.add_argument("--json", type=Path, default=Path("build/bench/memory.json"), help="where to write the figures")
     args = ap.parse_args(argv)
     with tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as tmp:

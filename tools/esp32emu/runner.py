@@ -132,15 +132,16 @@ def make_fresh_board(root: Path, app_image: bytes) -> None:
     (Path(root) / "fs" / "boot.py").write_text("# boot.py -- run on boot-up\n")
 
 
-def make_flash(path: Path, app_image: bytes, size: int = FLASH_SIZE) -> None:
-    """Write a flash image as esptool leaves a board: partition table, app in ota_0, otadata
-    blank (the first boot then writes otadata[0] = {seq 1, VALID})."""
-    parts = espidf.parse_partition_table(espidf.make_partition_table())
+def make_flash(path: Path, app_image: bytes, size: int = FLASH_SIZE, rows=espidf.MICROPYTHON_OTA_4MIB) -> None:
+    """Write a flash image as esptool leaves a board: partition table (`rows`, as
+    espidf.make_partition_table takes them), app in ota_0, otadata blank (the first boot then
+    writes otadata[0] = {seq 1, VALID})."""
+    table = espidf.make_partition_table(rows)
+    parts = espidf.parse_partition_table(table, size)  # refuses partitions beyond the flash
     ota_0 = espidf.ota_slots(parts)[0]
     if len(app_image) > ota_0.size:
         raise ValueError(f"app image of {len(app_image)} bytes does not fit ota_0")
     flash = bytearray(b"\xff" * size)
-    table = espidf.make_partition_table()
     flash[espidf.PARTITION_TABLE_OFFSET : espidf.PARTITION_TABLE_OFFSET + len(table)] = table
     flash[ota_0.offset : ota_0.offset + len(app_image)] = app_image
     tmp = Path(path).with_suffix(".tmp")
