@@ -99,7 +99,7 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=1536 * 1024, help="bytes of the new image (default 1.5 MiB)")
     ap.add_argument("--timeout", type=float, default=900)
     ap.add_argument("--broker", choices=("mosquitto", "amqtt"), default="mosquitto",
-                    help="amqtt saturates near 100 emulated boards on 2 cores")
+                    help="the embedded amqtt broker is one Python process; mosquitto scales further")
     ap.add_argument("--batches", default="100%", help="rollout batches, as `rollout start --batches`")
     ap.add_argument("--boot-wave", type=int, default=0, help="power boards on this many at a time (0: all at once)")
     ap.add_argument("--json", type=Path, default=Path("build/bench/fleet_rollout.json"))
