@@ -4,6 +4,7 @@ its id and that one image, and the store accepts it as a bearer credential."""
 
 import json
 import ssl
+import time
 import urllib.error
 import urllib.request
 
@@ -84,3 +85,24 @@ def test_credentials_are_issued_only_for_the_image_the_device_is_told_to_install
     assert fetch(rel.sha256) == (200, images["B"])
     status, body = fetch(other.sha256)  # the same token replayed for another artifact
     assert status == 403 and b"another artifact" in body
+
+
+def test_a_token_that_expires_before_the_download_is_asked_for_again(site, services, recorder, devices, images):
+    # The renewer's clock runs 20 minutes behind the store's, so every token it issues has
+    # expired by the time the device uses it: the store says 403 "expired". That is not the
+    # URL's fault: the device reports token_expired (transient, no need_url), asks for
+    # another token, and finishes once the tokens are good again.
+    rec = recorder(DEV)
+    dev, rel = device_on_a(site, services, devices, images, DEV)
+    renewer = services.services.renewer
+    renewer.clock = lambda: time.time() - 20 * 60  # 15-minute tokens, expired on arrival
+    services.call(op.set_desired(site, DEV, rel, token=True))
+    fw, _ = wait_reported(services, site, DEV, lambda fw, d: fw.get("error") == contract.E_TOKEN_EXPIRED,
+                          "a token_expired report")
+    assert fw["state"] == "failed" and fw.get("need_url") is None and fw["version"] == "1.0.0"
+    renewer.clock = time.time
+    fw, doc = wait_reported(services, site, DEV, _updated, "1.1.0 with a fresh token")
+    assert fw["sha256"] == rel.sha256 and "delta" not in doc["state"]
+    answers = [m for m in rec.messages if m.topic.endswith("/" + contract.CREDENTIALS_ACCEPTED)]
+    assert len(answers) >= 2 and renewer.renewed == 0  # new tokens, never a new URL
+    assert dev.flash.read_bytes()[0x190000:0x190000 + rel.size] == images["B"]

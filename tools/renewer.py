@@ -19,6 +19,7 @@ import asyncio
 import json
 import logging
 import ssl
+import time
 
 import aiomqtt
 
@@ -54,7 +55,7 @@ def renewal(site: Site, device: str, desired: dict | None) -> dict | None:
 
 
 def credential(site: Site, device: str, request: dict, desired: dict | None, ttl: int = presign.DEFAULT_TTL,
-               ) -> tuple[str, dict]:
+               now: float | None = None) -> tuple[str, dict]:
     """(suffix, message) answering a device's credentials/get `request`, given its shadow's
     desired state: a token for the image it is told to install, or a rejection."""
     token = request.get("clientToken")
@@ -70,7 +71,7 @@ def credential(site: Site, device: str, request: dict, desired: dict | None, ttl
         return reject(contract.R_FORBIDDEN, "not the firmware this device is told to install")
     if not site.releases.path_of(sha).is_file():
         return reject(contract.R_NOT_FOUND, "no such release")
-    tok, expires = presign.issue_token(site.store_key, device, sha, ttl)
+    tok, expires = presign.issue_token(site.store_key, device, sha, ttl, now)
     out = {"token": tok, "expires": expires, "sha256": sha}
     if token is not None:
         out["clientToken"] = token
@@ -82,6 +83,7 @@ class Renewer:
         self.site, self.host, self.port = site, host, port
         self.renewed = 0
         self.issued = 0
+        self.clock = time.time  # what tokens are dated by (tests skew it)
 
     async def run(self, ready: asyncio.Event | None = None) -> None:
         ctx = ssl.create_default_context(cafile=str(self.site.pki.ca_cert))
@@ -137,7 +139,7 @@ class Renewer:
                 log.info("fresh URL for %s (%s)", device, update["state"]["desired"]["firmware"]["version"])
                 await client.publish(contract.topic(device, contract.UPDATE), json.dumps(update), qos=1)
             return
-        suffix, answer = credential(self.site, device, request, desired)
+        suffix, answer = credential(self.site, device, request, desired, now=self.clock())
         self.issued += suffix == contract.CREDENTIALS_ACCEPTED
         log.info("credential for %s: %s", device, "issued" if "token" in answer else answer["message"])
         await client.publish(contract.topic(device, suffix), json.dumps(answer), qos=1)
