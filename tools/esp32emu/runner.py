@@ -38,8 +38,8 @@ ROM_CACHE = Path(__file__).resolve().parents[2] / "build" / "cache" / "esp32emu-
 FLASH_SIZE = 4 * 1024 * 1024
 DEFAULT_HEAPSIZE = "112k"  # GC heap of an ESP32 without PSRAM after one growth (MP PR #13219)
 # On the chip, esp32/machine/network are C and cost no GC heap. Here they are MicroPython
-# (.mpy), so the process gets this much extra heap; _emu_boot.py then pins what is free for
-# the firmware to the nominal size (see _emuhw.pin_heap).
+# (.mpy), so the process gets this much extra heap; _emu_boot.py reserves the nominal size for
+# the firmware in one piece before they load and ballasts the rest (see _emuhw.pin_heap).
 EMULATOR_ALLOWANCE = 128 * 1024
 DEFAULT_CHIP_REV = 301  # v3.1, the current ESP32 revision
 DEFAULT_TLS_BUDGET = 2  # TLS connections an ESP32 without PSRAM holds at once (target/ssl.py)
