@@ -6,6 +6,8 @@ can be restarted while the device is still downloading.
 """
 
 import asyncio
+import socket
+import threading
 import time
 
 import pytest
@@ -179,10 +181,6 @@ class _CuttingProxy:
     goes through untouched): a link that comes up, works briefly, and drops."""
 
     def __init__(self, target_port: int, after: float):
-        import socket
-        import threading
-
-        self._socket, self._threading = socket, threading
         self.target_port, self.after = target_port, after
         self.srv = socket.create_server(("127.0.0.1", 0))
         self.port = self.srv.getsockname()[1]
@@ -197,11 +195,11 @@ class _CuttingProxy:
             except OSError:
                 return
             self.connections += 1
-            up = self._socket.create_connection(("127.0.0.1", self.target_port))
+            up = socket.create_connection(("127.0.0.1", self.target_port))
             self.live += [c, up]
             for a, b in ((c, up), (up, c)):
-                self._threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
-            timer = self._threading.Timer(self.after, self._cut, args=(c, up))
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+            timer = threading.Timer(self.after, self._cut, args=(c, up))
             timer.daemon = True
             timer.start()
 
@@ -216,7 +214,7 @@ class _CuttingProxy:
     def _cut(self, *socks) -> None:
         for s in socks:
             try:
-                s.shutdown(self._socket.SHUT_RDWR)
+                s.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
             s.close()

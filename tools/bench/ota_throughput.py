@@ -29,7 +29,7 @@ from pathlib import Path
 from tools import presign
 from tools.esp32emu.runner import FLASH_SIZE, chip_env, make_flash, run_script
 from tools.esp32emu.target import espidf
-from tools.images import SLOT_SIZE, build_app_image
+from tools.images import build_app_image
 from tools.services import ServicesThread
 from tools.site import Site
 
@@ -143,8 +143,11 @@ def run(size: int, runs: int, flash_mb: int = 4) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         site = Site(tmp / "site")
+        flash_size, layout = (16 << 20, LARGEST_SLOTS_16MB) if flash_mb == 16 else (FLASH_SIZE, espidf.MICROPYTHON_OTA_4MIB)
+        slot_size = max(row[4] for row in layout if row[1] == espidf.TYPE_APP)
         image = build_app_image("2.0.0", size)
-        rel = site.releases.add(image, "2.0.0", LARGEST_SLOTS_16MB[3][4] if flash_mb == 16 else SLOT_SIZE)
+        rel = site.releases.add(image, "2.0.0", slot_size)
+        running = build_app_image("1.0.0", 64 * 1024)
         password = site.creds.set(DEVICE)
         auth = "Basic " + base64.b64encode(f"{DEVICE}:{password}".encode()).decode()
         with ServicesThread(site):
@@ -160,10 +163,7 @@ def run(size: int, runs: int, flash_mb: int = 4) -> dict:
                 path = url.split(str(ep.https_port), 1)[1]
                 consts = f"AUTH = {auth!r}\nHOST = {ep.host!r}\nPORT = {ep.https_port}\nPATH = {path!r}\n"
 
-                if flash_mb == 16:
-                    make_flash(work / "flash.bin", build_app_image("1.0.0", 64 * 1024), 16 << 20, LARGEST_SLOTS_16MB)
-                else:
-                    make_flash(work / "flash.bin", build_app_image("1.0.0", 64 * 1024), FLASH_SIZE)
+                make_flash(work / "flash.bin", running, flash_size, layout)
                 r = _micropython(consts + _FIRMWARE, work, work / "flash.bin")
                 assert r["sha"] == rel.sha256, "firmware path hashed something else"
                 results["firmware"].append(r["us"] / 1e6)

@@ -61,9 +61,11 @@ def pin_heap(reserve):
 
     _load_models()  # in its own call: what loading left on the C stack is gone once it returns
     _ballast = []
+    if not len(reserve[0]):
+        return 0  # no nominal size: no ballast
     for _ in range(3):  # again for what the previous pass left as garbage (list growth)
         gc.collect()
-        size = gc.mem_free() if reserve and len(reserve[0]) else 0  # no nominal size: no ballast
+        size = gc.mem_free()
         while size:
             try:
                 _ballast.append(bytearray(size))
@@ -72,7 +74,7 @@ def pin_heap(reserve):
                 continue
             size = min(size, gc.mem_free())
     gc.collect()
-    return gc.mem_free() if _ballast else 0
+    return gc.mem_free()
 
 
 def settle(crumbs):
@@ -147,16 +149,14 @@ def _heap_locked():
 def unlock():
     """Lift micropython.heap_lock() for an emulated hardware operation; returns whether it was
     locked (pass that to relock). Called with no arguments, so it allocates nothing itself."""
-    if not _heap_locked():
-        if HEAP_PROBE:
-            heap_probe()
-        return False
-    import micropython
+    locked = _heap_locked()
+    if locked:
+        import micropython
 
-    micropython.heap_unlock()
+        micropython.heap_unlock()
     if HEAP_PROBE:
         heap_probe()
-    return True
+    return locked
 
 
 def relock(was_locked):
