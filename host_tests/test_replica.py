@@ -43,6 +43,8 @@ def operator(site, mqtt_probe):
     (json.dumps({"state": {"desired": 3}}).encode(), 400),
     (json.dumps({"state": {"desired": {"x": "y" * 9000}}}).encode(), 413),
     (json.dumps({"state": {"desired": {"x": 1}}, "clientToken": 5}).encode(), 400),
+    (b'{"state":{"desired":' + b'{"a":' * 10 + b'1' + b'}' * 12, 400),  # deeper than MAX_DEPTH
+    (b"[" * 8000 + b"]" * 8000, 400),  # deeper than the JSON decoder recurses
 ])
 def test_bad_updates_are_rejected_and_the_service_stays_up(operator, payload, code):
     operator.publish("state/dev1/update", payload)

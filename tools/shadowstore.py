@@ -13,6 +13,8 @@ import sqlite3
 from contextlib import contextmanager
 from pathlib import Path
 
+from tools.shadow import compact
+
 COLUMNS = ("device_id TEXT PRIMARY KEY, version INTEGER NOT NULL, doc TEXT NOT NULL,"
            " last_request TEXT, last_answer TEXT")
 
@@ -28,10 +30,6 @@ def sqlite_transaction(conn: sqlite3.Connection):
         conn.execute("ROLLBACK")
         raise
     conn.execute("COMMIT")
-
-
-def _dump(obj) -> str:
-    return json.dumps(obj, separators=(",", ":"))
 
 
 class _Store:
@@ -65,8 +63,8 @@ class _Store:
         """Compare-and-swap on version; False if someone else wrote first. `request`/`answer`
         (kept when None) are written in the same statement as the document, so a replayed
         request is recognised after a crash too."""
-        text = _dump(doc)
-        ans = _dump(answer) if answer is not None else None
+        text = compact(doc)
+        ans = compact(answer) if answer is not None else None
         if expected_version == 0:
             sql = ("INSERT INTO shadows (device_id, version, doc, last_request, last_answer) VALUES (?, ?, ?, ?, ?)"
                    " ON CONFLICT (device_id) DO NOTHING")
