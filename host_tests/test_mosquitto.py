@@ -151,6 +151,68 @@ def test_two_workers_split_the_stream_with_nothing_lost_or_applied_twice(site, b
     assert all(w.replica.handled > 0 for w in workers), [w.replica.handled for w in workers]  # both took a share
 
 
+def _accepted(site, port, tag, token):
+    """An operator that sends one update (with `token`) until it is accepted; the document."""
+    op = MQTTProbe(site, "operator", site.service_password("operator"), f"operator-{tag}", port=port)
+    try:
+        assert op.connected() == 0 and op.subscribe("state/d1/update/accepted") == [1]
+
+        def answered():
+            op.c.publish("state/d1/update", json.dumps({"state": {"desired": {"x": 1}}, "clientToken": token}), qos=1)
+            msg = op.next_message(1)
+            return msg and json.loads(msg[1])
+
+        return wait_until(answered, 30, "the replica to answer")
+    finally:
+        op.close()
+
+
+def test_a_request_the_store_failed_on_is_delivered_again_and_answered(site, broker, tmp_path, monkeypatch):
+    """The replica acknowledges a request to the broker only after committing it: when the
+    store fails, it reconnects and the broker hands the same request over again."""
+    import sqlite3
+
+    from tools.shadowstore import SQLiteStore
+
+    failed = []
+    put = SQLiteStore.put
+
+    def put_failing_once(self, *args, **kwargs):
+        if not failed:
+            failed.append(args[0])
+            raise sqlite3.OperationalError("disk I/O error")
+        return put(self, *args, **kwargs)
+
+    monkeypatch.setattr(SQLiteStore, "put", put_failing_once)
+    worker = Worker(site, broker.port, tmp_path / "s.db", "solo", None)
+    op = MQTTProbe(site, "operator", site.service_password("operator"), "operator-once", port=broker.port)
+    try:
+        assert op.connected() == 0 and op.subscribe("state/d1/update/+") == [1]
+        op.c.publish("state/d1/update", json.dumps({"state": {"desired": {"x": 1}}, "clientToken": "once"}), qos=1)
+        msg = op.next_message(15)  # sent once: only the broker's redelivery can answer it
+        assert msg is not None, "the request was lost"
+        doc = json.loads(msg[1])
+        assert msg[0] == "state/d1/update/accepted" and doc["clientToken"] == "once" and doc["version"] == 1
+    finally:
+        op.close()
+        worker.stop()
+    assert failed == ["d1"]
+    assert _final(tmp_path / "s.db")["d1"]["state"] == {"desired": {"x": 1}}
+
+
+def test_the_replica_serves_again_after_the_broker_restarts(site, broker, tmp_path):
+    worker = Worker(site, broker.port, tmp_path / "s.db", "solo", None)
+    try:
+        assert _accepted(site, broker.port, "before", "before")["version"] == 1
+        broker.stop()  # no persistence: the replica's session and subscriptions are gone
+        time.sleep(1)
+        broker.start()
+        doc = _accepted(site, broker.port, "after", "after")
+        assert doc["clientToken"] == "after" and doc["version"] == 2
+    finally:
+        worker.stop()
+
+
 def test_replica_command_serves_through_mosquitto(site, broker):
     import signal
     import subprocess

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import secrets
+import socket
 import ssl
 import time
 from dataclasses import dataclass, field
@@ -15,8 +16,12 @@ import aiomqtt
 from firmware import contract
 from tools import presign
 from tools.releases import Release
-from tools.replica import NODELAY
 from tools.site import Site
+
+
+# paho leaves Nagle on: a publish right after another would wait for the first one's ACK,
+# which the broker delays (delayed ACK), ~40 ms per hop.
+NODELAY = ((socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),)
 
 
 class OperatorError(Exception):

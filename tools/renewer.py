@@ -25,7 +25,7 @@ import aiomqtt
 
 from firmware import contract
 from tools import presign, shadow
-from tools.replica import NODELAY
+from tools.operator_client import NODELAY
 from tools.site import Site
 from tools.shadowstore import read_shadows
 

@@ -12,25 +12,19 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import json
 import logging
-import socket
+import random
 import ssl
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import aiomqtt
-
 from firmware import contract
-from tools import shadow
+from tools import mqtt_wire, shadow
 from tools.shadowstore import open_store
 
 log = logging.getLogger("replica")
 
-# paho leaves Nagle on: the second and third answer to an update would wait for the first
-# one's ACK, which the broker delays (delayed ACK), ~40 ms per hop.
-NODELAY = ((socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),)
 
 
 @dataclass
@@ -124,39 +118,43 @@ class Replica:
         return [self._one(t, p) for t, p in batch]
 
     async def run(self, ready: asyncio.Event | None = None) -> None:
-        """Serve until cancelled; reconnects with backoff if the broker goes away."""
+        """Serve until cancelled; reconnects with backoff if the broker or the store goes away.
+        A request is acknowledged to the broker only once committed and answered, so one that
+        was cut off by a lost connection, a crash or a failing store is delivered again."""
         m = self.mqtt
+        client = mqtt_wire.Client(m.client_id or f"{m.username}-replica", m.username, m.password,
+                                  clean_session=False, max_inflight=1000)
+        share = f"$share/{m.share_group}/" if m.share_group else ""
         delay = 0.5
-        while True:
-            try:
-                async with aiomqtt.Client(
-                    m.host, m.port, username=m.username, password=m.password,
-                    identifier=m.client_id or f"{m.username}-replica", tls_context=m.tls_context(),
-                    clean_session=False, max_inflight_messages=1000, socket_options=NODELAY,
-                ) as client:
-                    share = f"$share/{m.share_group}/" if m.share_group else ""
-                    await client.subscribe(f"{share}{contract.ROOT}/+/{contract.UPDATE}", qos=1)
-                    await client.subscribe(f"{share}{contract.ROOT}/+/{contract.GET}", qos=1)
+        try:
+            while True:
+                try:
+                    await client.connect(m.host, m.port, m.tls_context())
+                    await client.subscribe([(f"{share}{contract.ROOT}/+/{contract.UPDATE}", 1),
+                                            (f"{share}{contract.ROOT}/+/{contract.GET}", 1)])
                     log.info("replica subscribed on %s:%d", m.host, m.port)
                     delay = 0.5
                     if ready is not None:
                         ready.set()
-                    messages = client.messages
-                    async for message in messages:
-                        batch = [message]
-                        while len(messages) and len(batch) < self.batch_max:  # what is already queued
-                            batch.append(await anext(messages))
-                        try:
-                            outs = self.handle_many([(str(m.topic), bytes(m.payload or b"")) for m in batch])
-                        except Exception:  # noqa: BLE001 - the store is down: the requests go unanswered
-                            log.exception("failed to handle %d messages", len(batch))
-                            continue
-                        self.handled += len(batch)
-                        # Sent in this order, acknowledged together: a QoS 1 publish waits for
-                        # its PUBACK, and one round trip per answer would bound the service.
-                        await asyncio.gather(*(client.publish(topic, json.dumps(msg, separators=(",", ":")), qos=1)
-                                               for out in outs for topic, msg in out))
-            except aiomqtt.MqttError as e:
-                log.warning("broker connection lost (%s); reconnecting in %.1fs", e, delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 10)
+                    await self._serve(client)
+                except (mqtt_wire.MQTTError, *self.db.errors) as e:
+                    client.close()
+                    wait = delay * random.uniform(0.5, 1.0)
+                    log.warning("%s; reconnecting in %.1fs", e, wait)
+                    await asyncio.sleep(wait)
+                    delay = min(delay * 2, 10)
+        finally:
+            client.close()
+
+    async def _serve(self, client: mqtt_wire.Client) -> None:
+        while True:
+            batch = await client.receive(self.batch_max)
+            outs = self.handle_many([(msg.topic, msg.payload) for msg in batch])
+            self.handled += len(batch)
+            # In order on the wire; the broker's PUBACKs are collected as they come, and
+            # drain() holds the next batch back only when 1000 are outstanding.
+            for out in outs:
+                for topic, msg in out:
+                    client.publish(topic, shadow.compact(msg).encode(), 1)
+            client.ack(batch)
+            await client.drain()
