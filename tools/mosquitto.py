@@ -84,6 +84,7 @@ class Mosquitto:
             # The default (1000 per client) drops QoS 1 messages in a burst: a rollout to 10,000
             # devices at once lost requests on their way to the replica workers.
             "max_queued_messages 1000000\n"
+            "max_inflight_messages 1000\n"
             "user root\n"  # keep the test's files readable (mosquitto drops to 'mosquitto' by default)
             "log_dest stdout\n"
             "log_type error\nlog_type warning\nlog_type notice\n"
