@@ -92,11 +92,12 @@ def one_run(site: Site, tmp: Path, args, run: int, pg) -> dict:
                 thread.join(10)
             for s in sims:
                 s.close()
-            tasks = [s.task for s in sims if s.task is not None]
-            for task in tasks:
-                task.cancel()
-            loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))  # ended, not dropped
-            loop.close()
+            if not thread.is_alive():  # end the devices' tasks instead of dropping them pending
+                tasks = [s.task for s in sims if s.task is not None]
+                for task in tasks:
+                    task.cancel()
+                loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
+                loop.close()
             _stop(*workers)
 
 
