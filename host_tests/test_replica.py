@@ -127,10 +127,14 @@ def test_messages_that_arrive_together_share_one_transaction_and_fall_back_alone
     r = Replica(None, site.shadow_store)
     try:
         batch = [("state/b1/update", json.dumps({"state": {"desired": {"n": i}}, "clientToken": f"t{i}"}).encode())
-                 for i in range(5)] + [("state/b1/get", b"{}")]
+                 for i in range(5)]
+        batch += [batch[4], ("state/b1/get", b"{}"), ("state/b2/get", b"{}")]  # t4 again: replayed
         outs = r.handle_many(batch)
-        assert [o[0][1]["version"] for o in outs[:5]] == [1, 2, 3, 4, 5]
-        assert outs[5][0][1]["state"]["desired"] == {"n": 4}  # the get sees the updates before it
+        assert [o[0][1]["version"] for o in outs[:6]] == [1, 2, 3, 4, 5, 5]
+        assert outs[5] == outs[4]
+        get = outs[6][0][1]
+        assert get["state"]["desired"] == {"n": 4} and get["version"] == 5  # sees the updates before it
+        assert outs[7][0][1]["code"] == contract.R_NOT_FOUND
         # The store fails on the third write of the next batch: nothing of that batch may stay
         # committed, and each message is then handled alone, exactly once.
         calls = {"n": 0}

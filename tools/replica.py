@@ -50,6 +50,7 @@ class Replica:
         self.db = open_store(store)
         self.handled = 0
         self.batch_max = 200  # messages per transaction, at most
+        self._batch: dict | None = None  # rows the current batch read up front (handle_many)
 
     def handle(self, topic: str, payload: bytes) -> list[tuple[str, dict]]:
         """Process one message; returns the (topic, message) pairs to publish, in order.
@@ -65,7 +66,7 @@ class Replica:
                 token = req.get("clientToken")
             except shadow.ShadowError as e:
                 return [(contract.topic(device_id, contract.GET_REJECTED), e.payload())]
-            doc = self.db.get(device_id)
+            doc = self._read(device_id, False)[0]
             if doc is None:
                 err = shadow.ShadowError(contract.R_NOT_FOUND, f"No shadow exists with name: '{device_id}'", token)
                 return [(contract.topic(device_id, contract.GET_REJECTED), err.payload())]
@@ -77,24 +78,32 @@ class Replica:
             # A request with a clientToken is applied once: the same bytes again (a QoS 1
             # redelivery after a lost PUBACK, a client retrying) get the first answer replayed.
             digest = hashlib.sha256(payload).hexdigest() if req.get("clientToken") is not None else None
-            for _ in range(3):  # compare-and-swap: another worker may write between read and put
-                if digest is not None:
-                    seen, answer = self.db.last(device_id)
-                    if seen == digest:
-                        return [(contract.topic(device_id, suffix), msg) for suffix, msg in answer]
-                doc = self.db.get(device_id)
+            for attempt in range(3):  # compare-and-swap: another worker may write between read and put
+                doc, seen, answer = self._read(device_id, digest is not None, fresh=attempt > 0)
+                if digest is not None and seen == digest:
+                    return [(contract.topic(device_id, suffix), msg) for suffix, msg in answer]
                 new, accepted, delta = shadow.apply_update(doc, req, int(time.time()))
                 out = [(contract.UPDATE_ACCEPTED, accepted)]
                 if delta is not None:
                     out.append((contract.UPDATE_DELTA, delta))
                 out.append((contract.UPDATE_DOCUMENTS, shadow.documents_message(doc, new, req.get("clientToken"))))
                 if self.db.put(device_id, new, doc["version"] if doc else 0, digest, out if digest else None):
+                    if self._batch is not None:  # what the next message of this batch reads
+                        self._batch[device_id] = (new, digest, out) if digest else (new, seen, answer)
                     break
             else:
                 raise shadow.ShadowError(contract.R_CONFLICT, "concurrent updates; retry", req.get("clientToken"))
         except shadow.ShadowError as e:
             return [(contract.topic(device_id, contract.UPDATE_REJECTED), e.payload())]
         return [(contract.topic(device_id, suffix), msg) for suffix, msg in out]
+
+    def _read(self, device_id: str, with_last: bool, fresh: bool = False) -> tuple:
+        """(document or None, digest of the last request with a clientToken, its answer): from
+        what the batch read up front unless `fresh` (a compare-and-swap just failed)."""
+        if not fresh and self._batch is not None and device_id in self._batch:
+            return self._batch[device_id] or (None, None, None)
+        doc = self.db.get(device_id)
+        return (doc, *self.db.last(device_id)) if with_last and doc is not None else (doc, None, None)
 
     def _one(self, topic: str, payload: bytes) -> list[tuple[str, dict]]:
         try:
@@ -112,9 +121,13 @@ class Replica:
         if len(batch) > 1:
             try:
                 with self.db.transaction():
+                    # Every shadow the batch touches in one query, not two per message.
+                    self._batch = self.db.rows([p[0] for p in map(contract.parse_topic, (t for t, _ in batch)) if p])
                     return [self._one(t, p) for t, p in batch]
             except self.db.errors as e:
                 log.warning("batch of %d failed (%s); one at a time", len(batch), e)
+            finally:
+                self._batch = None
         return [self._one(t, p) for t, p in batch]
 
     async def run(self, ready: asyncio.Event | None = None) -> None:
