@@ -167,19 +167,23 @@ def _accepted(site, port, tag, token):
         op.close()
 
 
-def test_a_request_the_store_failed_on_is_delivered_again_and_answered(site, broker, tmp_path, monkeypatch):
-    """The replica acknowledges a request to the broker only after committing it: when the
-    store fails, it reconnects and the broker hands the same request over again."""
+def test_a_request_cut_off_with_the_connection_is_delivered_again_and_answered(site, broker, tmp_path, monkeypatch):
+    """The replica acknowledges a request to the broker only after committing it. Here the
+    connection ends while the first attempt to store a request fails: mosquitto keeps the
+    session and hands the same request over again on the next connection."""
     import sqlite3
 
+    from tools import mqtt_wire
     from tools.shadowstore import SQLiteStore
 
-    failed = []
+    clients, failed = [], []
+    monkeypatch.setattr(mqtt_wire.Client, "__init__", _recording(mqtt_wire.Client.__init__, clients))
     put = SQLiteStore.put
 
     def put_failing_once(self, *args, **kwargs):
         if not failed:
             failed.append(args[0])
+            clients[0].close()  # the connection goes with the failure
             raise sqlite3.OperationalError("disk I/O error")
         return put(self, *args, **kwargs)
 
@@ -198,6 +202,13 @@ def test_a_request_the_store_failed_on_is_delivered_again_and_answered(site, bro
         worker.stop()
     assert failed == ["d1"]
     assert _final(tmp_path / "s.db")["d1"]["state"] == {"desired": {"x": 1}}
+
+
+def _recording(init, made):
+    def record(self, *args, **kwargs):
+        made.append(self)
+        init(self, *args, **kwargs)
+    return record
 
 
 def test_the_replica_serves_again_after_the_broker_restarts(site, broker, tmp_path):

@@ -154,3 +154,25 @@ def test_messages_that_arrive_together_share_one_transaction_and_fall_back_alone
         assert doc["version"] == 9 and doc["state"]["desired"] == {"n": 4, "m": 3}
     finally:
         r.db.close()
+
+
+def test_a_request_the_store_failed_on_is_answered_once_the_store_works(site, operator, monkeypatch):
+    """The replica keeps a request it could not store and tries it again: on this broker
+    (amqtt drops unacknowledged messages when a client disconnects) nothing else would."""
+    from tools.shadowstore import _Store
+
+    failed = []
+    put = _Store.put
+
+    def put_failing_twice(self, *args, **kwargs):
+        if len(failed) < 2:
+            failed.append(args[0])
+            raise self.errors[0]("disk I/O error")
+        return put(self, *args, **kwargs)
+
+    monkeypatch.setattr(_Store, "put", put_failing_twice)
+    operator.publish("state/dev1/update", json.dumps({"state": {"desired": {"x": 1}}, "clientToken": "once"}))
+    (kind, outcome), doc = _answer(operator, timeout=15)
+    assert (kind, outcome) == ("update", "accepted") and doc["clientToken"] == "once" and doc["version"] == 1
+    assert failed == ["dev1", "dev1"]
+    assert read_shadows(site.shadow_store)["dev1"]["state"] == {"desired": {"x": 1}}

@@ -131,9 +131,10 @@ class Replica:
         return [self._one(t, p) for t, p in batch]
 
     async def run(self, ready: asyncio.Event | None = None) -> None:
-        """Serve until cancelled; reconnects with backoff if the broker or the store goes away.
-        A request is acknowledged to the broker only once committed and answered, so one that
-        was cut off by a lost connection, a crash or a failing store is delivered again."""
+        """Serve until cancelled; reconnects with backoff if the broker goes away. A request is
+        acknowledged to the broker only once committed and answered: while the store fails it
+        is tried again here, and one cut off by a lost connection or a crash is delivered again
+        by a broker that keeps the session."""
         m = self.mqtt
         client = mqtt_wire.Client(m.client_id or f"{m.username}-replica", m.username, m.password,
                                   clean_session=False, max_inflight=1000)
@@ -150,7 +151,7 @@ class Replica:
                     if ready is not None:
                         ready.set()
                     await self._serve(client)
-                except (mqtt_wire.MQTTError, *self.db.errors) as e:
+                except mqtt_wire.MQTTError as e:
                     client.close()
                     wait = delay * random.uniform(0.5, 1.0)
                     log.warning("%s; reconnecting in %.1fs", e, wait)
@@ -159,10 +160,27 @@ class Replica:
         finally:
             client.close()
 
+    async def _handle_until_stored(self, client: mqtt_wire.Client, batch: list[tuple[str, bytes]]):
+        """handle_many, tried again with backoff while the store fails (locked, restarting):
+        the requests are in hand, and not every broker delivers unacknowledged ones again
+        (amqtt 0.12.1 drops them when the connection ends). If the connection ends meanwhile,
+        give up: the broker's redelivery, where there is one, takes over."""
+        delay = 0.5
+        while True:
+            try:
+                return self.handle_many(batch)
+            except self.db.errors as e:
+                wait = delay * random.uniform(0.5, 1.0)
+                log.warning("store failed (%s); %d requests again in %.1fs", e, len(batch), wait)
+                await asyncio.sleep(wait)
+                delay = min(delay * 2, 10)
+                if not client.connected:
+                    raise mqtt_wire.MQTTError("connection lost while the store was failing") from e
+
     async def _serve(self, client: mqtt_wire.Client) -> None:
         while True:
             batch = await client.receive(self.batch_max)
-            outs = self.handle_many([(msg.topic, msg.payload) for msg in batch])
+            outs = await self._handle_until_stored(client, [(msg.topic, msg.payload) for msg in batch])
             self.handled += len(batch)
             # In order on the wire; the broker's PUBACKs are collected as they come, and
             # drain() holds the next batch back only when 1000 are outstanding.
