@@ -178,6 +178,32 @@ print(json.dumps(out))
 """
 
 
+def test_nor_flash_programs_only_clear_bits_whatever_was_erased_last(tmp_path):
+    """NorFlash skips reading back a sector it has just erased; every other program is ANDed
+    into what the flash holds, including the second program of a freshly erased sector."""
+    from tools.esp32emu.target.norflash import SECTOR, NorFlash
+
+    path = tmp_path / "flash.bin"
+    path.write_bytes(b"\x00" * (4 * SECTOR))  # unerased: programming cannot set bits
+    f = NorFlash(str(path))
+    try:
+        f.write(0, b"\xff" * SECTOR)
+        assert f.read(0, 4) == b"\x00" * 4
+        f.erase(SECTOR, 2 * SECTOR)  # sectors 1 and 2; the last one is remembered blank
+        f.write(SECTOR, b"\x0f" * 16)  # part of sector 1
+        f.write(SECTOR, b"\xf3" * 16)  # again, without an erase
+        f.write(2 * SECTOR, b"\x3c" * SECTOR)
+        f.write(2 * SECTOR, b"\xf0" * SECTOR)
+        f.write(3 * SECTOR - 8, b"\x55" * 16)  # across sectors 2 and 3
+    finally:
+        f.close()
+    data = path.read_bytes()
+    assert data[SECTOR:SECTOR + 16] == b"\x03" * 16 and data[SECTOR + 16:2 * SECTOR] == b"\xff" * (SECTOR - 16)
+    assert data[2 * SECTOR:3 * SECTOR - 8] == b"\x30" * (SECTOR - 8)
+    assert data[3 * SECTOR - 8:3 * SECTOR] == b"\x10" * 8  # 0x30 & 0x55
+    assert data[3 * SECTOR:3 * SECTOR + 8] == b"\x00" * 8  # never erased
+
+
 def test_partition_api_values_match_micropython_on_esp_idf(tmp_path, app_a):
     make_flash(tmp_path / "flash.bin", app_a)
     proc = run_micropython(API_CHECKS, tmp_path, chip_env(tmp_path / "flash.bin"))

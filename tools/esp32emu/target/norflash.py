@@ -87,6 +87,9 @@ class NorFlash:
         self._old = bytearray(SECTOR)  # reused for read-modify-write; no per-call allocation
         self._ff = b"\xff" * SECTOR
         self._wear_rec = bytearray(8)
+        # The sector this object erased last, if nothing has programmed it since: it holds
+        # 0xFF, so programming it needs no read-back (the usual erase-then-write of a block).
+        self._blank = -1
         nsect = size // SECTOR
         try:
             self._wear = open(path + ".wear", "r+b")
@@ -148,6 +151,7 @@ class NorFlash:
                 self._f.write(self._ff[: SECTOR // 2])
             else:
                 self._f.write(self._ff)
+                self._blank = addr // SECTOR
             self._count(addr // SECTOR, 0)
             if cut:
                 self.power.on_cut()
@@ -165,8 +169,12 @@ class NorFlash:
             # One sector-bounded piece at a time, ANDed into what the flash holds.
             take = min(n - done, SECTOR - (addr + done) % SECTOR)
             piece = data[done : done + take] if (done or take != len(data)) else data
-            self._f.seek(addr + done)
-            if take == SECTOR:
+            sector = (addr + done) // SECTOR
+            if sector == self._blank:
+                erased = True
+                self._blank = -1  # programmed from here on
+            elif take == SECTOR:
+                self._f.seek(addr + done)
                 self._f.readinto(self._old)
                 erased = self._old == self._ff
             else:
@@ -179,7 +187,7 @@ class NorFlash:
                     piece = a.to_bytes(take, "little")
             self._f.seek(addr + done)
             self._f.write(piece)
-            self._count((addr + done) // SECTOR, 1)
+            self._count(sector, 1)
             done += take
         if cut:
             self.power.on_cut()
