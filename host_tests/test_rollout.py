@@ -229,6 +229,49 @@ def test_cancel_from_another_process_stops_targeting(tmp_path):
     assert st["dev-00"] == ro.SUCCEEDED and list(st.values()).count(ro.SKIPPED) == 19
 
 
+_HOLD = """
+import sys, time
+from tools import rollout as ro
+with ro.sole_driver(ro.RolloutDB(sys.argv[1]), sys.argv[2]):
+    print("driving", flush=True)
+    time.sleep(60)
+"""
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_a_rollout_has_one_driver_and_a_killed_one_lets_go(tmp_path):
+    import asyncio
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    db, fleet, engine = make(tmp_path, 4)
+    published = []
+
+    async def publish(s):
+        published.append(s.device)
+        raise _Stop  # the first desired state is out: enough
+
+    other = subprocess.Popen([sys.executable, "-c", _HOLD, str(tmp_path / "rollouts.db"), engine.id],
+                             cwd=REPO, stdout=subprocess.PIPE, text=True)
+    try:
+        assert other.stdout.readline().strip() == "driving"
+        with pytest.raises(ro.RolloutError, match=rf"already being driven \(process {other.pid}\)"):
+            asyncio.run(ro.drive(engine, lambda devices: fleet.docs, publish, tick=0))
+        assert published == [] and set(states(db, engine).values()) == {ro.PENDING}
+    finally:
+        other.kill()  # dies holding the lock
+        other.wait()
+        other.stdout.close()
+    with pytest.raises(_Stop):
+        asyncio.run(ro.drive(engine, lambda devices: fleet.docs, publish, tick=0))
+    assert published == ["dev-00"]
+
+
 def test_someone_else_changing_the_desired_firmware_is_a_failure_not_a_fight(tmp_path):
     db, fleet, engine = make(tmp_path, 1, batches=["100%"], success_pct=0)
     step(engine, fleet)

@@ -18,12 +18,15 @@ Rolling back sets desired to the release each device ran before it was targeted.
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import json
 import logging
 import math
+import os
 import secrets
 import sqlite3
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Awaitable, Callable
@@ -183,6 +186,7 @@ class RolloutInfo:
 
 class RolloutDB:
     def __init__(self, path: Path):
+        self.path = Path(path)
         self.conn = sqlite3.connect(str(path), isolation_level=None, timeout=30)
         self.conn.execute("PRAGMA journal_mode=WAL")
         self.conn.execute("PRAGMA synchronous=FULL")
@@ -443,20 +447,46 @@ Publisher = Callable[[Send], Awaitable[None]]
 ShadowReader = Callable[[list[str]], dict[str, dict]]
 
 
+@contextmanager
+def sole_driver(db: RolloutDB, rollout_id: str):
+    """Hold the right to drive one rollout. Two drivers would each send the devices they
+    target a desired state with a fresh URL; a `cancel` or `rollback` from elsewhere needs no
+    driver of its own, the running one carries it out. An exclusive lock on a file next to the
+    database: the kernel lets go of it when the process ends, however it ends."""
+    folder = db.path.with_name(db.path.name + ".drivers")
+    folder.mkdir(exist_ok=True)
+    with open(folder / f"{rollout_id}.lock", "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            raise RolloutError(f"rollout {rollout_id} is already being driven (process {f.read().strip() or '?'}),"
+                               " which carries out any cancel or roll back") from None
+        f.truncate(0)
+        f.write(str(os.getpid()))
+        f.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 async def drive(engine: Engine, read_shadows: ShadowReader, publish: Publisher, tick: float = 1.0,
                 on_tick: Callable[[RolloutInfo, list[Target]], None] | None = None) -> RolloutInfo:
-    """Run the rollout until it has settled; returns its final record."""
+    """Run the rollout until it has settled; returns its final record. Raises RolloutError if
+    another process drives it."""
     devices = [t.device for t in engine.db.targets(engine.id)]
-    while True:
-        sends = engine.step(read_shadows(devices))
-        for s in sends:
-            await publish(s)
-        engine.sent([s.device for s in sends])
-        if on_tick is not None:
-            on_tick(engine.info, engine.db.targets(engine.id))
-        if engine.settled():
-            return engine.info
-        await asyncio.sleep(tick)
+    with sole_driver(engine.db, engine.id):
+        while True:
+            sends = engine.step(read_shadows(devices))
+            for s in sends:
+                await publish(s)
+            engine.sent([s.device for s in sends])
+            if on_tick is not None:
+                on_tick(engine.info, engine.db.targets(engine.id))
+            if engine.settled():
+                return engine.info
+            await asyncio.sleep(tick)
 
 
 def progress_line(info: RolloutInfo, targets: list[Target], width: int = 24) -> str:
