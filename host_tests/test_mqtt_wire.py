@@ -76,26 +76,14 @@ class ScriptedBroker:
             writer.close()
 
 
-async def _read(reader) -> tuple[int, int, bytes]:
-    head = await reader.readexactly(1)
-    n, shift = 0, 0
-    while True:
-        b = (await reader.readexactly(1))[0]
-        n |= (b & 0x7F) << shift
-        shift += 7
-        if not b & 0x80:
-            break
-    return head[0] >> 4, head[0] & 0x0F, await reader.readexactly(n)
-
-
 def test_an_unacknowledged_publish_is_sent_again_marked_dup_on_the_next_connection():
     seen = []
 
     async def script(n, reader, writer):
-        kind, _, body = await _read(reader)
+        kind, _, body = await w.read_packet(reader)
         assert kind == w.CONNECT and body[9] & 0x02 == 0  # a persistent session
         writer.write(b"\x20\x02" + bytes((1 if n else 0, 0)))
-        kind, flags, body = await _read(reader)
+        kind, flags, body = await w.read_packet(reader)
         seen.append((n, kind, flags, w.parse_publish(flags, body)))
         if n == 1:  # the first connection drops it unacknowledged; this one acknowledges
             writer.write(w.packet(w.PUBACK, 0, struct.pack("!H", seen[-1][3].pid)))
@@ -130,15 +118,15 @@ def test_a_received_message_is_acknowledged_only_when_the_caller_says_so():
     got = {}
 
     async def script(n, reader, writer):
-        await _read(reader)
+        await w.read_packet(reader)
         writer.write(b"\x20\x02\x00\x00")
         writer.write(w.publish_packet("state/d1/update", b"{}", 1, 42))
         await writer.drain()
         try:
-            got["early"] = await asyncio.wait_for(_read(reader), 0.5)
+            got["early"] = await asyncio.wait_for(w.read_packet(reader), 0.5)
         except asyncio.TimeoutError:
             got["early"] = None
-        got["ack"] = await asyncio.wait_for(_read(reader), 5)
+        got["ack"] = await asyncio.wait_for(w.read_packet(reader), 5)
 
     async def main():
         async with ScriptedBroker(script) as broker:
@@ -158,7 +146,7 @@ def test_a_received_message_is_acknowledged_only_when_the_caller_says_so():
 
 def test_a_refused_login_says_why():
     async def script(n, reader, writer):
-        await _read(reader)
+        await w.read_packet(reader)
         writer.write(b"\x20\x02\x00\x05")
         await writer.drain()
 
@@ -174,7 +162,7 @@ def test_a_refused_login_says_why():
 
 def test_a_broker_that_stops_answering_is_given_up_on():
     async def script(n, reader, writer):
-        await _read(reader)
+        await w.read_packet(reader)
         writer.write(b"\x20\x02\x00\x00")
         await writer.drain()
         await asyncio.sleep(10)  # no PINGRESP, nothing

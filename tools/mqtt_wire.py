@@ -92,6 +92,22 @@ def parse_publish(flags: int, body: bytes) -> Message:
     return Message(topic, body[end:], 0, 0)
 
 
+async def read_packet(reader: asyncio.StreamReader) -> tuple[int, int, bytes]:
+    """One packet from a stream: (type, flags, body). For simple peers (the benchmark's
+    simulated devices, tests); Client parses whatever arrives with Parser."""
+    head = await reader.readexactly(1)
+    n, shift = 0, 0
+    while True:
+        b = (await reader.readexactly(1))[0]
+        n |= (b & 0x7F) << shift
+        shift += 7
+        if not b & 0x80:
+            break
+        if shift > 21:
+            raise MQTTError("remaining length longer than 4 bytes")
+    return head[0] >> 4, head[0] & 0x0F, await reader.readexactly(n)
+
+
 class Parser:
     """Splits a byte stream into (kind, flags, body) packets, keeping a partial one for later."""
 

@@ -4,8 +4,9 @@ Each is a real broker client with its own identity over TLS (so the broker's per
 applies), speaking just what a device speaks: CONNECT, SUBSCRIBE to its delta, PUBLISH QoS 1,
 PUBACK. On a delta that names firmware it reports that firmware as running, the way the real
 device does once an install is done, without the download: the control plane alone.
-A minimal codec of our own, because a full client per device (paho, aiomqtt) costs a thread
-or a task set each and would measure the simulator instead of the fleet's services.
+Each speaks through tools/mqtt_wire's codec on one stream; a full client per device (paho,
+aiomqtt) costs a thread or a task set each and would measure the simulator instead of the
+fleet's services.
 """
 
 from __future__ import annotations
@@ -16,39 +17,7 @@ import ssl
 import struct
 
 from firmware import contract
-
-CONNECT, CONNACK, PUBLISH, PUBACK, SUBSCRIBE, SUBACK = 1, 2, 3, 4, 8, 9
-
-
-def _length(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        n, digit = divmod(n, 128)
-        out.append(digit | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
-def _utf8(s: str) -> bytes:
-    b = s.encode()
-    return struct.pack("!H", len(b)) + b
-
-
-def packet(kind: int, flags: int, body: bytes) -> bytes:
-    return bytes([kind << 4 | flags]) + _length(len(body)) + body
-
-
-async def read_packet(reader: asyncio.StreamReader) -> tuple[int, int, bytes]:
-    head = await reader.readexactly(1)
-    n, shift = 0, 0
-    while True:
-        b = (await reader.readexactly(1))[0]
-        n |= (b & 0x7F) << shift
-        shift += 7
-        if not b & 0x80:
-            break
-    return head[0] >> 4, head[0] & 0x0F, await reader.readexactly(n)
-
+from tools.mqtt_wire import CONNACK, PUBACK, PUBLISH, SUBACK, SUBSCRIBE, connect_packet, packet, read_packet, utf8
 
 class SimDevice:
     def __init__(self, device_id: str, password: str):
@@ -62,15 +31,12 @@ class SimDevice:
 
     async def connect(self, host: str, port: int, ctx: ssl.SSLContext, keepalive: int = 600) -> None:
         self.reader, self.writer = await asyncio.open_connection(host, port, ssl=ctx, server_hostname=host)
-        flags = 0x80 | 0x40 | 0x02  # username, password, clean session
-        body = _utf8("MQTT") + bytes([4, flags]) + struct.pack("!H", keepalive) + _utf8(self.id) + \
-            _utf8(self.id) + _utf8(self.password)
-        self.writer.write(packet(CONNECT, 0, body))
+        self.writer.write(connect_packet(self.id, self.id, self.password, True, keepalive))
         kind, _, data = await read_packet(self.reader)
         if kind != CONNACK or data[1] != 0:
             raise ConnectionError(f"{self.id}: CONNACK {data!r}")
         self.writer.write(packet(SUBSCRIBE, 2, struct.pack("!H", self._next()) +
-                                 _utf8(contract.topic(self.id, contract.UPDATE_DELTA)) + b"\x01"))
+                                 utf8(contract.topic(self.id, contract.UPDATE_DELTA)) + b"\x01"))
         kind, _, data = await read_packet(self.reader)
         if kind != SUBACK or data[2] != 1:
             raise ConnectionError(f"{self.id}: SUBACK {data!r}")
@@ -80,7 +46,7 @@ class SimDevice:
         return self._pid
 
     def publish(self, suffix: str, doc: dict) -> None:
-        body = _utf8(contract.topic(self.id, suffix)) + struct.pack("!H", self._next()) + json.dumps(doc).encode()
+        body = utf8(contract.topic(self.id, suffix)) + struct.pack("!H", self._next()) + json.dumps(doc).encode()
         self.writer.write(packet(PUBLISH, 2, body))
 
     async def serve(self) -> None:
