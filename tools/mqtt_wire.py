@@ -312,7 +312,7 @@ class Client:
                 self._drop(MQTTError(f"nothing from the broker for {self.keepalive * 1.5:.0f} s"))
                 return
             if self._transport is not None:
-                self._transport.write(b"\xc0\x00")
+                self._transport.write(packet(PINGREQ, 0, b""))
 
     def _next_pid(self) -> int:
         while True:
@@ -335,7 +335,7 @@ class Client:
         """Done with these: acknowledge the QoS 1 ones, in one write."""
         for m in messages:
             if m.qos == 1:
-                self._write(b"\x40\x02" + struct.pack("!H", m.pid))
+                self._write(packet(PUBACK, 0, struct.pack("!H", m.pid)))
 
     def _write(self, data: bytes) -> None:
         """Writes made in one turn of the event loop go out together: a TLS record and a
@@ -375,7 +375,7 @@ class Client:
         """DISCONNECT and close; the session's unacknowledged publishes are kept."""
         if self._transport is not None:
             self._flush()
-            self._transport.write(b"\xe0\x00")
+            self._transport.write(packet(DISCONNECT, 0, b""))
             self._transport.close()
             self._transport = None
         self._drop(MQTTError("closed"))

@@ -43,6 +43,15 @@ class MQTTSettings:
         return ssl.create_default_context(cafile=str(self.ca_file))
 
 
+async def _back_off(delay: float, what: str) -> float:
+    """Wait half to all of `delay` (jitter: workers that failed together do not retry together);
+    returns the next delay, doubled up to 10 s."""
+    wait = delay * random.uniform(0.5, 1.0)
+    log.warning("%s in %.1fs", what, wait)
+    await asyncio.sleep(wait)
+    return min(delay * 2, 10)
+
+
 class Replica:
     def __init__(self, mqtt: MQTTSettings, store: Path | str):
         """`store`: an SQLite file or a postgresql:// URL (tools.shadowstore)."""
@@ -122,7 +131,8 @@ class Replica:
             try:
                 with self.db.transaction():
                     # Every shadow the batch touches in one query, not two per message.
-                    self._batch = self.db.rows([p[0] for p in map(contract.parse_topic, (t for t, _ in batch)) if p])
+                    devices = [parsed[0] for parsed in (contract.parse_topic(t) for t, _ in batch) if parsed]
+                    self._batch = self.db.rows(devices)
                     return [self._one(t, p) for t, p in batch]
             except self.db.errors as e:
                 log.warning("batch of %d failed (%s); one at a time", len(batch), e)
@@ -153,10 +163,7 @@ class Replica:
                     await self._serve(client)
                 except mqtt_wire.MQTTError as e:
                     client.close()
-                    wait = delay * random.uniform(0.5, 1.0)
-                    log.warning("%s; reconnecting in %.1fs", e, wait)
-                    await asyncio.sleep(wait)
-                    delay = min(delay * 2, 10)
+                    delay = await _back_off(delay, f"{e}; reconnecting")
         finally:
             client.close()
 
@@ -170,10 +177,7 @@ class Replica:
             try:
                 return self.handle_many(batch)
             except self.db.errors as e:
-                wait = delay * random.uniform(0.5, 1.0)
-                log.warning("store failed (%s); %d requests again in %.1fs", e, len(batch), wait)
-                await asyncio.sleep(wait)
-                delay = min(delay * 2, 10)
+                delay = await _back_off(delay, f"store failed ({e}); {len(batch)} requests again")
                 if not client.connected:
                     raise mqtt_wire.MQTTError("connection lost while the store was failing") from e
 
