@@ -224,6 +224,37 @@ def test_the_replica_serves_again_after_the_broker_restarts(site, broker, tmp_pa
         worker.stop()
 
 
+def test_the_services_mqtt_client_keeps_an_idle_connection_alive(site, broker):
+    """tools/mqtt_wire pings within its keepalive and the broker answers: a quiet connection
+    (one keepalive is 1 s here) stays up, and still carries messages both ways."""
+    import asyncio
+    import ssl
+
+    from tools import mqtt_wire
+
+    async def main():
+        c = mqtt_wire.Client("operator-idle", "operator", site.service_password("operator"), keepalive=1)
+        await c.connect("127.0.0.1", broker.port, ssl.create_default_context(cafile=str(site.pki.ca_cert)))
+        try:
+            await c.subscribe([("state/idle/update/delta", 1)])
+            await asyncio.sleep(4)  # 4 keepalives without traffic of our own
+            assert c.connected
+            c.publish("state/idle/update/delta", b'{"x":1}', 1)
+            (msg,) = await asyncio.wait_for(c.receive(), 5)
+            c.ack([msg])
+            for _ in range(50):  # our publish's PUBACK may come after the message itself
+                if not c.inflight:
+                    break
+                await asyncio.sleep(0.05)
+            return msg, dict(c.inflight)
+        finally:
+            c.close()
+
+    msg, inflight = asyncio.run(main())
+    assert msg.topic == "state/idle/update/delta" and msg.payload == b'{"x":1}' and msg.qos == 1
+    assert inflight == {}
+
+
 def test_replica_command_serves_through_mosquitto(site, broker):
     import signal
     import subprocess
