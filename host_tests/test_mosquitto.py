@@ -50,6 +50,22 @@ def test_devices_are_confined_to_their_own_topics(site, broker):
         dev2.close()
 
 
+def test_an_oversized_publish_costs_its_sender_the_connection_and_nothing_else(site, broker, tmp_path):
+    worker = Worker(site, broker.port, tmp_path / "s.db", "solo", None)
+    broker.add_user("dev1", "pw1")
+    time.sleep(0.3)  # the SIGHUP reload
+    dev1 = MQTTProbe(site, "dev1", "pw1", port=broker.port)
+    try:
+        assert dev1.connected() == 0
+        dev1.publish("state/dev1/update", b"{" * (mosquitto.MAX_PACKET_BYTES + 1))
+        wait_until(lambda: not dev1.c.is_connected(), 10, "the broker to disconnect the sender")
+        doc = _accepted(site, broker.port, "after-big", "after-big")  # the replica serves on
+        assert doc["clientToken"] == "after-big" and doc["version"] == 1
+    finally:
+        dev1.close()
+        worker.stop()
+
+
 class Worker:
     """A replica worker on its own thread and event loop (as a separate process would be)."""
 

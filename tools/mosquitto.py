@@ -29,6 +29,9 @@ def available() -> bool:
     return shutil.which("mosquitto") is not None and shutil.which("mosquitto_passwd") is not None
 
 
+MAX_PACKET_BYTES = 1 << 20
+
+
 class Mosquitto:
     def __init__(self, workdir: Path, pki: PKI, host: str = "127.0.0.1", port: int = 0,
                  services: tuple[str, ...] = SERVICE_USERS, password_file: Path | None = None):
@@ -85,6 +88,10 @@ class Mosquitto:
             # devices at once lost requests on their way to the replica workers.
             "max_queued_messages 1000000\n"
             "max_inflight_messages 1000\n"
+            # A client that sends more is disconnected, so a device cannot make the broker and the
+            # replica hold payloads of any size; ~16x the largest message the replica sends
+            # (update/documents of an 8 KiB document of one-character leaves: ~62 KB).
+            f"max_packet_size {MAX_PACKET_BYTES}\n"
             "user root\n"  # keep the test's files readable (mosquitto drops to 'mosquitto' by default)
             "log_dest stdout\n"
             "log_type error\nlog_type warning\nlog_type notice\n"

@@ -19,7 +19,8 @@ from typing import NamedTuple
 CONNECT, CONNACK, PUBLISH, PUBACK, SUBSCRIBE, SUBACK = 1, 2, 3, 4, 8, 9
 PINGREQ, PINGRESP, DISCONNECT = 12, 13, 14
 # What the protocol allows. A smaller limit here would drop the connection on an oversized
-# request, and the broker would deliver it again on the next one: the replica rejects those itself.
+# request, and the broker would deliver it again on the next one: the replica rejects those
+# itself, and the broker is where sizes are bounded (tools/mosquitto.py: max_packet_size).
 MAX_PACKET = 268_435_455
 
 CONNACK_REASONS = {1: "unacceptable protocol version", 2: "client identifier rejected", 3: "server unavailable",
