@@ -75,7 +75,7 @@ class Replica:
                 token = req.get("clientToken")
             except shadow.ShadowError as e:
                 return [(contract.topic(device_id, contract.GET_REJECTED), e.payload())]
-            doc = self._read(device_id, False)[0]
+            doc = self._read(device_id)[0]
             if doc is None:
                 err = shadow.ShadowError(contract.R_NOT_FOUND, f"No shadow exists with name: '{device_id}'", token)
                 return [(contract.topic(device_id, contract.GET_REJECTED), err.payload())]
@@ -88,7 +88,7 @@ class Replica:
             # redelivery after a lost PUBACK, a client retrying) get the first answer replayed.
             digest = hashlib.sha256(payload).hexdigest() if req.get("clientToken") is not None else None
             for attempt in range(3):  # compare-and-swap: another worker may write between read and put
-                doc, seen, answer = self._read(device_id, digest is not None, fresh=attempt > 0)
+                doc, seen, answer = self._read(device_id, fresh=attempt > 0)
                 if digest is not None and seen == digest:
                     return [(contract.topic(device_id, suffix), msg) for suffix, msg in answer]
                 new, accepted, delta = shadow.apply_update(doc, req, int(time.time()))
@@ -106,13 +106,13 @@ class Replica:
             return [(contract.topic(device_id, contract.UPDATE_REJECTED), e.payload())]
         return [(contract.topic(device_id, suffix), msg) for suffix, msg in out]
 
-    def _read(self, device_id: str, with_last: bool, fresh: bool = False) -> tuple:
+    def _read(self, device_id: str, fresh: bool = False) -> tuple:
         """(document or None, digest of the last request with a clientToken, its answer): from
-        what the batch read up front unless `fresh` (a compare-and-swap just failed)."""
-        if not fresh and self._batch is not None and device_id in self._batch:
-            return self._batch[device_id] or (None, None, None)
-        doc = self.db.get(device_id)
-        return (doc, *self.db.last(device_id)) if with_last and doc is not None else (doc, None, None)
+        what the batch read up front unless `fresh` (a compare-and-swap just failed), else in
+        one query of its own."""
+        if fresh or self._batch is None or device_id not in self._batch:
+            return self.db.rows([device_id])[device_id] or (None, None, None)
+        return self._batch[device_id] or (None, None, None)
 
     def _one(self, topic: str, payload: bytes) -> list[tuple[str, dict]]:
         try:

@@ -50,17 +50,9 @@ class _Store:
         rows = self._query(self._sql("SELECT doc FROM shadows WHERE device_id = ?"), (device_id,))
         return json.loads(rows[0][0]) if rows else None
 
-    def last(self, device_id: str) -> tuple[str | None, list | None]:
-        """(digest of the last applied request that carried a clientToken, what it was answered)."""
-        rows = self._query(self._sql("SELECT last_request, last_answer FROM shadows WHERE device_id = ?"),
-                           (device_id,))
-        if not rows or rows[0][0] is None:
-            return None, None
-        return rows[0][0], json.loads(rows[0][1])
-
     def rows(self, device_ids: list[str]) -> dict[str, tuple[dict, str | None, list | None] | None]:
-        """For each device: (document, last request digest, its answer) as get/last give them,
-        or None when it has no shadow; one query for up to 500 devices instead of two each."""
+        """For each device: (document, digest of the last request that carried a clientToken,
+        what it was answered), or None when it has no shadow; one query per 500 devices."""
         out: dict[str, tuple[dict, str | None, list | None] | None] = dict.fromkeys(device_ids)
         for dev, doc, request, answer in self._in("device_id, doc, last_request, last_answer", list(out)):
             out[dev] = (json.loads(doc), request, json.loads(answer) if request is not None else None)
