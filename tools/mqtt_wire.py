@@ -18,10 +18,6 @@ from typing import NamedTuple
 
 CONNECT, CONNACK, PUBLISH, PUBACK, SUBSCRIBE, SUBACK = 1, 2, 3, 4, 8, 9
 PINGREQ, PINGRESP, DISCONNECT = 12, 13, 14
-# What the protocol allows. A smaller limit here would drop the connection on an oversized
-# request, and the broker would deliver it again on the next one: the replica rejects those
-# itself, and the broker is where sizes are bounded (tools/mosquitto.py: max_packet_size).
-MAX_PACKET = 268_435_455
 
 CONNACK_REASONS = {1: "unacceptable protocol version", 2: "client identifier rejected", 3: "server unavailable",
                    4: "bad user name or password", 5: "not authorized"}
@@ -60,9 +56,7 @@ def packet(kind: int, flags: int, body: bytes) -> bytes:
 
 
 def publish_packet(topic: str, payload: bytes, qos: int = 0, pid: int = 0) -> bytes:
-    t = topic.encode()
-    head = struct.pack("!H", len(t)) + t + (struct.pack("!H", pid) if qos else b"")
-    return bytes((PUBLISH << 4 | qos << 1,)) + varint(len(head) + len(payload)) + head + payload
+    return packet(PUBLISH, qos << 1, utf8(topic) + (struct.pack("!H", pid) if qos else b"") + payload)
 
 
 def connect_packet(client_id: str, username: str | None, password: str | None, clean_session: bool,
@@ -110,10 +104,13 @@ async def read_packet(reader: asyncio.StreamReader) -> tuple[int, int, bytes]:
 
 
 class Parser:
-    """Splits a byte stream into (kind, flags, body) packets, keeping a partial one for later."""
+    """Splits a byte stream into (kind, flags, body) packets, keeping a partial one for later.
+    No size limit below the protocol's (what 4 length bytes can say): a smaller one would drop
+    the connection on an oversized request, and the broker would deliver it again on the next.
+    The replica rejects those itself; the broker is where sizes are bounded (tools/mosquitto.py,
+    max_packet_size)."""
 
-    def __init__(self, max_packet: int = MAX_PACKET):
-        self.max_packet = max_packet
+    def __init__(self):
         self._rest = b""
 
     def feed(self, data: bytes) -> list[tuple[int, int, bytes]]:
@@ -132,8 +129,6 @@ class Parser:
                     raise MQTTError("remaining length longer than 4 bytes")
             else:
                 break  # the length itself is not complete yet
-            if length > self.max_packet:
-                raise MQTTError(f"packet of {length} bytes is over the {self.max_packet} limit")
             if n - j < length:
                 break
             out.append((buf[i] >> 4, buf[i] & 0x0F, bytes(buf[j:j + length])))
