@@ -19,6 +19,7 @@ from firmware import clock, contract, phases, power, slots, state, wifi
 from firmware.install import Installer, _new_link, log
 
 _STABLE_LINK_MS = 30000  # a link up this long has worked: the next failure starts a fresh backoff
+_IDLE_MS = 5000  # longest wait for a message while idle; a message ends the wait at once
 
 
 class Agent(Installer):
@@ -193,10 +194,22 @@ class Agent(Installer):
             log("replica rejected a report")
         return None
 
+    def _idle_ms(self):
+        # Wake only to feed the watchdog, to keep the MQTT session alive and for a retry:
+        # each wake-up costs the chip power and an emulated fleet its host's CPU.
+        wait = _IDLE_MS
+        if self.cfg["wdt_ms"]:
+            wait = min(wait, self.cfg["wdt_ms"] // 4)
+        if self.cfg["keepalive_s"]:
+            wait = min(wait, self.cfg["keepalive_s"] * 250)
+        if self.retry_at is not None:
+            wait = min(wait, max(0, time.ticks_diff(self.retry_at, time.ticks_ms())))
+        return wait
+
     def serve(self):
         while True:
             power.feed()
-            self.link.poll(500)
+            self.link.poll(self._idle_ms())
             while self.link.inbox:
                 suffix, msg = self.link.inbox.pop(0)
                 gc.collect()
