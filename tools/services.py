@@ -8,8 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
 import socket
+import subprocess
+import sys
 import threading
+import time
+from pathlib import Path
 
 from tools import store
 from tools.broker import SERVICE_USERS, shutdown_broker, start_broker
@@ -208,3 +213,48 @@ class ServicesThread:
         finally:
             self.loop.call_soon_threadsafe(self.loop.stop)
             self._thread.join(30)
+
+
+class ServicesProcess:
+    """`serve` as a child process, for callers that run much else in their own process (the
+    fleet benchmark's hundreds of emulated boards): the services get an interpreter and a GIL
+    of their own, as they have when deployed."""
+
+    def __init__(self, site: Site, host: str = "127.0.0.1", broker: str = "mosquitto", timeout: float = 60):
+        self.site = site
+        self.args = [sys.executable, "-m", "tools", "serve", "--site", str(site.root), "--host", host,
+                     "--broker", broker, "--mqtt-port", "0", "--https-port", "0", "--ntp-port", "0"]
+        self.timeout = timeout
+        self.proc: subprocess.Popen | None = None
+
+    def __enter__(self) -> "ServicesProcess":
+        repo = Path(__file__).resolve().parents[1]
+        self.proc = subprocess.Popen(self.args, cwd=repo, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, text=True)
+        ready = threading.Event()
+        lines: list[str] = []
+
+        def pump() -> None:  # the log must keep flowing, or `serve` blocks on a full pipe
+            for line in self.proc.stdout:
+                lines.append(line)
+                if line.startswith("mqtts://"):
+                    ready.set()
+
+        threading.Thread(target=pump, daemon=True).start()
+        deadline = time.monotonic() + self.timeout
+        while not ready.wait(0.1):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.__exit__()
+                raise RuntimeError("serve did not come up:\n" + "".join(lines[-30:]))
+        self.endpoints = self.site.endpoints()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()

@@ -24,7 +24,7 @@ from tools import rollout as ro
 from tools.esp32emu.runner import Runner
 from tools.images import build_app_image
 from tools.provision import provision_emulated
-from tools.services import ServicesThread
+from tools.services import ServicesProcess
 from tools.shadowstore import read_shadows
 from tools.site import Site
 
@@ -57,7 +57,7 @@ def measure(n: int, size: int, workdir: Path, timeout: float, broker: str = "mos
     old = site.releases.add(build_app_image("1.0.0", 256 * 1024), "1.0.0")
     new = site.releases.add(build_app_image("2.0.0", size), "2.0.0")
     ids = [f"fleet{i:03d}" for i in range(n)]
-    with ServicesThread(site, broker=broker):
+    with ServicesProcess(site, broker=broker):
         runners = [Runner(provision_emulated(site, d, site.releases.path_of(old.sha256).read_bytes(), "1.0.0",
                                              directory=workdir / d), on_line=lambda s: None) for d in ids]
         threads = [threading.Thread(target=r.run, daemon=True) for r in runners]
