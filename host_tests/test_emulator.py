@@ -204,6 +204,38 @@ def test_nor_flash_programs_only_clear_bits_whatever_was_erased_last(tmp_path):
     assert data[3 * SECTOR:3 * SECTOR + 8] == b"\x00" * 8  # never erased
 
 
+@pytest.mark.parametrize("cut_at_op,left", [(None, "data"), (1, "erased"), (2, "data")])
+def test_block_rewrite_is_an_erase_and_a_program_even_when_fused(tmp_path, cut_at_op, left):
+    """rewrite_sector (a block write) goes from old contents to new in one file write when no
+    cut is planned; a planned cut still falls between its erase and its program."""
+    from tools.esp32emu.target.norflash import SECTOR, NorFlash, PowerCut, PowerPlan, arm_power_cut
+
+    def cut():
+        raise PowerCut()
+
+    path = tmp_path / "flash.bin"
+    path.write_bytes(b"\x00" * (2 * SECTOR))
+    plan = tmp_path / "powercut"
+    f = NorFlash(str(path), power=PowerPlan(str(plan), cut))
+    if cut_at_op is not None:
+        arm_power_cut(str(plan), cut_at_op)
+    try:
+        f.rewrite_sector(SECTOR, b"\x5a" * SECTOR)
+    except PowerCut:
+        assert cut_at_op is not None
+    finally:
+        f.close()
+    f = NorFlash(str(path))
+    try:
+        assert f.wear(0) == (0, 0)
+        assert f.wear(1) == ((1, 1) if left == "data" else (1, 0))
+    finally:
+        f.close()
+    data = path.read_bytes()
+    assert data[:SECTOR] == b"\x00" * SECTOR
+    assert data[SECTOR:] == (b"\x5a" if left == "data" else b"\xff") * SECTOR
+
+
 def test_partition_api_values_match_micropython_on_esp_idf(tmp_path, app_a):
     make_flash(tmp_path / "flash.bin", app_a)
     proc = run_micropython(API_CHECKS, tmp_path, chip_env(tmp_path / "flash.bin"))

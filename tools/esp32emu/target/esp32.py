@@ -46,13 +46,17 @@ def _check_safe(addr, size):
         panic("flash write/erase at 0x%x+0x%x overlaps the running app" % (addr, size))
 
 
-def _erase(part, offset, size):
+def _erase_checks(part, offset, size):
     _check_range(part, offset, size)
     if size % _NATIVE_BLOCK:
         raise _err(*_ERR_INVALID_SIZE)
     if offset % _NATIVE_BLOCK:
         raise _err(*_ERR_INVALID_ARG)
     _check_safe(part.offset + offset, size)
+
+
+def _erase(part, offset, size):
+    _erase_checks(part, offset, size)
     flash().erase(part.offset + offset, size)
 
 
@@ -60,6 +64,18 @@ def _write(part, offset, buf):
     _check_range(part, offset, len(buf))
     _check_safe(part.offset + offset, len(buf))
     flash().write(part.offset + offset, buf)
+
+
+def _rewrite(part, offset, buf):
+    # A simple block write: erase, then program the whole of it (esp32_partition_writeblocks).
+    _erase_checks(part, offset, len(buf))
+    fl = flash()
+    addr = part.offset + offset
+    if len(buf) == _NATIVE_BLOCK:
+        fl.rewrite_sector(addr, buf)
+        return
+    fl.erase(addr, len(buf))
+    fl.write(addr, buf)
 
 
 def _read(part, offset, buf):
@@ -130,11 +146,9 @@ class Partition:
         try:
             addr = block_num * self._bs
             if offset is None:
-                # Simple write: erase len(buf) first, like esp32_partition_writeblocks().
-                _erase(self._part, addr, len(buf))
+                _rewrite(self._part, addr, buf)
             else:
-                addr += offset
-            _write(self._part, addr, buf)
+                _write(self._part, addr + offset, buf)
         finally:
             relock(locked)
 

@@ -45,11 +45,15 @@ class PowerPlan:
     def close(self):
         self._f.close()
 
+    def armed(self):
+        """Whether a cut is planned (one small read; allocates nothing)."""
+        self._f.seek(0)
+        return self._f.readinto(self._peek) > 0
+
     def step(self):
         """Count one operation; returns None (carry on), "after" or "tear". While disarmed
         this allocates nothing: the chip's flash driver uses no GC heap either."""
-        self._f.seek(0)
-        if not self._f.readinto(self._peek):
+        if not self.armed():
             return None
         try:
             with open(self.path) as f:
@@ -74,6 +78,14 @@ def arm_power_cut(path, after, tear=False):
 def disarm_power_cut(path):
     with open(path, "w"):
         pass
+
+
+def _bump(rec, o):
+    # rec[o:o+4] += 1, little-endian
+    for i in range(o, o + 4):
+        rec[i] = (rec[i] + 1) & 0xFF
+        if rec[i]:
+            break
 
 
 class NorFlash:
@@ -108,17 +120,16 @@ class NorFlash:
         if addr < 0 or n < 0 or addr + n > self.size:
             raise ValueError("flash access 0x%x+%d outside %d bytes" % (addr, n, self.size))
 
-    def _count(self, sector, field):
-        # field 0: erases, 1: program operations. Byte arithmetic on a preallocated record:
-        # no allocation per operation.
+    def _count(self, sector, erases, programs):
+        # Add to a sector's erase and program counts (0 or 1 each). Byte arithmetic on a
+        # preallocated record: no allocation per operation.
         rec = self._wear_rec
-        o = field * 4
         self._wear.seek(sector * 8)
         self._wear.readinto(rec)
-        for i in range(o, o + 4):
-            rec[i] = (rec[i] + 1) & 0xFF
-            if rec[i]:
-                break
+        if erases:
+            _bump(rec, 0)
+        if programs:
+            _bump(rec, 4)
         self._wear.seek(sector * 8)
         self._wear.write(rec)
 
@@ -152,11 +163,30 @@ class NorFlash:
             else:
                 self._f.write(self._ff)
                 self._blank = addr // SECTOR
-            self._count(addr // SECTOR, 0)
+            self._count(addr // SECTOR, 1, 0)
             if cut:
                 self.power.on_cut()
             addr += SECTOR
             n -= SECTOR
+
+    def rewrite_sector(self, addr, data):
+        """Erase one sector and program all of it with `data` (4096 bytes): the block write
+        of esp32.Partition. Both operations are counted and wear the sector. With no cut
+        planned, the sector goes from its old contents to `data` in one file write: the
+        erased state in between lasts microseconds here and only a planned cut can stop
+        there, which takes the two-step path below."""
+        if addr % SECTOR or len(data) != SECTOR:
+            raise ValueError("rewrite 0x%x+%d is not one sector" % (addr, len(data)))
+        self._check(addr, SECTOR)
+        if self.power is not None and self.power.armed():
+            self.erase(addr, SECTOR)
+            self.write(addr, data)
+            return
+        self._f.seek(addr)
+        self._f.write(data)
+        self._count(addr // SECTOR, 1, 1)
+        if self._blank == addr // SECTOR:
+            self._blank = -1
 
     def write(self, addr, data):
         n = len(data)
@@ -187,7 +217,7 @@ class NorFlash:
                     piece = a.to_bytes(take, "little")
             self._f.seek(addr + done)
             self._f.write(piece)
-            self._count(sector, 1)
+            self._count(sector, 0, 1)
             done += take
         if cut:
             self.power.on_cut()
