@@ -28,12 +28,18 @@ DEFAULTS = {
 }
 
 
+_MAX_BYTES = 4096
+
+
 def _read(path):
     try:
         with open(path) as f:
-            d = json.load(f)
+            text = f.read(_MAX_BYTES + 1)  # json.load(f) would read a byte at a time
     except OSError:
         return {}
+    if len(text) > _MAX_BYTES:
+        raise ValueError("%s: longer than %d bytes" % (path, _MAX_BYTES))
+    d = json.loads(text)
     if not isinstance(d, dict):
         raise ValueError("%s: must hold a JSON object" % path)
     return d

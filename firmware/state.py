@@ -10,6 +10,9 @@ import json
 import os
 
 PATH = "ota.json"
+# Far above what save() writes (a target and two slots' images with the longest URLs take
+# ~4 KiB): a file this long is damaged, and reading it whole must not exhaust the heap.
+_MAX_BYTES = 8192
 
 
 def _fresh():
@@ -20,7 +23,7 @@ def _fresh():
 def load(path=PATH):
     try:
         with open(path) as f:
-            st = json.load(f)
+            st = json.loads(f.read(_MAX_BYTES))  # json.load(f) reads a byte at a time
     except (OSError, ValueError):
         return _fresh()
     fresh = _fresh()
@@ -42,5 +45,5 @@ def load(path=PATH):
 def save(st, path=PATH):
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
-        json.dump(st, f)
+        f.write(json.dumps(st))  # one write: json.dump(st, f) makes one per token
     os.rename(tmp, path)  # atomic on LittleFS and POSIX: old or new, never half
