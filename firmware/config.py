@@ -65,6 +65,12 @@ def load(path="config.json", secrets="secrets.json"):
         if not isinstance(cfg[k], int) or cfg[k] < 0:
             raise ValueError("%s: must be a non-negative integer" % k)
     cfg["tls_name"] = cfg["tls_name"] or cfg["broker_host"]
-    with open(cfg["ca_file"], "rb") as f:
-        cfg["ca"] = f.read()
+    read_ca(cfg)  # missing or unreadable: a config error now, not a TLS failure later
     return cfg
+
+
+def read_ca(cfg):
+    # Read when a TLS connection is set up, which parses it: the heap does not hold the
+    # ~0.9 KB (an RSA CA) in between.
+    with open(cfg["ca_file"], "rb") as f:
+        return f.read()

@@ -9,7 +9,7 @@ import json
 import random
 import time
 
-from firmware import contract, phases, power, slots, state
+from firmware import config, contract, phases, power, slots, state
 
 
 def log(*args):
@@ -62,9 +62,11 @@ class Installer:
 
             cfg = self.cfg
             cred = binascii.b2a_base64(("%s:%s" % (cfg["device_id"], cfg["mqtt_password"])).encode())
-            self.updater = Updater(https.tls_context(cfg["ca"]),
-                                   {"Authorization": "Basic " + cred.decode().strip()},
+            self.updater = Updater(None, {"Authorization": "Basic " + cred.decode().strip()},
                                    cfg["net_timeout_s"])
+            # The 4 KiB block buffer first, the CA (read, parsed, dropped) after it: a hole
+            # the CA leaves below the buffer would split the free heap for good.
+            self.updater.ctx = https.tls_context(config.read_ca(cfg))
         return self.updater
 
     def _credential(self, fw):

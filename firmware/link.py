@@ -13,7 +13,7 @@ import time
 
 from umqtt import simple as umqtt
 
-from firmware import contract
+from firmware import config, contract
 
 _INBOX_MAX = 8
 
@@ -42,6 +42,7 @@ class Link:
     def __init__(self, cfg):
         import ssl
 
+        self.cfg = cfg
         self.device_id = cfg["device_id"]
         self.keepalive_s = cfg["keepalive_s"]
         self.inbox = []
@@ -58,7 +59,7 @@ class Link:
             ssl_params={
                 "server_hostname": cfg["tls_name"],
                 "cert_reqs": ssl.CERT_REQUIRED,
-                "cadata": cfg["ca"],
+                "cadata": None,  # read for each connect, dropped once connected
             },
         )
         self.client.set_callback(self._on_message)
@@ -79,7 +80,12 @@ class Link:
 
     def connect(self):
         """Connect and subscribe; raises OSError (network/TLS) or umqtt.MQTTException."""
-        self.client.connect()
+        params = self.client.ssl_params
+        params["cadata"] = config.read_ca(self.cfg)
+        try:
+            self.client.connect()
+        finally:
+            params["cadata"] = None
         for suffix in (contract.UPDATE_DELTA, contract.GET_ACCEPTED, contract.GET_REJECTED,
                        contract.UPDATE_REJECTED, contract.CREDENTIALS + "/+"):
             self.client.subscribe(contract.topic(self.device_id, suffix))
