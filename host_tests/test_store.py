@@ -134,3 +134,27 @@ def test_bearer_tokens(store, site, case, status, reason):
         assert body == image[4096:]
     else:
         assert reason in body
+
+
+def test_serve_in_a_child_process_serves_and_stops(site):
+    """ServicesProcess (the fleet benchmark's services): `serve` as a child, up when it says
+    so, serving a device's download, and gone, port closed, when the block ends."""
+    import socket
+
+    from tools.services import ServicesProcess
+
+    image = build_app_image("1.0.0", 50_000)
+    rel = site.releases.add(image, "1.0.0")
+    password = site.creds.set("dev1")
+    ctx = ssl.create_default_context(cafile=str(site.pki.ca_cert))
+    with ServicesProcess(site, broker="amqtt") as svc:
+        ep = svc.endpoints
+        url = presign.sign(site.store_key, ep.store_url, rel.sha256, "dev1", 60)
+        token = base64.b64encode(f"dev1:{password}".encode()).decode()
+        req = urllib.request.Request(url, headers={"Authorization": "Basic " + token})
+        with urllib.request.urlopen(req, context=ctx, timeout=10) as r:
+            assert r.status == 200 and r.read() == image
+        proc = svc.proc
+    assert proc.returncode is not None
+    with pytest.raises(OSError):
+        socket.create_connection((ep.host, ep.https_port), timeout=2).close()

@@ -7,6 +7,7 @@ network (the replica is an ordinary MQTT client of the broker), so they could ru
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import signal
 import socket
@@ -232,7 +233,7 @@ class ServicesProcess:
         self.proc = subprocess.Popen(self.args, cwd=repo, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                      stderr=subprocess.STDOUT, text=True)
         ready = threading.Event()
-        lines: list[str] = []
+        lines: collections.deque[str] = collections.deque(maxlen=30)  # for an error message
 
         def pump() -> None:  # the log must keep flowing, or `serve` blocks on a full pipe
             for line in self.proc.stdout:
@@ -245,7 +246,7 @@ class ServicesProcess:
         while not ready.wait(0.1):
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 self.__exit__()
-                raise RuntimeError("serve did not come up:\n" + "".join(lines[-30:]))
+                raise RuntimeError("serve did not come up:\n" + "".join(lines))
         self.endpoints = self.site.endpoints()
         return self
 
