@@ -16,7 +16,7 @@ import random
 import time
 
 from firmware import clock, contract, phases, power, slots, state, wifi
-from firmware.install import Installer, _new_link, log
+from firmware.install import Installer, _new_link, _unload, log
 
 _STABLE_LINK_MS = 30000  # a link up this long has worked: the next failure starts a fresh backoff
 _IDLE_MS = 5000  # longest wait for a message while idle; a message ends the wait at once
@@ -282,14 +282,12 @@ class Agent(Installer):
 
 
 def main():
-    import sys
-
     from firmware import config
 
     cfg = config.load()
-    # Configuration is read once: drop its code from RAM (it is ~3 KiB of bytecode).
-    del sys.modules["firmware.config"]
+    # Configuration is read once: drop its code from RAM (it is ~3 KiB of bytecode). The
+    # package holds it too, which `del sys.modules[...]` alone left in place.
     del config
-    gc.collect()
+    _unload("firmware.config")
     power.arm_watchdog(cfg["wdt_ms"])
     Agent(cfg).run()

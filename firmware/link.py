@@ -13,7 +13,7 @@ import time
 
 from umqtt import simple as umqtt
 
-from firmware import config, contract
+from firmware import contract
 
 _INBOX_MAX = 8
 
@@ -81,7 +81,8 @@ class Link:
     def connect(self):
         """Connect and subscribe; raises OSError (network/TLS) or umqtt.MQTTException."""
         params = self.client.ssl_params
-        params["cadata"] = config.read_ca(self.cfg)
+        with open(self.cfg["ca_file"], "rb") as f:
+            params["cadata"] = f.read()
         try:
             self.client.connect()
         finally:
