@@ -5,7 +5,7 @@ replica workers can split one stream (`$share/<group>/state/+/update`). The conf
 mirrors the embedded broker's rules: TLS only, no anonymous clients, a device confined to
 `state/<its username>/...` by a pattern ACL, service identities allowed under `state/`.
 Passwords live in mosquitto's own password file (written with `mosquitto_passwd`), since
-mosquitto cannot read our argon2 hashes.
+mosquitto cannot read our hashes.
 """
 
 from __future__ import annotations

@@ -106,7 +106,7 @@ class Services:
         for user in SERVICE_USERS:  # sites from before passwd.mosquitto: add the services to it
             password = site.service_password(user)
             if user not in site.creds.mosquitto_names():
-                site.creds.set(user, password)
+                site.creds.set(user, password, generated=True)
         m = Mosquitto(site.root / "mosquitto", site.pki, self.host, port, password_file=site.creds.mosquitto_path)
         await asyncio.to_thread(m.start)
         self._follow_task = asyncio.create_task(self._follow_passwords(m))

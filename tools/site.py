@@ -1,7 +1,7 @@
 """One installation on disk: keys, credentials, releases, the replica database, endpoints.
 
     <root>/pki/            CA (ca.crt, ca.der) and the server certificate for broker and store
-    <root>/passwd          identity:argon2-hash lines (devices, replica, operator)
+    <root>/passwd          identity:hash lines (devices, replica, operator; salted SHA-256 or argon2id)
     <root>/services.json   passwords of the service identities (mode 0600)
     <root>/store.key       HMAC key for pre-signed URLs (mode 0600)
     <root>/releases/       released images and their index
