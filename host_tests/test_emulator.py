@@ -259,6 +259,48 @@ def test_partition_api_values_match_micropython_on_esp_idf(tmp_path, app_a):
     assert out["mark_valid_blank_otadata"] == ["OSError", 1, "ESP_FAIL"]
 
 
+@pytest.mark.parametrize("damage, error", [
+    ("none", None),
+    ("checksum", "checksum failed"),  # digest recomputed: only the XOR checksum can tell
+    ("digest", "image hash failed"),  # two flips that cancel in the checksum
+])
+def test_set_boot_checks_checksum_and_digest_as_the_host_model_does(tmp_path, app_a, damage, error):
+    import hashlib
+
+    from tools.esp32emu.runner import rom_dir
+    from tools.esp32emu.target import espidf
+    from tools.images import MemFlash
+    from tools.mpy import native_arch
+
+    if native_arch() is not None:  # the checksum runs as native code where the port has it
+        assert (rom_dir() / "_native.mpy").exists()
+    b = bytearray(build_app_image("2.0.0", 300_000))
+    if damage != "none":
+        b[40000] ^= 0x80
+    if damage == "checksum":
+        b[-32:] = hashlib.sha256(b[:-32]).digest()
+    if damage == "digest":
+        b[40004] ^= 0x80
+    host = espidf.verify_image(MemFlash(bytes(b)), 0, 0x180000)["error"]  # CPython, big ints
+    assert host == error if error is None else host.startswith(error)
+    (tmp_path / "b.bin").write_bytes(b)
+    make_flash(tmp_path / "flash.bin", app_a)
+    proc = run_micropython(WRITE_NEXT + """
+import json
+nxt = write_next("b.bin")
+try:
+    nxt.set_boot()
+    print(json.dumps("accepted"))
+except OSError as e:
+    print(json.dumps(list(e.args)))
+""", tmp_path, chip_env(tmp_path / "flash.bin"))
+    if error is None:
+        assert last_json_line(proc.stdout) == "accepted", proc.stdout + proc.stderr
+    else:
+        assert last_json_line(proc.stdout) == [-5379, "ESP_ERR_OTA_VALIDATE_FAILED"], proc.stdout + proc.stderr
+        assert "E esp_image: " + host in proc.stdout  # the same words, the same calculated value
+
+
 def test_set_boot_refuses_one_flipped_byte_and_leaves_otadata(tmp_path, app_a):
     b = bytearray(build_app_image("2.0.0", 90_000))
     b[40000] ^= 0x80

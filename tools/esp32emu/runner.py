@@ -72,10 +72,16 @@ def parse_size(text: str) -> int:
     return int(t[:-1] if t[-1:] in "km" else t) * mult
 
 
+ROM_NATIVE = ("_native.py",)  # viper code, compiled for this machine (see target/_native.py)
+
+
+def rom_sources() -> list[Path]:
+    return [p for p in TARGET_DIR.glob("*.py") if p.name != "_emu_boot.py"]
+
+
 def rom_dir() -> Path:
     """The emulated chip's built-in modules compiled to .mpy (cached by content)."""
-    sources = [p for p in TARGET_DIR.glob("*.py") if p.name != "_emu_boot.py"]
-    return mpy.compile_tree(sources, ROM_CACHE, TARGET_DIR)
+    return mpy.compile_tree(rom_sources(), ROM_CACHE, TARGET_DIR, native=ROM_NATIVE)
 
 
 def run_script(code: str, cwd: Path, env: dict | None = None, heapsize: str = "256k",

@@ -71,6 +71,12 @@ _CHECKSUM_SEED = 0xEF
 # Image check reads: small on the device side, where they come out of the board's GC heap;
 # large in the host's bootloader model, which runs on every emulated boot.
 _CHUNK = 512 if sys.implementation.name == "micropython" else 0x10000
+_xor32 = None
+if sys.implementation.name == "micropython":
+    try:
+        from _native import xor32 as _xor32  # the checksum without big ints (see _native.py)
+    except ImportError:
+        pass
 # ESP32 flash-mapped windows: DROM and IROM (soc/esp32/include/soc/soc.h)
 _MAPPED = ((0x3F400000, 0x3F800000), (0x400C2000, 0x40C00000))
 
@@ -366,7 +372,10 @@ def verify_image(flash, offset, part_size, chip_rev=301):
             n = min(_CHUNK, data_len - done)
             piece = mv if n == _CHUNK else mv[:n]
             flash.readinto(data_off + done, piece)
-            acc ^= int.from_bytes(piece, "little")
+            if _xor32 is not None:
+                acc ^= _xor32(piece, n)
+            else:
+                acc ^= int.from_bytes(piece, "little")
             if h is not None:
                 h.update(piece)
             done += n
@@ -376,7 +385,7 @@ def verify_image(flash, offset, part_size, chip_rev=301):
     if offset + length + (32 if hash_appended else 0) > end:
         res["error"] = "image length %d does not fit in partition length %d" % (length, part_size)
         return res
-    checksum = _xor_fold(acc, _CHUNK) ^ _CHECKSUM_SEED
+    checksum = _xor_fold(acc, 4 if _xor32 is not None else _CHUNK) ^ _CHECKSUM_SEED
     padding = flash.read(pos, offset + length - pos)  # up to the 16-byte boundary: the checksum ends it
     stored = padding[-1]
     if stored != checksum:
