@@ -138,21 +138,14 @@ def parts():
     return _parts
 
 
-def _heap_locked():
-    try:
-        bytearray(1)
-        return False
-    except MemoryError:
-        return True
-
-
 def unlock():
     """Lift micropython.heap_lock() for an emulated hardware operation; returns whether it was
-    locked (pass that to relock). Called with no arguments, so it allocates nothing itself."""
-    locked = _heap_locked()
-    if locked:
-        import micropython
+    locked (pass that to relock). Allocates nothing: heap_unlock() tells the depth it leaves."""
+    import micropython
 
+    micropython.heap_lock()
+    locked = micropython.heap_unlock() > 0
+    if locked:
         micropython.heap_unlock()
     if HEAP_PROBE:
         heap_probe()

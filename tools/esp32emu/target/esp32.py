@@ -22,11 +22,16 @@ _ERR_INVALID_SIZE = (0x104, "ESP_ERR_INVALID_SIZE")
 _ERR_OTA_VALIDATE_FAILED = (0x1503, "ESP_ERR_OTA_VALIDATE_FAILED")
 
 
+_run = []  # the running app's partition, once found: a write to the table would panic
+
+
 def _running():
-    for p in parts():
-        if p.type == espidf.TYPE_APP and p.offset == RUNNING_OFFSET:
-            return p
-    return None
+    if not _run:
+        _run.append(None)
+        for p in parts():
+            if p.type == espidf.TYPE_APP and p.offset == RUNNING_OFFSET:
+                _run[0] = p
+    return _run[0]
 
 
 def _check_range(part, offset, size):

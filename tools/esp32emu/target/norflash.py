@@ -36,19 +36,22 @@ class PowerPlan:
         self.on_cut = on_cut
         self._peek = bytearray(1)
         try:
-            self._f = open(path, "rb")
+            self._f = open(path, "rb", buffering=0)  # unbuffered: every peek reads the file
         except OSError:
             with open(path, "wb"):
                 pass
-            self._f = open(path, "rb")
+            self._f = open(path, "rb", buffering=0)
 
     def close(self):
         self._f.close()
 
     def armed(self):
-        """Whether a cut is planned (one small read; allocates nothing)."""
-        self._f.seek(0)
-        return self._f.readinto(self._peek) > 0
+        """Whether a cut is planned: one small read, which leaves the position at 0 while the
+        file is empty (it is, but for a planned cut). Allocates nothing."""
+        if self._f.readinto(self._peek):
+            self._f.seek(0)
+            return True
+        return False
 
     def step(self):
         """Count one operation; returns None (carry on), "after" or "tear". While disarmed
@@ -96,6 +99,10 @@ class NorFlash:
             size = self._f.tell()
         self.size = size
         self.power = power
+        # Where rewrite_sector left the files' positions (-1: anything else moved them). A
+        # slot written block after block then needs no seeks: each seek is a system call.
+        self._pos = -1
+        self._wpos = -1
         self._old = bytearray(SECTOR)  # reused for read-modify-write; no per-call allocation
         self._ff = b"\xff" * SECTOR
         self._wear_rec = bytearray(8)
@@ -124,17 +131,22 @@ class NorFlash:
         # Add to a sector's erase and program counts (0 or 1 each). Byte arithmetic on a
         # preallocated record: no allocation per operation.
         rec = self._wear_rec
-        self._wear.seek(sector * 8)
-        self._wear.readinto(rec)
+        at = sector * 8
+        w = self._wear
+        if self._wpos != at:
+            w.seek(at)
+        w.readinto(rec)
         if erases:
             _bump(rec, 0)
         if programs:
             _bump(rec, 4)
-        self._wear.seek(sector * 8)
-        self._wear.write(rec)
+        w.seek(at)
+        w.write(rec)
+        self._wpos = at + 8
 
     def wear(self, sector):
         """(erases, program operations) of one sector."""
+        self._wpos = -1
         self._wear.seek(sector * 8)
         return struct.unpack("<II", self._wear.read(8))
 
@@ -143,11 +155,13 @@ class NorFlash:
 
     def read(self, addr, n):
         self._check(addr, n)
+        self._pos = -1
         self._f.seek(addr)
         return self._f.read(n)
 
     def readinto(self, addr, buf):
         self._check(addr, len(buf))
+        self._pos = -1
         self._f.seek(addr)
         self._f.readinto(buf)
 
@@ -155,6 +169,7 @@ class NorFlash:
         if addr % SECTOR or n % SECTOR:
             raise ValueError("erase 0x%x+%d is not sector aligned" % (addr, n))
         self._check(addr, n)
+        self._pos = -1
         while n:
             cut = self._step()
             self._f.seek(addr)
@@ -182,8 +197,10 @@ class NorFlash:
             self.erase(addr, SECTOR)
             self.write(addr, data)
             return
-        self._f.seek(addr)
+        if self._pos != addr:
+            self._f.seek(addr)
         self._f.write(data)
+        self._pos = addr + SECTOR
         self._count(addr // SECTOR, 1, 1)
         if self._blank == addr // SECTOR:
             self._blank = -1
@@ -191,6 +208,7 @@ class NorFlash:
     def write(self, addr, data):
         n = len(data)
         self._check(addr, n)
+        self._pos = -1
         cut = self._step()
         if cut == "tear":
             n //= 2
