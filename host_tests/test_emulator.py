@@ -259,6 +259,62 @@ def test_partition_api_values_match_micropython_on_esp_idf(tmp_path, app_a):
     assert out["mark_valid_blank_otadata"] == ["OSError", 1, "ESP_FAIL"]
 
 
+def test_a_board_dies_with_its_runner(tmp_path, app_a):
+    # A runner killed outright (a CI timeout, kill -9) must leave no MicroPython process
+    # behind. Boards start under setpriv --pdeathsig (a preexec_fn would make each boot fork
+    # the whole runner); this checks the signal really reaches the board.
+    import os
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from tools.esp32emu.runner import make_fresh_board
+
+    root = tmp_path / "dev"
+    make_fresh_board(root, app_a)
+    (root / "fs" / "main.py").write_text("import time\nprint('up')\nwhile True:\n    time.sleep(1)\n")
+    repo = Path(__file__).resolve().parents[1]
+    runner = subprocess.Popen([sys.executable, "-c", "import sys; from tools.esp32emu.runner import Runner; "
+                               "Runner(sys.argv[1], on_line=lambda s: print(s, flush=True)).run()", str(root)],
+                              cwd=repo, stdout=subprocess.PIPE, text=True)
+    board = None
+    try:
+        for line in runner.stdout:
+            if line.strip() == "up":
+                break
+        board = next(int(p) for p in os.listdir("/proc") if p.isdigit()
+                     and _cwd(p) == str(root / "fs"))
+        runner.kill()
+        runner.wait(10)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and _alive(board):
+            time.sleep(0.05)
+        assert not _alive(board), "the board outlived its runner"
+    finally:
+        runner.kill()
+        runner.wait(10)
+        if board is not None and _alive(board):
+            os.kill(board, signal.SIGKILL)
+
+
+def _cwd(pid: str) -> str | None:
+    import os
+
+    try:
+        return os.readlink(f"/proc/{pid}/cwd")
+    except OSError:
+        return None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"  # a zombie has died
+    except OSError:
+        return False
+
+
 def test_block_writes_allocate_nothing(tmp_path, app_a):
     # A chip's flash driver uses no GC heap, so the emulated one must not either: what the
     # firmware's download loop allocates is then what gc.mem_alloc() shows, with nothing to
