@@ -385,6 +385,43 @@ except OSError as e:
         assert "E esp_image: " + host in proc.stdout  # the same words, the same calculated value
 
 
+def test_the_models_plain_python_agrees_with_their_native_code(tmp_path, app_a):
+    # Where MicroPython has no native emitter, the image checksum and the wear counts run as
+    # plain Python (_native.py is left out of the ROM): the same counts and verdicts either way.
+    import hashlib
+    import struct
+
+    from tools.mpy import native_arch
+
+    b = bytearray(build_app_image("2.0.0", 100_000))
+    b[40000] ^= 0x80
+    b[-32:] = hashlib.sha256(b[:-32]).digest()  # only the checksum is wrong
+    (tmp_path / "b.bin").write_bytes(b)
+    make_flash(tmp_path / "flash.bin", app_a)
+    proc = run_micropython(WRITE_NEXT + """
+import json, espidf, norflash, _emuhw
+write_next("b.bin")
+fl = _emuhw.flash()
+out = [norflash._wear_bump is not None and espidf._xor32 is not None]
+for native in (True, False):
+    if not native:
+        espidf._xor32 = None
+        norflash._wear_bump = None
+    fl.rewrite_sector(0x300000, bytearray(4096))  # past the image, inside ota_1
+    out.append([list(fl.wear(0x300)), espidf.verify_image(fl, 0x10000, 0x180000)["ok"],
+                espidf.verify_image(fl, 0x190000, 0x180000)["error"]])
+print(json.dumps(out))
+""", tmp_path, chip_env(tmp_path / "flash.bin"))
+    had_native, native, plain = last_json_line(proc.stdout)
+    assert had_native == (native_arch() is not None)
+    assert native[0] == [1, 1] and plain[0] == [2, 2]
+    assert native[1] is plain[1] is True  # the running image
+    assert native[2] == plain[2] and native[2].startswith("checksum failed")
+    wear = (tmp_path / "flash.bin.wear").read_bytes()
+    assert struct.unpack_from("<II", wear, 0x300 * 8) == (2, 2)  # written through, both ways
+    assert struct.unpack_from("<II", wear, 0x190 * 8) == (1, 1)  # write_next's block
+
+
 def test_set_boot_refuses_one_flipped_byte_and_leaves_otadata(tmp_path, app_a):
     b = bytearray(build_app_image("2.0.0", 90_000))
     b[40000] ^= 0x80

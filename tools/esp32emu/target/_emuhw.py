@@ -138,15 +138,20 @@ def parts():
     return _parts
 
 
+try:
+    from micropython import heap_lock as _heap_lock
+    from micropython import heap_unlock as _heap_unlock
+except ImportError:  # CPython: the runner reads this module's constants
+    _heap_lock = _heap_unlock = None
+
+
 def unlock():
     """Lift micropython.heap_lock() for an emulated hardware operation; returns whether it was
     locked (pass that to relock). Allocates nothing: heap_unlock() tells the depth it leaves."""
-    import micropython
-
-    micropython.heap_lock()
-    locked = micropython.heap_unlock() > 0
+    _heap_lock()
+    locked = _heap_unlock() > 0
     if locked:
-        micropython.heap_unlock()
+        _heap_unlock()
     if HEAP_PROBE:
         heap_probe()
     return locked
@@ -154,9 +159,7 @@ def unlock():
 
 def relock(was_locked):
     if was_locked:
-        import micropython
-
-        micropython.heap_lock()
+        _heap_lock()
 
 
 def stop(code, message=None):

@@ -19,3 +19,16 @@ def xor32(buf, n: int) -> int:
         acc ^= p[i]
         i += 1
     return acc
+
+
+@micropython.viper
+def wear_bump(tab, at: int, erases: int, programs: int, rec):
+    """Add erases and programs to the two little-endian u32 counts at tab[at:at+8] (at a
+    multiple of 8) and copy them into rec (8 bytes): a sector's wear record. Allocates nothing."""
+    t = ptr32(tab)  # noqa: F821
+    r = ptr32(rec)  # noqa: F821
+    i = at >> 2
+    t[i] = t[i] + erases
+    t[i + 1] = t[i + 1] + programs
+    r[0] = t[i]
+    r[1] = t[i + 1]

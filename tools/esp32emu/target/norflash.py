@@ -11,8 +11,15 @@
 
 import json
 import struct
+import sys
 
 SECTOR = 4096
+_wear_bump = None
+if sys.implementation.name == "micropython":
+    try:
+        from _native import wear_bump as _wear_bump  # a count without bytecode (see _native.py)
+    except ImportError:
+        pass
 
 
 class PowerCut(Exception):
@@ -116,6 +123,10 @@ class NorFlash:
             with open(path + ".wear", "wb") as w:
                 w.write(bytes(8 * nsect))
             self._wear = open(path + ".wear", "r+b")
+        # The counts, held here and written through to the file: a count needs no read-back.
+        # One process at a time has a board's flash open (the bootloader between boots).
+        self._wear_tab = bytearray(8 * nsect)
+        self._wear.readinto(self._wear_tab)
 
     def close(self):
         self._f.close()
@@ -128,27 +139,29 @@ class NorFlash:
             raise ValueError("flash access 0x%x+%d outside %d bytes" % (addr, n, self.size))
 
     def _count(self, sector, erases, programs):
-        # Add to a sector's erase and program counts (0 or 1 each). Byte arithmetic on a
-        # preallocated record: no allocation per operation.
+        # Add to a sector's erase and program counts (0 or 1 each) and write its record
+        # through. Byte arithmetic on preallocated buffers: no allocation per operation.
         rec = self._wear_rec
+        tab = self._wear_tab
         at = sector * 8
+        if _wear_bump is not None:
+            _wear_bump(tab, at, erases, programs, rec)
+        else:
+            if erases:
+                _bump(tab, at)
+            if programs:
+                _bump(tab, at + 4)
+            for i in range(8):
+                rec[i] = tab[at + i]
         w = self._wear
         if self._wpos != at:
             w.seek(at)
-        w.readinto(rec)
-        if erases:
-            _bump(rec, 0)
-        if programs:
-            _bump(rec, 4)
-        w.seek(at)
         w.write(rec)
         self._wpos = at + 8
 
     def wear(self, sector):
         """(erases, program operations) of one sector."""
-        self._wpos = -1
-        self._wear.seek(sector * 8)
-        return struct.unpack("<II", self._wear.read(8))
+        return struct.unpack_from("<II", self._wear_tab, sector * 8)
 
     def _step(self):
         return self.power.step() if self.power is not None else None
