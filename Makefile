@@ -50,7 +50,7 @@ test: venv system-deps
 # writes JSON under build/bench/.
 bench: venv system-deps
 	$(BIN)/python -m tools.bench.ota_throughput
-	$(BIN)/python -m tools.bench.ota_throughput --flash-mb 16 --size 8000000 --runs 9 --json build/bench/ota_throughput_8mb.json
+	$(BIN)/python -m tools.bench.ota_throughput --flash-mb 16 --size 8000000 --runs 11 --json build/bench/ota_throughput_8mb.json
 	$(BIN)/python -m tools.bench.memory
 	$(BIN)/python -m tools.bench.emulator_cost --devices 1,10,50
 	$(BIN)/python -m tools.bench.replica --runs 3
