@@ -367,17 +367,8 @@ def test_set_boot_checks_checksum_and_digest_as_the_host_model_does(tmp_path, ap
         b[40004] ^= 0x80
     host = espidf.verify_image(MemFlash(bytes(b)), 0, 0x180000)["error"]  # CPython, big ints
     assert host == error if error is None else host.startswith(error)
-    (tmp_path / "b.bin").write_bytes(b)
     make_flash(tmp_path / "flash.bin", app_a)
-    proc = run_micropython(WRITE_NEXT + """
-import json
-nxt = write_next("b.bin")
-try:
-    nxt.set_boot()
-    print(json.dumps("accepted"))
-except OSError as e:
-    print(json.dumps(list(e.args)))
-""", tmp_path, chip_env(tmp_path / "flash.bin"))
+    proc = _write_next_and_set_boot(tmp_path, b)
     if error is None:
         assert last_json_line(proc.stdout) == "accepted", proc.stdout + proc.stderr
     else:
@@ -422,13 +413,11 @@ print(json.dumps(out))
     assert struct.unpack_from("<II", wear, 0x190 * 8) == (1, 1)  # write_next's block
 
 
-def test_set_boot_refuses_one_flipped_byte_and_leaves_otadata(tmp_path, app_a):
-    b = bytearray(build_app_image("2.0.0", 90_000))
-    b[40000] ^= 0x80
-    (tmp_path / "b.bin").write_bytes(b)
-    make_flash(tmp_path / "flash.bin", app_a)
-    before = (tmp_path / "flash.bin").read_bytes()[0xD000:0xF000]
-    proc = run_micropython(WRITE_NEXT + """
+def _write_next_and_set_boot(tmp_path, image):
+    """Write `image` into the next slot of the board in tmp_path and set_boot() it; the last
+    line printed is "accepted" or the OSError's args."""
+    (tmp_path / "b.bin").write_bytes(image)
+    return run_micropython(WRITE_NEXT + """
 import json
 nxt = write_next("b.bin")
 try:
@@ -437,6 +426,14 @@ try:
 except OSError as e:
     print(json.dumps(list(e.args)))
 """, tmp_path, chip_env(tmp_path / "flash.bin"))
+
+
+def test_set_boot_refuses_one_flipped_byte_and_leaves_otadata(tmp_path, app_a):
+    b = bytearray(build_app_image("2.0.0", 90_000))
+    b[40000] ^= 0x80
+    make_flash(tmp_path / "flash.bin", app_a)
+    before = (tmp_path / "flash.bin").read_bytes()[0xD000:0xF000]
+    proc = _write_next_and_set_boot(tmp_path, b)
     assert last_json_line(proc.stdout) == [-5379, "ESP_ERR_OTA_VALIDATE_FAILED"], proc.stdout + proc.stderr
     assert (tmp_path / "flash.bin").read_bytes()[0xD000:0xF000] == before
 
