@@ -39,6 +39,18 @@ def _cpu() -> float:
     return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
 
 
+def _fs_type(path: Path) -> str:
+    """The type of the filesystem `path` is on (/proc/mounts: the longest mount point above it)."""
+    best, kind = "", "?"
+    path = str(path.resolve())
+    with open("/proc/mounts") as f:
+        for line in f:
+            _, mnt, fstype = line.split()[:3]
+            if (path == mnt or path.startswith(mnt.rstrip("/") + "/")) and len(mnt) > len(best):
+                best, kind = mnt, fstype
+    return kind
+
+
 def _wait_all(site: Site, ids: list[str], sha256: str, timeout: float) -> float | None:
     t0 = time.monotonic()
     while time.monotonic() - t0 < timeout:
@@ -103,14 +115,19 @@ def main() -> None:
     ap.add_argument("--batches", default="100%", help="rollout batches, as `rollout start --batches`")
     ap.add_argument("--boot-wave", type=int, default=0, help="power boards on this many at a time (0: all at once)")
     ap.add_argument("--json", type=Path, default=Path("build/bench/fleet_rollout.json"))
+    ap.add_argument("--workdir", type=Path, default=None,
+                    help="where the boards' folders go (default: the system's temporary directory); "
+                         "each state save creates a file, which costs more on a disk filesystem than on tmpfs")
     args = ap.parse_args()
-    with tempfile.TemporaryDirectory(prefix="bench-fleet-", ignore_cleanup_errors=True) as tmp:
+    with tempfile.TemporaryDirectory(prefix="bench-fleet-", dir=args.workdir, ignore_cleanup_errors=True) as tmp:
         row = measure(args.devices, args.size, Path(tmp), args.timeout, args.broker,
                       args.batches.split(","), args.boot_wave)
+        row["workdir_fs"] = _fs_type(Path(tmp))
     print(json.dumps(row))
     cores = os.cpu_count() or 1
     per = row["cpu_s_per_board_update"]
-    print(f"\n{row['devices']} emulated boards on {row['broker']}, {row['image_bytes']} byte image, {cores} CPUs: "
+    print(f"\n{row['devices']} emulated boards on {row['broker']} (their files on {row['workdir_fs']}), "
+          f"{row['image_bytes']} byte image, {cores} CPUs: "
           f"rollout {row['state']} "
           f"in {row['rollout_s']} s ({row['succeeded']} succeeded, {row['failed']} failed); the same boards took "
           f"{row['boot_and_report_s']} s to boot and report. CPU per board update {per} s, so 200 boards need at "
