@@ -95,7 +95,7 @@ def run_script(code: str, cwd: Path, env: dict | None = None, heapsize: str = "2
     full_env = dict(os.environ)
     full_env["MICROPYPATH"] = ":".join([str(rom_dir()), str(repo), str(repo / "build" / "cache"), ""])
     full_env.update(env or {})
-    return subprocess.run(micropython_command() + ["-X", f"heapsize={heapsize}", str(script)],
+    return subprocess.run([*micropython_command(), "-X", f"heapsize={heapsize}", str(script)],
                           cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
 
 
@@ -140,7 +140,8 @@ _LAUNCH = ("import os, sys; sys.path.append(sys.argv.pop(1)); from micropython_r
 
 
 @functools.cache
-def _launcher() -> tuple[str, ...]:
+def micropython_command() -> tuple[str, ...]:
+    """The command line that starts MicroPython (arguments follow it as `micropython`'s)."""
     import importlib.util
 
     spec = importlib.util.find_spec("micropython_run")
@@ -149,21 +150,12 @@ def _launcher() -> tuple[str, ...]:
     return (sys.executable, "-I", "-S", "-c", _LAUNCH, str(Path(spec.origin).parent))
 
 
-def micropython_command() -> list[str]:
-    """The command line that starts MicroPython (arguments follow it as `micropython`'s)."""
-    return list(_launcher())
-
-
-def no_orphan_prefix() -> list[str]:
-    """A command prefix that makes the started process die with its parent, or [] (then pass
+@functools.cache
+def no_orphan_prefix() -> tuple[str, ...]:
+    """A command prefix that makes the started process die with its parent, or () (then pass
     preexec_fn=die_with_parent). util-linux's setpriv sets PR_SET_PDEATHSIG before it execs:
     a preexec_fn does the same, but makes subprocess fork() the whole runner, with its
     hundreds of threads, instead of vfork(): ~10 ms of page faults a boot in a large fleet."""
-    return list(_setpriv())
-
-
-@functools.cache
-def _setpriv() -> tuple[str, ...]:
     found = shutil.which("setpriv")
     return (found, "--pdeathsig", "KILL", "--") if found else ()
 
@@ -322,10 +314,10 @@ class Runner:
         env.pop("MICROPYPATH", None)
         nominal = parse_size(self.heapsize)
         env.update(ESP32EMU_ROM=str(rom_dir()), ESP32EMU_HEAP=str(nominal))
-        cmd = micropython_command() + ["-X", f"heapsize={nominal + EMULATOR_ALLOWANCE}"]
+        cmd = [*micropython_command(), "-X", f"heapsize={nominal + EMULATOR_ALLOWANCE}"]
         if self.repl is None:
             prefix = no_orphan_prefix()
-            proc = subprocess.Popen(prefix + cmd + [str(TARGET_DIR / "_emu_boot.py")], cwd=self.fs, env=env,
+            proc = subprocess.Popen([*prefix, *cmd, str(TARGET_DIR / "_emu_boot.py")], cwd=self.fs, env=env,
                                     stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                     preexec_fn=None if prefix else die_with_parent)
             threading.Thread(target=self._pump, args=(proc,), daemon=True).start()
