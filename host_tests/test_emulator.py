@@ -4,16 +4,25 @@ Device code here is small MicroPython programs run on the emulated chip, either 
 (run_micropython + chip_env) or through the power/reset loop (Runner).
 """
 
+import hashlib
 import json
+import os
+import signal
+import struct
+import subprocess
+import sys
 import textwrap
 import time
+from pathlib import Path
 
 import pytest
 
 from conftest import chip_env, last_json_line, run_micropython
 from tools.esp32emu.flashinfo import flash_info
-from tools.esp32emu.runner import HARD_RESET, PWRON_RESET, WDT_RESET, Runner, make_flash
-from tools.images import PANIC_ON_BOOT, build_app_image
+from tools.esp32emu.runner import HARD_RESET, PWRON_RESET, WDT_RESET, Runner, make_flash, make_fresh_board, rom_dir
+from tools.esp32emu.target import espidf
+from tools.images import PANIC_ON_BOOT, MemFlash, build_app_image
+from tools.mpy import native_arch
 
 
 @pytest.fixture(scope="module")
@@ -263,14 +272,6 @@ def test_a_board_dies_with_its_runner(tmp_path, app_a):
     # A runner killed outright (a CI timeout, kill -9) must leave no MicroPython process
     # behind. Boards start under setpriv --pdeathsig (a preexec_fn would make each boot fork
     # the whole runner); this checks the signal really reaches the board.
-    import os
-    import signal
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    from tools.esp32emu.runner import make_fresh_board
-
     root = tmp_path / "dev"
     make_fresh_board(root, app_a)
     (root / "fs" / "main.py").write_text("import time\nprint('up')\nwhile True:\n    time.sleep(1)\n")
@@ -299,8 +300,6 @@ def test_a_board_dies_with_its_runner(tmp_path, app_a):
 
 
 def _cwd(pid: str) -> str | None:
-    import os
-
     try:
         return os.readlink(f"/proc/{pid}/cwd")
     except OSError:
@@ -349,13 +348,6 @@ print(json.dumps([a1 - a0, list(esp32.Partition(esp32.Partition.RUNNING).get_nex
     ("digest", "image hash failed"),  # two flips that cancel in the checksum
 ])
 def test_set_boot_checks_checksum_and_digest_as_the_host_model_does(tmp_path, app_a, damage, error):
-    import hashlib
-
-    from tools.esp32emu.runner import rom_dir
-    from tools.esp32emu.target import espidf
-    from tools.images import MemFlash
-    from tools.mpy import native_arch
-
     if native_arch() is not None:  # the checksum runs as native code where the port has it
         assert (rom_dir() / "_native.mpy").exists()
     b = bytearray(build_app_image("2.0.0", 300_000))
@@ -379,11 +371,6 @@ def test_set_boot_checks_checksum_and_digest_as_the_host_model_does(tmp_path, ap
 def test_the_models_plain_python_agrees_with_their_native_code(tmp_path, app_a):
     # Where MicroPython has no native emitter, the image checksum and the wear counts run as
     # plain Python (_native.py is left out of the ROM): the same counts and verdicts either way.
-    import hashlib
-    import struct
-
-    from tools.mpy import native_arch
-
     b = bytearray(build_app_image("2.0.0", 100_000))
     b[40000] ^= 0x80
     b[-32:] = hashlib.sha256(b[:-32]).digest()  # only the checksum is wrong
