@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from tools.broker import SERVICE_USERS
 from tools.esp32emu.runner import DEFAULT_CHIP_REV, Runner, TARGET_DIR, chip_env
 from tools.esp32emu.runner import run_script as run_micropython  # noqa: F401 - tests import it from here
 from tools.images import build_app_image
@@ -228,7 +229,9 @@ class MQTTProbe:
         self.c.on_message = lambda c, u, m: self.messages.put((m.topic, m.payload))
         self.c.on_subscribe = lambda c, u, mid, codes, p: self.suback.put([rc.value for rc in codes])
         self.c.on_connect = lambda c, u, f, rc, p: self.connack.put(rc.value)
-        self.c.connect(ep.host if ep else "127.0.0.1", ep.mqtt_port if ep else port)
+        if ep is not None:  # the services' own listener for service identities (mosquitto)
+            port = ep.service_mqtt_port if user in SERVICE_USERS else ep.mqtt_port
+        self.c.connect(ep.host if ep else "127.0.0.1", port)
         self.c.loop_start()
 
     def connected(self, timeout: float = 10) -> int:

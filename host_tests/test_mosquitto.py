@@ -50,8 +50,59 @@ def test_devices_are_confined_to_their_own_topics(site, broker):
         dev2.close()
 
 
+def test_a_device_cannot_take_over_another_devices_session(site, broker):
+    """dev1, logged in as itself, connects under dev2's client id. On one listener mosquitto
+    would hand it dev2's session and disconnect dev2; the devices' listener names the session
+    after the login instead, so dev2 stays connected and keeps receiving."""
+    m = broker
+    m.add_user("dev1", "pw1")
+    m.add_user("dev2", "pw2")
+    time.sleep(0.3)  # the SIGHUP reload
+    dev2 = MQTTProbe(site, "dev2", "pw2", port=m.port)
+    drops = []
+    dev2.c.on_disconnect = lambda *a: drops.append(a)
+    op = MQTTProbe(site, "operator", site.service_password("operator"), "operator-takeover", port=m.service_port)
+    thief = None
+    try:
+        assert dev2.connected() == 0 and dev2.subscribe("state/dev2/#") == [1]
+        assert op.connected() == 0
+        thief = MQTTProbe(site, "dev1", "pw1", client_id="dev2", port=m.port)
+        assert thief.connected() == 0  # a valid login: it may connect, as dev1
+        time.sleep(1)
+        assert drops == [], "dev2 was disconnected by a CONNECT under its client id"
+        op.publish("state/dev2/update/delta", b"still here")
+        assert dev2.next_message(5) == ("state/dev2/update/delta", b"still here")
+        thief.publish("state/dev2/update/delta", b"evil")  # and the ACL still holds it to dev1
+        assert dev2.next_message(1.5) is None
+    finally:
+        for c in (dev2, thief, op):
+            if c is not None:
+                c.close()
+
+
+def test_only_service_identities_log_in_on_the_services_listener(site, broker):
+    """Any client id is allowed there (two sessions of one service identity stay up side by
+    side), so a device's valid login must not open it."""
+    m = broker
+    m.add_user("dev1", "pw1")
+    time.sleep(0.3)
+    pw = site.service_password("operator")
+    dev = MQTTProbe(site, "dev1", "pw1", port=m.service_port)
+    a = MQTTProbe(site, "operator", pw, "operator-a", port=m.service_port)
+    b = MQTTProbe(site, "operator", pw, "operator-b", port=m.service_port)
+    try:
+        assert dev.connected() not in (0, -1)  # CONNACK: not authorised
+        assert a.connected() == 0 and b.connected() == 0
+        assert a.subscribe("state/x/#") == [1]
+        b.publish("state/x/update", b"{}")
+        assert a.next_message(5) == ("state/x/update", b"{}")
+    finally:
+        for c in (dev, a, b):
+            c.close()
+
+
 def test_an_oversized_publish_costs_its_sender_the_connection_and_nothing_else(site, broker, tmp_path):
-    worker = Worker(site, broker.port, tmp_path / "s.db", "solo", None)
+    worker = Worker(site, broker.service_port, tmp_path / "s.db", "solo", None)
     broker.add_user("dev1", "pw1")
     time.sleep(0.3)  # the SIGHUP reload
     dev1 = MQTTProbe(site, "dev1", "pw1", port=broker.port)
@@ -59,7 +110,7 @@ def test_an_oversized_publish_costs_its_sender_the_connection_and_nothing_else(s
         assert dev1.connected() == 0
         dev1.publish("state/dev1/update", b"{" * (mosquitto.MAX_PACKET_BYTES + 1))
         wait_until(lambda: not dev1.c.is_connected(), 10, "the broker to disconnect the sender")
-        doc = _accepted(site, broker.port, "after-big", "after-big")  # the replica serves on
+        doc = _accepted(site, broker.service_port, "after-big", "after-big")  # the replica serves on
         assert doc["clientToken"] == "after-big" and doc["version"] == 1
     finally:
         dev1.close()
@@ -146,14 +197,14 @@ def _final(db_path):
 @pytest.mark.parametrize("store", ["sqlite", "postgresql"])
 def test_two_workers_split_the_stream_with_nothing_lost_or_applied_twice(site, broker, tmp_path, request, store):
     # The reference: one worker, the default store (SQLite).
-    one = Worker(site, broker.port, tmp_path / "one.db", "solo", "ref")
-    ref_accepted = _stream(site, broker.port, "ref")
+    one = Worker(site, broker.service_port, tmp_path / "one.db", "solo", "ref")
+    ref_accepted = _stream(site, broker.service_port, "ref")
     one.stop()
     ref = _final(tmp_path / "one.db")
 
     shared = tmp_path / "two.db" if store == "sqlite" else request.getfixturevalue("postgres_url")
-    workers = [Worker(site, broker.port, shared, f"w{i}", "pair") for i in range(2)]
-    accepted = _stream(site, broker.port, "pair")
+    workers = [Worker(site, broker.service_port, shared, f"w{i}", "pair") for i in range(2)]
+    accepted = _stream(site, broker.service_port, "pair")
     for w in workers:
         w.stop()
     got = _final(shared)
@@ -204,8 +255,8 @@ def test_a_request_cut_off_with_the_connection_is_delivered_again_and_answered(s
         return put(self, *args, **kwargs)
 
     monkeypatch.setattr(SQLiteStore, "put", put_failing_once)
-    worker = Worker(site, broker.port, tmp_path / "s.db", "solo", None)
-    op = MQTTProbe(site, "operator", site.service_password("operator"), "operator-once", port=broker.port)
+    worker = Worker(site, broker.service_port, tmp_path / "s.db", "solo", None)
+    op = MQTTProbe(site, "operator", site.service_password("operator"), "operator-once", port=broker.service_port)
     try:
         assert op.connected() == 0 and op.subscribe("state/d1/update/+") == [1]
         op.c.publish("state/d1/update", json.dumps({"state": {"desired": {"x": 1}}, "clientToken": "once"}), qos=1)
@@ -228,13 +279,13 @@ def _recording(init, made):
 
 
 def test_the_replica_serves_again_after_the_broker_restarts(site, broker, tmp_path):
-    worker = Worker(site, broker.port, tmp_path / "s.db", "solo", None)
+    worker = Worker(site, broker.service_port, tmp_path / "s.db", "solo", None)
     try:
-        assert _accepted(site, broker.port, "before", "before")["version"] == 1
+        assert _accepted(site, broker.service_port, "before", "before")["version"] == 1
         broker.stop()  # no persistence: the replica's session and subscriptions are gone
         time.sleep(1)
         broker.start()
-        doc = _accepted(site, broker.port, "after", "after")
+        doc = _accepted(site, broker.service_port, "after", "after")
         assert doc["clientToken"] == "after" and doc["version"] == 2
     finally:
         worker.stop()
@@ -250,7 +301,7 @@ def test_the_services_mqtt_client_keeps_an_idle_connection_alive(site, broker):
 
     async def main():
         c = mqtt_wire.Client("operator-idle", "operator", site.service_password("operator"), keepalive=1)
-        await c.connect("127.0.0.1", broker.port, ssl.create_default_context(cafile=str(site.pki.ca_cert)))
+        await c.connect("127.0.0.1", broker.service_port, ssl.create_default_context(cafile=str(site.pki.ca_cert)))
         try:
             await c.subscribe([("state/idle/update/delta", 1)])
             await asyncio.sleep(4)  # 4 keepalives without traffic of our own
@@ -279,10 +330,10 @@ def test_replica_command_serves_through_mosquitto(site, broker):
     from conftest import REPO
 
     proc = subprocess.Popen([sys.executable, "-m", "tools", "replica", "--site", str(site.root),
-                             "--mqtt-port", str(broker.port), "--share-group", "g", "--name", "cli"],
+                             "--mqtt-port", str(broker.service_port), "--share-group", "g", "--name", "cli"],
                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        op = MQTTProbe(site, "operator", site.service_password("operator"), "operator-cli", port=broker.port)
+        op = MQTTProbe(site, "operator", site.service_password("operator"), "operator-cli", port=broker.service_port)
         assert op.connected() == 0 and op.subscribe("state/d1/update/accepted") == [1]
 
         def answered():

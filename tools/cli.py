@@ -75,9 +75,11 @@ def cmd_serve(args) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
     async def main():
-        services = Services(_site(args), args.host, args.mqtt_port, args.https_port, args.ntp_port, args.broker)
+        services = Services(_site(args), args.host, args.mqtt_port, args.https_port, args.ntp_port, args.broker,
+                            args.service_port)
         ep = await services.start()
-        print(f"mqtts://{ep.host}:{ep.mqtt_port}  https://{ep.host}:{ep.https_port}  sntp://{ep.host}:{ep.ntp_port}"
+        own = f"  services mqtts://{ep.host}:{ep.service_port}" if ep.service_port else ""
+        print(f"mqtts://{ep.host}:{ep.mqtt_port}{own}  https://{ep.host}:{ep.https_port}  sntp://{ep.host}:{ep.ntp_port}"
               "  (Ctrl-C stops)", flush=True)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -411,11 +413,15 @@ def parser() -> argparse.ArgumentParser:
                     help="another DNS name or address boards may use (repeatable)")
     sp.add_argument("--broker", choices=("amqtt", "mosquitto"), default="amqtt",
                     help="embedded amqtt (default), or mosquitto as a child process (many devices)")
+    sp.add_argument("--service-port", type=int, default=8884,
+                    help="mosquitto only: the MQTT listener of the replica and operator tools (devices "
+                         "use --mqtt-port, where a session is always named after its login)")
 
     sp = with_site(add("replica", cmd_replica, "run one replica worker against any MQTT broker (mosquitto: "
                        "several workers with --share-group)"))
     sp.add_argument("--mqtt-host", default="127.0.0.1")
-    sp.add_argument("--mqtt-port", type=int, required=True)
+    sp.add_argument("--mqtt-port", type=int, required=True,
+                    help="the broker's listener for services (mosquitto from `serve`: its --service-port)")
     sp.add_argument("--share-group", help="subscribe as $share/GROUP/... so workers split the stream")
     sp.add_argument("--name", default="1", help="worker name (client id replica-NAME)")
     sp.add_argument("--ca", help="CA of the broker's certificate (default: the site's)")

@@ -31,7 +31,7 @@ class OperatorError(Exception):
 def _client(site: Site, suffix: str) -> aiomqtt.Client:
     ep = site.endpoints()
     ctx = ssl.create_default_context(cafile=str(site.pki.ca_cert))
-    return aiomqtt.Client(ep.host, ep.mqtt_port, username="operator",
+    return aiomqtt.Client(ep.host, ep.service_mqtt_port, username="operator",
                           password=site.service_password("operator"),
                           identifier=f"operator-{suffix}-{secrets.token_hex(3)}", tls_context=ctx,
                           socket_options=NODELAY)

@@ -59,9 +59,10 @@ def free_port(host: str) -> int:
 
 class Services:
     def __init__(self, site: Site, host: str = "127.0.0.1", mqtt_port: int = 0, https_port: int = 0,
-                 ntp_port: int = 0, broker: str = "amqtt"):
+                 ntp_port: int = 0, broker: str = "amqtt", service_port: int = 0):
         """broker: "amqtt" (embedded, in this process) or "mosquitto" (a child process on the
-        site's PKI and `passwd.mosquitto`, reloaded when provisioning or revoke changes it)."""
+        site's PKI and `passwd.mosquitto`, reloaded when provisioning or revoke changes it,
+        with a second listener for the services at `service_port`; 0: a free port)."""
         if broker not in ("amqtt", "mosquitto"):
             raise ValueError("broker: amqtt or mosquitto")
         self.broker_kind = broker
@@ -71,6 +72,7 @@ class Services:
         self.mqtt_port = mqtt_port
         self.https_port = https_port
         self.ntp_port = ntp_port
+        self.service_port = service_port
         self._time_server = None
         self.broker = None
         self.replica: Replica | None = None
@@ -83,21 +85,22 @@ class Services:
     async def start(self) -> Endpoints:
         site = self.site
         mqtt_port = self.mqtt_port or free_port(self.host)
-        self.broker = await self._start_broker(mqtt_port)
+        self.broker = await self._start_broker(mqtt_port, self.service_port)
+        service_port = getattr(self.broker, "service_port", 0)  # mosquitto: a listener of their own
         app = store.make_app(site.releases, site.store_key, site.creds)
         self._store_runner, https_port = await store.start_store(
             self.host, self.https_port, app, server_ssl_context(site.pki))
         self._time_server, ntp_port = await start_time_server(self.host, self.ntp_port)
-        await self.start_replica(mqtt_port)
-        self.endpoints = Endpoints(self.host, mqtt_port, https_port, ntp_port)
+        self.endpoints = Endpoints(self.host, mqtt_port, https_port, ntp_port, service_port)
+        await self.start_replica()
         site.write_endpoints(self.endpoints)
-        self.renewer = Renewer(site, self.host, mqtt_port)
+        self.renewer = Renewer(site, self.host, self.endpoints.service_mqtt_port)
         self._renewer_task = await start_ready(self.renewer.run)
         log.info("services up: mqtts://%s:%d https://%s:%d sntp://%s:%d", self.host, mqtt_port,
                  self.host, https_port, self.host, ntp_port)
         return self.endpoints
 
-    async def _start_broker(self, port: int):
+    async def _start_broker(self, port: int, service_port: int = 0):
         site = self.site
         if self.broker_kind == "amqtt":
             return await start_broker(self.host, port, site.pki, site.creds.path)
@@ -107,7 +110,8 @@ class Services:
             password = site.service_password(user)
             if user not in site.creds.mosquitto_names():
                 site.creds.set(user, password, generated=True)
-        m = Mosquitto(site.root / "mosquitto", site.pki, self.host, port, password_file=site.creds.mosquitto_path)
+        m = Mosquitto(site.root / "mosquitto", site.pki, self.host, port, password_file=site.creds.mosquitto_path,
+                      service_port=service_port)
         await asyncio.to_thread(m.start)
         self._follow_task = asyncio.create_task(self._follow_passwords(m))
         return m
@@ -135,9 +139,8 @@ class Services:
         else:
             await asyncio.to_thread(self.broker.stop)
 
-    async def start_replica(self, mqtt_port: int | None = None) -> None:
-        port = mqtt_port or self.endpoints.mqtt_port
-        settings = MQTTSettings(self.host, port, "replica", self.site.service_password("replica"),
+    async def start_replica(self) -> None:
+        settings = MQTTSettings(self.host, self.endpoints.service_mqtt_port, "replica", self.site.service_password("replica"),
                                 self.site.pki.ca_cert)
         self.replica = Replica(settings, self.site.shadow_store)
         self._replica_task = await start_ready(self.replica.run)
@@ -154,7 +157,7 @@ class Services:
         """Stop the broker (every client is disconnected) and start it on the same port."""
         await self._stop_broker()
         await asyncio.sleep(down_s)
-        self.broker = await self._start_broker(self.endpoints.mqtt_port)
+        self.broker = await self._start_broker(self.endpoints.mqtt_port, self.endpoints.service_port)
 
     async def stop(self) -> None:
         if self._renewer_task:
@@ -224,7 +227,8 @@ class ServicesProcess:
     def __init__(self, site: Site, host: str = "127.0.0.1", broker: str = "mosquitto", timeout: float = 60):
         self.site = site
         self.args = [sys.executable, "-m", "tools", "serve", "--site", str(site.root), "--host", host,
-                     "--broker", broker, "--mqtt-port", "0", "--https-port", "0", "--ntp-port", "0"]
+                     "--broker", broker, "--mqtt-port", "0", "--https-port", "0", "--ntp-port", "0",
+                     "--service-port", "0"]
         self.timeout = timeout
         self.proc: subprocess.Popen | None = None
 

@@ -28,9 +28,15 @@ from tools.releases import Registry
 @dataclass(frozen=True)
 class Endpoints:
     host: str
-    mqtt_port: int
+    mqtt_port: int  # devices
     https_port: int
     ntp_port: int = 0
+    service_port: int = 0  # the services' own MQTT listener (mosquitto); 0: mqtt_port
+
+    @property
+    def service_mqtt_port(self) -> int:
+        """Where the replica, the renewer and operator tools connect."""
+        return self.service_port or self.mqtt_port
 
     @property
     def store_url(self) -> str:

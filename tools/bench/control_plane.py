@@ -50,12 +50,12 @@ def one_run(site: Site, tmp: Path, args, run: int, pg) -> dict:
     sims = [SimDevice(d, pw) for d, pw in passwords.items()]
     with m:
         store = pg.create_database(f"cp{run}") if pg else str(tmp / f"cp{run}.db")
-        workers = [_start(_replica, str(site.root), m.port, store, f"w{i}", "cp") for i in range(args.workers)]
+        workers = [_start(_replica, str(site.root), m.service_port, store, f"w{i}", "cp") for i in range(args.workers)]
         loop = asyncio.new_event_loop()
         thread = threading.Thread(target=loop.run_forever, daemon=True)
         op = None
         try:
-            op = Client(site, m.port, f"cp{run}")
+            op = Client(site, m.service_port, f"cp{run}")
             op.subscribe(f"{contract.ROOT}/+/{contract.UPDATE_ACCEPTED}")
             ctx = ssl.create_default_context(cafile=str(site.pki.ca_cert))
             t = time.monotonic()

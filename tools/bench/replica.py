@@ -254,11 +254,11 @@ def run_mosquitto(site: Site, tmp: Path, workers: int, store: str, args, run: in
     with m:
         location = pg.create_database(f"b{run}_{workers}") if store == "postgresql" else \
             str(tmp / f"mosq{run}-{workers}.db")
-        procs = [_start(_replica, str(site.root), m.port, location, f"w{i}", "bench") for i in range(workers)]
+        procs = [_start(_replica, str(site.root), m.service_port, location, f"w{i}", "bench") for i in range(workers)]
         try:
             tag = f"mosq{run}-{workers}-{store}"
-            rate, lost = throughput(site, m.port, OURS[0], OURS[1], args.devices, args.updates, tag)
-            lat = latency(site, m.port, OURS[0], OURS[2], args.samples, tag) if workers == 1 else {}
+            rate, lost = throughput(site, m.service_port, OURS[0], OURS[1], args.devices, args.updates, tag)
+            lat = latency(site, m.service_port, OURS[0], OURS[2], args.samples, tag) if workers == 1 else {}
             return {"updates_per_s": round(rate), "per_worker": round(rate / workers), "lost": lost, **lat}
         finally:
             _stop(*procs)
