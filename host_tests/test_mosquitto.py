@@ -386,3 +386,29 @@ def test_services_on_mosquitto_serve_an_emulated_device_provisioned_while_they_r
             assert probe.connected() != 0 or wait_until(lambda: not probe.c.is_connected(), 5, "refusal")
         finally:
             probe.close()
+
+
+def test_a_revoked_device_is_disconnected_at_once(tmp_path):
+    """`revoke` while the device is connected: the broker re-reads its password file and
+    drops the connection (mosquitto re-checks every connected client's login on SIGHUP), and
+    the device's next CONNECT is refused."""
+    from tools.provision import revoke
+    from tools.services import ServicesThread
+    from tools.site import Site
+
+    site = Site(tmp_path / "site")
+    with ServicesThread(site, broker="mosquitto"):
+        password = site.creds.set("rv-1", generated=True)
+        time.sleep(1.5)  # the broker re-reads its password file
+        dev = MQTTProbe(site, "rv-1", password)
+        drops = []
+        dev.c.on_disconnect = lambda *a: drops.append(time.monotonic())
+        try:
+            assert dev.connected() == 0 and dev.subscribe("state/rv-1/update/delta") == [1]
+            assert revoke(site, "rv-1")
+            t0 = time.monotonic()
+            wait_until(lambda: drops, 5, "the broker to drop the revoked device")
+            assert drops[0] - t0 < 3
+            assert dev.connected(timeout=10) not in (0, -1)  # paho reconnects: refused
+        finally:
+            dev.close()

@@ -15,6 +15,9 @@ still let one service identity hold several sessions (workers `replica-w0`, `rep
   CONNECT; mosquitto replaces the id instead).
 - services (`service_port`): only the service identities can log in there (a password file
   of theirs alone), with any client id.
+
+On SIGHUP mosquitto re-reads the password files and disconnects every client whose login is
+no longer in them (`mosquitto_security_apply_default`): `revoke` cuts a device off at once.
 """
 
 from __future__ import annotations
@@ -39,6 +42,14 @@ def available() -> bool:
 
 
 MAX_PACKET_BYTES = 1 << 20
+
+
+def _replace(path: Path, text: str) -> None:
+    """Write a file mosquitto may be reading at that moment: whole, or not at all."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.chmod(0o600)
+    tmp.replace(path)
 
 
 def _free_port(host: str) -> int:
@@ -85,7 +96,8 @@ class Mosquitto:
         self.reload()
 
     def reload(self) -> None:
-        """Re-read the password and ACL files (SIGHUP). Connected clients stay connected."""
+        """Re-read the password and ACL files (SIGHUP); mosquitto then disconnects every
+        client whose login is gone."""
         if self.proc is not None and self.proc.poll() is None:
             self._write_service_passwd()
             self.proc.send_signal(1)
@@ -93,10 +105,7 @@ class Mosquitto:
     def _write_service_passwd(self) -> None:
         """The services listener's logins: the service identities' lines of the password file."""
         lines = self.passwd.read_text().splitlines(keepends=True) if self.passwd.exists() else []
-        tmp = self.service_passwd.with_suffix(".tmp")
-        tmp.write_text("".join(ln for ln in lines if ln.split(":", 1)[0] in self.services))
-        tmp.chmod(0o600)
-        tmp.replace(self.service_passwd)
+        _replace(self.service_passwd, "".join(ln for ln in lines if ln.split(":", 1)[0] in self.services))
 
     def _write_config(self) -> Path:
         device_acl, service_acl = self.dir / "acl.devices", self.dir / "acl.services"
