@@ -8,7 +8,6 @@ way mpremote does with real hardware.
 import subprocess
 import sys
 import threading
-import time
 
 import pytest
 

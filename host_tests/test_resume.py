@@ -6,8 +6,6 @@ A power cut during the download leaves a checkpoint (bytes safely in flash, pers
 for a fresh URL (reporting need_url) when the old one expired.
 """
 
-import asyncio
-
 from aiohttp import web
 
 from conftest import device_on_a, wait_reported
