@@ -5,7 +5,7 @@ import json
 import pytest
 
 from firmware import contract
-from tools.shadow import ShadowError, apply_update, delta, get_response, parse_request
+from tools.shadow import ShadowError, apply_update, compact_bytes, delta, get_response, parse_request
 
 
 def upd(doc, state, **extra):
@@ -51,6 +51,8 @@ def test_version_must_match_when_given():
     (b"\xff\xfe", contract.R_BAD_REQUEST),
     (json.dumps({"clientToken": "x" * 65}).encode(), contract.R_BAD_REQUEST),
     (b"x" * 20000, contract.R_TOO_LARGE),
+    (b'{"state": {"desired": {"x": NaN}}}', contract.R_BAD_REQUEST),  # Python's json takes these
+    (b'{"state": {"desired": {"x": -Infinity}}}', contract.R_BAD_REQUEST),
 ])
 def test_bad_payloads(payload, code):
     with pytest.raises(ShadowError) as e:
@@ -75,4 +77,17 @@ def test_size_limit_counts_desired_plus_reported():
     doc, _, _ = upd(None, {"desired": {"a": "x" * 5000}})
     with pytest.raises(ShadowError) as e:
         upd(doc, {"reported": {"b": "y" * 5000}})
+    assert e.value.code == contract.R_TOO_LARGE
+
+
+def test_documents_with_what_json_allows_encode_and_count_as_before():
+    # An integer beyond 64 bits (orjson refuses it: the standard encoder takes over) and
+    # non-ASCII text (UTF-8 on the wire) come back as they went in.
+    doc, acc, _ = upd(None, {"desired": {"big": 1 << 70, "name": "Zürich ☃"}})
+    for msg in (doc, acc):
+        assert json.loads(compact_bytes(msg)) == msg
+    # The size limit counts the document as escaped ASCII, as it always has: 1400 "é" are
+    # 2800 bytes of UTF-8 but 8400 escaped.
+    with pytest.raises(ShadowError) as e:
+        upd(None, {"desired": {"s": "é" * 1400}})
     assert e.value.code == contract.R_TOO_LARGE

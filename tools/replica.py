@@ -190,6 +190,6 @@ class Replica:
             # drain() holds the next batch back only when 1000 are outstanding.
             for out in outs:
                 for topic, msg in out:
-                    client.publish(topic, shadow.compact(msg).encode(), 1)
+                    client.publish(topic, shadow.compact_bytes(msg), 1)
             client.ack(batch)
             await client.drain()

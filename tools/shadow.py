@@ -13,13 +13,32 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
+
 from firmware import contract
 
 SECTIONS = ("desired", "reported")
 
-# Documents and answers as they are stored and sent: compact, ASCII. One encoder for all
-# (json.dumps with separators builds a new one per call, a fifth of the replica's work).
-compact = json.JSONEncoder(separators=(",", ":")).encode
+# Documents and answers as they are stored and sent: JSON without spaces, UTF-8. orjson
+# encodes the replica's messages in a tenth of the time the standard library takes (which
+# was a fifth of the replica's CPU); what it cannot encode (integers beyond 64 bits) goes
+# through the standard encoder, escaped ASCII, as all of it did before 2026-11-27.
+_ascii = json.JSONEncoder(separators=(",", ":")).encode
+
+
+def compact_bytes(obj) -> bytes:
+    try:
+        return orjson.dumps(obj)
+    except orjson.JSONEncodeError:
+        return _ascii(obj).encode()
+
+
+def compact(obj) -> str:
+    return compact_bytes(obj).decode()
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not JSON")
 
 
 @dataclass
@@ -99,7 +118,7 @@ def parse_request(payload: bytes) -> dict:
     if len(payload) > 2 * contract.MAX_DOCUMENT:
         raise ShadowError(contract.R_TOO_LARGE, "payload too large")
     try:
-        req = json.loads(payload)
+        req = json.loads(payload, parse_constant=_no_constant)  # NaN, Infinity: not JSON
     except (UnicodeDecodeError, ValueError) as e:
         raise ShadowError(contract.R_BAD_REQUEST, f"payload is not valid JSON: {e}") from None
     except RecursionError:  # thousands of nested brackets fit in the size limit
@@ -149,7 +168,8 @@ def apply_update(doc: dict | None, req: dict, now: int) -> tuple[dict, dict, dic
         if not new_state[section]:
             new_state.pop(section)
             new_meta.pop(section, None)
-    size = len(compact(new_state))  # ASCII: characters are bytes
+    text = compact_bytes(new_state)
+    size = len(text) if text.isascii() else len(_ascii(new_state))  # counted escaped, as always
     if size > contract.MAX_DOCUMENT:
         raise ShadowError(contract.R_TOO_LARGE, f"document would be {size} bytes; the limit is {contract.MAX_DOCUMENT}", token)
 
