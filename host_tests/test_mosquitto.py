@@ -412,3 +412,29 @@ def test_a_revoked_device_is_disconnected_at_once(tmp_path):
             assert dev.connected(timeout=10) not in (0, -1)  # paho reconnects: refused
         finally:
             dev.close()
+
+
+def test_workers_added_to_serve_split_the_stream_with_its_own(tmp_path):
+    """`serve --broker mosquitto` and one more `replica --share-group replicas` (the README's
+    scale-out): each request is applied once. A worker of serve's outside the group would
+    apply every request a second time (no clientToken here: nothing to recognise it by)."""
+    from tools.replica import SHARE_GROUP
+    from tools.services import ServicesThread
+    from tools.site import Site
+
+    site = Site(tmp_path / "site")
+    with ServicesThread(site, broker="mosquitto") as svc:
+        extra = Worker(site, svc.endpoints.service_mqtt_port, site.shadow_store, "extra", SHARE_GROUP)
+        op = MQTTProbe(site, "operator", site.service_password("operator"), "operator-split")
+        try:
+            assert op.connected() == 0 and op.subscribe("state/s1/update/accepted") == [1]
+            for i in range(40):
+                op.c.publish("state/s1/update", json.dumps({"state": {"desired": {f"k{i}": i}}}), qos=1)
+            versions = []
+            while (msg := op.next_message(3)) is not None:
+                versions.append(json.loads(msg[1])["version"])
+            assert sorted(versions) == list(range(1, 41))
+            assert extra.replica.handled > 0  # the extra worker took its share
+        finally:
+            op.close()
+            extra.stop()

@@ -422,7 +422,8 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("--mqtt-host", default="127.0.0.1")
     sp.add_argument("--mqtt-port", type=int, required=True,
                     help="the broker's listener for services (mosquitto from `serve`: its --service-port)")
-    sp.add_argument("--share-group", help="subscribe as $share/GROUP/... so workers split the stream")
+    sp.add_argument("--share-group", help="subscribe as $share/GROUP/... so workers split the stream (`serve` on "
+                    "mosquitto joins the group replicas)")
     sp.add_argument("--name", default="1", help="worker name (client id replica-NAME)")
     sp.add_argument("--ca", help="CA of the broker's certificate (default: the site's)")
     sp.add_argument("--db", help="SQLite file or postgresql:// URL (default: <site>/shadows.url if present, "

@@ -26,6 +26,10 @@ from tools.shadowstore import open_store
 log = logging.getLogger("replica")
 
 
+# The group `serve`'s own worker joins on mosquitto: `replica --share-group replicas` workers
+# split the stream with it. A worker outside the group would get every request as well.
+SHARE_GROUP = "replicas"
+
 
 @dataclass
 class MQTTSettings:

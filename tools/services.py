@@ -21,7 +21,7 @@ from tools import store
 from tools.broker import SERVICE_USERS, shutdown_broker, start_broker
 from tools.pki import server_ssl_context
 from tools.renewer import Renewer
-from tools.replica import MQTTSettings, Replica
+from tools.replica import SHARE_GROUP, MQTTSettings, Replica
 from tools.site import Endpoints, Site
 from tools.timeserver import start_time_server
 
@@ -141,7 +141,8 @@ class Services:
 
     async def start_replica(self) -> None:
         settings = MQTTSettings(self.host, self.endpoints.service_mqtt_port, "replica", self.site.service_password("replica"),
-                                self.site.pki.ca_cert)
+                                self.site.pki.ca_cert,
+                                share_group=SHARE_GROUP if self.broker_kind == "mosquitto" else None)
         self.replica = Replica(settings, self.site.shadow_store)
         self._replica_task = await start_ready(self.replica.run)
 
