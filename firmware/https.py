@@ -1,7 +1,8 @@
 # https.py A small HTTPS/1.1 GET for firmware: verified TLS, one request write, streamed body.
 #
 # Not micropython-lib `requests`: it forces CERT_NONE (micropython-lib#838) and buffers
-# bodies. Here the caller passes an SSLContext with CERT_REQUIRED and the project CA, the
+# bodies. Here the caller passes an SSLContext with CERT_REQUIRED and the project CA
+# (trust.py), the
 # request goes out in one write (MicroPython's TLS sends each write as a record; Nagle would
 # stall the next one), and the body is a stream the caller reads block by block.
 
@@ -11,15 +12,6 @@ from firmware import contract
 
 _MAX_HEADERS = 32
 _MAX_LINE = 1024
-
-
-def tls_context(ca_der):
-    import ssl
-
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    ctx.verify_mode = ssl.CERT_REQUIRED  # MicroPython's default is CERT_NONE
-    ctx.load_verify_locations(cadata=ca_der)
-    return ctx
 
 
 class Response:

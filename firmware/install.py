@@ -57,7 +57,7 @@ class Installer:
         if self.updater is None:
             import binascii
 
-            from firmware import https
+            from firmware import trust
             from firmware.updater import Updater
 
             cfg = self.cfg
@@ -67,7 +67,7 @@ class Installer:
             # The 4 KiB block buffer first, the CA (read, parsed, dropped) after it: a hole
             # the CA leaves below the buffer would split the free heap for good.
             with open(cfg["ca_file"], "rb") as f:
-                self.updater.ctx = https.tls_context(f.read())
+                self.updater.ctx = trust.context(f.read())
         return self.updater
 
     def _credential(self, fw):

@@ -1,10 +1,13 @@
 # link.py The MQTT link to the broker: umqtt.simple over verified TLS, with bounded waits.
 #
-# Works with the umqtt.simple frozen into ESP32 builds (>= 1.6) and with the 1.3.4 sdist the
-# emulator uses: both accept ssl=True + ssl_params and call ssl.wrap_socket(sock, **params).
-# umqtt opens its own socket and its wait_msg() calls setblocking(True), which clears any
-# timeout; so the link hands umqtt a socket factory that sets one, and re-arms it after each
-# umqtt call. Incoming packets are only read when poll() says data is there.
+# umqtt opens its own socket, so the link hands it a socket factory. The factory's sockets
+# are TLS (CERT_REQUIRED, the project CA, tls_name) once connect() returns, and umqtt gets
+# ssl=False: its wait_msg() calls setblocking(True) after a packet's first byte, which on the
+# ESP32 port means no timeout at all (modsocket.c), so a broker that sends half a packet, or
+# never answers a SUBSCRIBE after another packet, would hold the board until the watchdog.
+# Here setblocking(True) sets the link's timeout instead. That is also the one umqtt path
+# all its versions share (1.3.4 in the emulator, 1.4-1.8 frozen into ESP32 builds). Incoming
+# packets are only read when poll() says data is there.
 
 import json
 import select
@@ -20,8 +23,9 @@ _INBOX_MAX = 8
 
 class _Sockets:
     # Stands in for the `socket` module inside umqtt.simple.
-    def __init__(self, timeout_s):
-        self.timeout_s = timeout_s
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.timeout_s = cfg["net_timeout_s"]
         self.last = None
 
     def socket(self, *args):
@@ -31,36 +35,63 @@ class _Sockets:
             s.setsockopt(6, 1, 1)  # TCP_NODELAY: small packets, latency matters
         except OSError:
             pass
-        self.last = s
-        return s
+        self.last = _TLSSocket(self, s)
+        return self.last
 
     def getaddrinfo(self, *args):
         return socket.getaddrinfo(*args)
 
 
+class _TLSSocket:
+    # What umqtt holds as its socket: TCP until connect(), then verified TLS before umqtt
+    # writes a byte. Every wait on it has the link's deadline.
+    def __init__(self, owner, raw):
+        self.owner = owner
+        self.raw = raw
+        self.tls = None
+
+    def connect(self, addr):
+        from firmware import trust
+
+        self.raw.connect(addr)
+        cfg = self.owner.cfg
+        with open(cfg["ca_file"], "rb") as f:
+            ctx = trust.context(f.read())  # the CA's bytes are garbage once parsed
+        self.tls = ctx.wrap_socket(self.raw, server_hostname=cfg["tls_name"])
+
+    def settimeout(self, t):
+        # on the TCP socket (SSLSocket has none); umqtt >= 1.5 passes connect()'s
+        # timeout=None on, which must not lift the deadline of the handshake
+        self.raw.settimeout(self.owner.timeout_s if t is None else t)
+
+    def setblocking(self, flag):
+        self.raw.settimeout(self.owner.timeout_s if flag else 0)
+
+    def read(self, n):
+        return self.tls.read(n)
+
+    def write(self, buf, n=None):
+        return self.tls.write(buf) if n is None else self.tls.write(buf, n)
+
+    def close(self):
+        (self.tls or self.raw).close()  # closing the TLS socket closes the TCP one
+
+
 class Link:
     def __init__(self, cfg):
-        import ssl
-
         self.cfg = cfg
         self.device_id = cfg["device_id"]
         self.keepalive_s = cfg["keepalive_s"]
         self.inbox = []
-        self._sockets = _Sockets(cfg["net_timeout_s"])
+        self._sockets = _Sockets(cfg)
         umqtt.socket = self._sockets
-        self.client = umqtt.MQTTClient(
+        self.client = umqtt.MQTTClient(  # TLS comes with the factory's sockets: ssl=False
             self.device_id,
             cfg["broker_host"],
             cfg["broker_port"],
             user=self.device_id,
             password=cfg["mqtt_password"],
             keepalive=self.keepalive_s,
-            ssl=True,
-            ssl_params={
-                "server_hostname": cfg["tls_name"],
-                "cert_reqs": ssl.CERT_REQUIRED,
-                "cadata": None,  # read for each connect, dropped once connected
-            },
         )
         self.client.set_callback(self._on_message)
         self._poller = None
@@ -79,20 +110,15 @@ class Link:
             self._sockets.last.settimeout(self._sockets.timeout_s)
 
     def connect(self):
-        """Connect and subscribe; raises OSError (network/TLS) or umqtt.MQTTException."""
-        params = self.client.ssl_params
-        with open(self.cfg["ca_file"], "rb") as f:
-            params["cadata"] = f.read()
-        try:
-            self.client.connect()
-        finally:
-            params["cadata"] = None
+        """Connect and subscribe; raises OSError (network), ValueError (TLS) or
+        umqtt.MQTTException (refused)."""
+        self.client.connect()
         for suffix in (contract.UPDATE_DELTA, contract.GET_ACCEPTED, contract.GET_REJECTED,
                        contract.UPDATE_REJECTED, contract.CREDENTIALS + "/+"):
             self.client.subscribe(contract.topic(self.device_id, suffix))
             self._rearm()
         self._poller = select.poll()
-        self._poller.register(self.client.sock, select.POLLIN)
+        self._poller.register(self._sockets.last.tls, select.POLLIN)
         self._last_tx = time.ticks_ms()
 
     def publish(self, suffix, obj):

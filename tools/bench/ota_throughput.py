@@ -51,12 +51,12 @@ LARGEST_SLOTS_16MB = (
 
 _FIRMWARE = """
 import json, time
-from firmware import https
+from firmware import trust
 from firmware.updater import Updater
 fw = json.loads(open("fw.json").read())
 ca = open("ca.der", "rb").read()
 t0 = time.ticks_us()  # the TLS context is made inside, as in the reference (and per download in install.py)
-u = Updater(https.tls_context(ca), {"Authorization": AUTH}, 30)
+u = Updater(trust.context(ca), {"Authorization": AUTH}, 30)
 digest, _ = u.download(fw, 0)
 t1 = time.ticks_us()
 import binascii
@@ -121,8 +121,8 @@ print(json.dumps({"us": time.ticks_diff(time.ticks_us(), t0)}))
 # 401 without checking a credential.
 _HANDSHAKE = """
 import json, time
-from firmware import https
-ctx = https.tls_context(open("ca.der", "rb").read())
+from firmware import https, trust
+ctx = trust.context(open("ca.der", "rb").read())
 times = []
 
 class Timed:

@@ -19,9 +19,13 @@ class poll:
         self._p = uselect.poll()  # what the firmware registered: answers every question
         self._wait = uselect.poll()  # the same, with raw sockets in place of TLS ones: blocks
         self._raw = {}  # id(registered object) -> what _wait holds for it
+        self._mine = {}  # id(MicroPython's TLS socket) -> the emulated one registered (ssl.py)
 
     def register(self, obj, eventmask=POLLIN | POLLOUT):
-        self._p.register(obj, eventmask)
+        nat = ssl.native(obj)
+        if nat is not obj:
+            self._mine[id(nat)] = obj
+        self._p.register(nat, eventmask)
         raw = ssl.raw_socket(obj)
         if raw is None:
             raw = obj
@@ -32,11 +36,13 @@ class poll:
         self._wait.register(raw, eventmask)
 
     def modify(self, obj, eventmask):
-        self._p.modify(obj, eventmask)
+        self._p.modify(ssl.native(obj), eventmask)
         self._wait.modify(self._raw[id(obj)], eventmask)
 
     def unregister(self, obj):
-        self._p.unregister(obj)
+        nat = ssl.native(obj)
+        self._mine.pop(id(nat), None)
+        self._p.unregister(nat)
         raw = self._raw.pop(id(obj), None)
         if raw is not None:
             self._wait.unregister(raw)
@@ -58,10 +64,16 @@ class poll:
                     return ev
                 time.sleep_ms(1)  # a partial TLS record: more is on its way
 
+    def _theirs(self, ev):
+        # answers name what the firmware registered, not what stands behind it
+        if not self._mine:
+            return ev
+        return [(self._mine.get(id(e[0]), e[0]),) + tuple(e[1:]) for e in ev]
+
     def poll(self, timeout=-1):
-        return self._ready(timeout)
+        return self._theirs(self._ready(timeout))
 
     def ipoll(self, timeout=-1, flags=0):
         if not self._ready(timeout):
             return iter(())
-        return self._p.ipoll(0, flags)
+        return iter(self._theirs(list(self._p.ipoll(0, flags))))

@@ -7,6 +7,9 @@
 # The budget (ESP32EMU_TLS_BUDGET, default 2) counts connections whose socket is still open:
 # closing the TLS socket closes it; a socket never closed keeps its slot, as leaked memory
 # would on the chip.
+# setblocking(True) waits forever afterwards, as on the chip: the ESP32 port's socket makes it
+# settimeout(None) (ports/esp32/modsocket.c), while the unix port's keeps the timeout it had.
+# umqtt.simple calls it in wait_msg(), so on a board it ends every deadline set before.
 
 import os
 
@@ -34,6 +37,11 @@ def open_connections():
     return len(_live)
 
 
+def native(obj):
+    """The MicroPython TLS socket behind one of ours (for select.py), else `obj`."""
+    return obj._s if isinstance(obj, SSLSocket) else obj
+
+
 def raw_socket(obj):
     """The socket under a TLS socket this module wrapped (for select.py), or None. Keyed by
     id(): holding the TLS socket would keep its SSLContext (~3 KiB of GC heap) alive after
@@ -43,6 +51,41 @@ def raw_socket(obj):
         if pair[0] == key:
             return pair[1]
     return None
+
+
+class SSLSocket:
+    """The TLS socket wrap_socket returns: MicroPython's, but for setblocking (above)."""
+
+    def __init__(self, s, raw):
+        self._s = s
+        self._raw = raw
+
+    def setblocking(self, flag):
+        self._s.setblocking(flag)
+        if flag:
+            self._raw.settimeout(None)  # the chip's setblocking(True): no deadline any more
+
+    # The stream calls the firmware makes, passed on without allocating (the download loop
+    # is proven allocation-free under heap_lock).
+    def read(self, n=-1):
+        return self._s.read() if n < 0 else self._s.read(n)
+
+    def readinto(self, buf, n=None):
+        return self._s.readinto(buf) if n is None else self._s.readinto(buf, n)
+
+    def readline(self, n=-1):
+        return self._s.readline() if n < 0 else self._s.readline(n)
+
+    def write(self, buf, a=None, b=None):
+        if a is None:
+            return self._s.write(buf)
+        return self._s.write(buf, a) if b is None else self._s.write(buf, a, b)
+
+    def close(self):
+        self._s.close()
+
+    def __getattr__(self, name):  # recv, send, getpeercert, cipher, ...
+        return getattr(self._s, name)
 
 
 class SSLContext:
@@ -73,9 +116,9 @@ class SSLContext:
             # With the clock at 2000-01-01 every certificate is "not yet valid"; the unix
             # port's mbedTLS reads the host clock, so the emulator says it here.
             raise ValueError("\nThe certificate validity starts in the future\n")
-        s = self._ctx.wrap_socket(sock, server_side=server_side,
-                                  do_handshake_on_connect=do_handshake_on_connect,
-                                  server_hostname=server_hostname)
+        s = SSLSocket(self._ctx.wrap_socket(sock, server_side=server_side,
+                                            do_handshake_on_connect=do_handshake_on_connect,
+                                            server_hostname=server_hostname), sock)
         for pair in _live:
             if pair[0] == id(s):
                 _live.remove(pair)  # that address was a TLS socket which is gone now
