@@ -105,10 +105,6 @@ class Link:
             self.inbox.pop(0)
         self.inbox.append((parsed[1], msg))
 
-    def _rearm(self):
-        if self._sockets.last is not None:
-            self._sockets.last.settimeout(self._sockets.timeout_s)
-
     def connect(self):
         """Connect and subscribe; raises OSError (network), ValueError (TLS) or
         umqtt.MQTTException (refused)."""
@@ -116,7 +112,6 @@ class Link:
         for suffix in (contract.UPDATE_DELTA, contract.GET_ACCEPTED, contract.GET_REJECTED,
                        contract.UPDATE_REJECTED, contract.CREDENTIALS + "/+"):
             self.client.subscribe(contract.topic(self.device_id, suffix))
-            self._rearm()
         self._poller = select.poll()
         self._poller.register(self._sockets.last.tls, select.POLLIN)
         self._last_tx = time.ticks_ms()
@@ -144,7 +139,6 @@ class Link:
             if ev[0][1] & (select.POLLHUP | select.POLLERR):
                 raise OSError(104, "broker connection closed")
             self.client.wait_msg()
-            self._rearm()
 
     def wait_for(self, suffixes, timeout_ms, token=None):
         """Poll until a message on one of `suffixes` (a tuple; with clientToken `token`, if
