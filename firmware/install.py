@@ -66,8 +66,7 @@ class Installer:
                                    cfg["net_timeout_s"])
             # The 4 KiB block buffer first, the CA (read, parsed, dropped) after it: a hole
             # the CA leaves below the buffer would split the free heap for good.
-            with open(cfg["ca_file"], "rb") as f:
-                self.updater.ctx = trust.context(f.read())
+            self.updater.ctx = trust.load(cfg["ca_file"])
         return self.updater
 
     def _credential(self, fw):

@@ -55,9 +55,7 @@ class _TLSSocket:
 
         self.raw.connect(addr)
         cfg = self.owner.cfg
-        with open(cfg["ca_file"], "rb") as f:
-            ctx = trust.context(f.read())  # the CA's bytes are garbage once parsed
-        self.tls = ctx.wrap_socket(self.raw, server_hostname=cfg["tls_name"])
+        self.tls = trust.load(cfg["ca_file"]).wrap_socket(self.raw, server_hostname=cfg["tls_name"])
 
     def settimeout(self, t):
         # on the TCP socket (SSLSocket has none); umqtt >= 1.5 passes connect()'s

@@ -10,3 +10,10 @@ def context(ca_der):
     ctx.verify_mode = ssl.CERT_REQUIRED
     ctx.load_verify_locations(cadata=ca_der)
     return ctx
+
+
+def load(ca_file):
+    """context() of the CA in `ca_file`; its bytes are garbage once parsed, so the heap does
+    not hold them between connections."""
+    with open(ca_file, "rb") as f:
+        return context(f.read())

@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 from tools.broker import SERVICE_USERS
-from tools.credentials import mosquitto_hash
+from tools.credentials import mosquitto_hash, write_private
 from tools.pki import PKI
 
 
@@ -42,20 +42,6 @@ def available() -> bool:
 
 
 MAX_PACKET_BYTES = 1 << 20
-
-
-def _replace(path: Path, text: str) -> None:
-    """Write a file mosquitto may be reading at that moment: whole, or not at all."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.chmod(0o600)
-    tmp.replace(path)
-
-
-def _free_port(host: str) -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 class Mosquitto:
@@ -105,7 +91,7 @@ class Mosquitto:
     def _write_service_passwd(self) -> None:
         """The services listener's logins: the service identities' lines of the password file."""
         lines = self.passwd.read_text().splitlines(keepends=True) if self.passwd.exists() else []
-        _replace(self.service_passwd, "".join(ln for ln in lines if ln.split(":", 1)[0] in self.services))
+        write_private(self.service_passwd, "".join(ln for ln in lines if ln.split(":", 1)[0] in self.services))
 
     def _write_config(self) -> Path:
         device_acl, service_acl = self.dir / "acl.devices", self.dir / "acl.services"
@@ -151,10 +137,12 @@ class Mosquitto:
     def start(self, timeout: float = 15) -> int:
         if not available():
             raise MosquittoError("mosquitto is not installed (Debian/Ubuntu: apt-get install mosquitto)")
+        from tools.services import free_port
+
         if self.port == 0:
-            self.port = _free_port(self.host)
+            self.port = free_port(self.host)
         if self.service_port == 0:
-            self.service_port = _free_port(self.host)
+            self.service_port = free_port(self.host)
         if not self.passwd.exists():
             raise MosquittoError("add at least one user before starting")
         self.dir.mkdir(parents=True, exist_ok=True)
