@@ -17,6 +17,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from conftest import last_json_line, run_micropython, wait_until
+from tools import mosquitto
 from tools.esp32emu.runner import chip_env, make_flash
 from tools.images import build_app_image
 from tools.pki import issue_server_cert, make_ca
@@ -125,3 +126,45 @@ def test_firmware_tls_clients_refuse_servers_the_ca_does_not_vouch_for(site, ser
         for client in res[name]:
             assert client.startswith("ValueError") and why in client, (name, client)
     assert json.dumps(res)  # the whole verdict, for the log on failure
+
+
+def _suite_given(site, port: int, offer: str) -> str:
+    """The TLS 1.2 suite a server picks for a client that offers only `offer`, or "refused"."""
+    ctx = ssl.create_default_context(cafile=str(site.pki.ca_cert))
+    ctx.maximum_version = ssl.TLSVersion.TLSv1_2
+    ctx.set_ciphers(offer)
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
+            with ctx.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+                return tls.cipher()[0]
+    except ssl.SSLError:
+        return "refused"
+
+
+@pytest.mark.parametrize("server", ["store", "amqtt", "mosquitto"])
+def test_servers_accept_only_forward_secret_aead_suites(site, services, tmp_path, server):
+    """A recorded session stays closed to whoever gets a server key later (its passwords and
+    download URLs with it): no RSA key exchange; no finite-field DHE either (in TLS 1.2 the
+    server picks its group) and no CBC. mosquitto's default accepts all three, Python's CBC
+    with SHA-256. MicroPython's ECDHE-RSA with AES-GCM is what the servers take."""
+    if server == "mosquitto":
+        if not mosquitto.available():
+            pytest.skip("mosquitto is not installed")
+        broker = mosquitto.Mosquitto(tmp_path / "mosquitto", site.pki)
+        broker.add_user("dev1", "pw1")
+        broker.start()
+        ports = [broker.port, broker.service_port]
+    else:
+        broker = None
+        ep = site.endpoints()
+        ports = [ep.https_port if server == "store" else ep.mqtt_port]
+    try:
+        for port in ports:
+            for weak in ("AES128-GCM-SHA256", "AES256-SHA256", "DHE-RSA-AES128-GCM-SHA256",
+                         "ECDHE-RSA-AES128-SHA", "ECDHE-RSA-AES128-SHA256"):
+                assert _suite_given(site, port, weak) == "refused", (server, port, weak)
+            for good in ("ECDHE-RSA-AES128-GCM-SHA256", "ECDHE-RSA-AES256-GCM-SHA384"):
+                assert _suite_given(site, port, good) == good, (server, port, good)
+    finally:
+        if broker is not None:
+            broker.stop()

@@ -22,7 +22,7 @@ from amqtt.contexts import Action
 from amqtt.plugins.base import BaseAuthPlugin, BaseTopicPlugin
 
 from tools.credentials import Credentials
-from tools.pki import PKI
+from tools.pki import PKI, TLS12_CIPHERS
 
 log = logging.getLogger("broker")
 
@@ -139,6 +139,14 @@ async def start_amqtt(config: dict, broker_class: type[Broker] = Broker) -> Brok
     """Start an amqtt broker (or subclass) from a config, with our fixes applied."""
     broker = broker_class(config)
     broker._subscriptions = _SnapshotTable()  # see _SnapshotTable
+    made = broker_class._create_ssl_context  # amqtt has no setting for the TLS 1.2 suites
+
+    def listener_ssl_context(listener):
+        ctx = made(listener)
+        ctx.set_ciphers(TLS12_CIPHERS)
+        return ctx
+
+    broker._create_ssl_context = listener_ssl_context
     await broker.start()
     return broker
 

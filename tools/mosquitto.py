@@ -30,7 +30,7 @@ from pathlib import Path
 
 from tools.broker import SERVICE_USERS
 from tools.credentials import mosquitto_hash, write_private
-from tools.pki import PKI
+from tools.pki import PKI, TLS12_CIPHERS
 
 
 class MosquittoError(Exception):
@@ -101,7 +101,8 @@ class Mosquitto:
         tls = (f"cafile {self.pki.ca_cert}\n"
                f"certfile {self.pki.server_cert}\n"
                f"keyfile {self.pki.server_key}\n"
-               "tls_version tlsv1.2\n")
+               "tls_version tlsv1.2\n"
+               f"ciphers {TLS12_CIPHERS}\n")
         conf = self.dir / "mosquitto.conf"
         conf.write_text(
             "per_listener_settings true\n"  # each listener its own logins and ACL (below)

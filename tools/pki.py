@@ -10,7 +10,8 @@ CA's on the server certificate, the server's on its key exchange), and mbedTLS v
 11 ms of CPU per handshake against 27 ms with a P-256 chain. The ESP32 also has a big-number
 (RSA) accelerator that ESP-IDF's mbedTLS uses, and no ECC one. The servers pay for it in
 signing (~1 ms per handshake), which they have to spare. Forward secrecy is unchanged: the
-session key still comes from ECDHE.
+session key still comes from ECDHE, and the servers accept no TLS 1.2 suite without it
+(TLS12_CIPHERS).
 """
 
 from __future__ import annotations
@@ -26,6 +27,13 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 DEFAULT_NAMES = ("127.0.0.1", "localhost")
+
+# The TLS 1.2 suites every server here accepts (store, amqtt, mosquitto): ECDHE key exchange
+# and AEAD only. Without ECDHE (RSA key exchange) whoever gets a server key later can decrypt
+# every recorded session, with the passwords and download URLs in it; mosquitto's default list
+# allows that, and CBC-SHA1. MicroPython's mbedTLS offers ECDHE-RSA with AES-GCM. TLS 1.3
+# suites (the host's clients) are always forward secret and not governed by this list.
+TLS12_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20"
 
 
 @dataclass(frozen=True)
@@ -172,5 +180,6 @@ def server_ssl_context(pki: PKI):
 
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.set_ciphers(TLS12_CIPHERS)
     ctx.load_cert_chain(pki.server_cert, pki.server_key)
     return ctx
