@@ -9,6 +9,10 @@
 #
 # Steady state: on every (re)connect ask for the whole shadow (state/<id>/get) and act on
 # desired.firmware; a delta only triggers another get. Reports are state.reported.firmware.
+# A get nobody answers is asked again: a broker drops what no one is subscribed for (the
+# replica between a broker restart and its new subscription), and nothing else would come.
+# An answer whose reported firmware is not what this board would report (its report was
+# dropped the same way) is answered with the report again.
 
 import gc
 import json
@@ -20,6 +24,9 @@ from firmware.install import Installer, _new_link, _unload, log
 
 _STABLE_LINK_MS = 30000  # a link up this long has worked: the next failure starts a fresh backoff
 _IDLE_MS = 5000  # longest wait for a message while idle; a message ends the wait at once
+_ASK_FIRST_MS = 10000  # an unanswered get is asked again after 5-10 s, then up to 30-60 s
+_ASK_MAX_MS = 60000
+_REPORT_KEYS = ("version", "sha256", "slot", "state", "error", "target")
 
 
 class Agent(Installer):
@@ -32,6 +39,9 @@ class Agent(Installer):
         self.doc_version = -1
         self.retry_at = None  # ticks_ms when a transient failure may be retried
         self._progress_at = (0, 0)  # (percent, ticks_ms) of the last progress report
+        self.ask_at = None  # ticks_ms when an unanswered get is asked again
+        self.ask_wait = _ASK_FIRST_MS
+        self.reports = 0  # reports sent (to tell whether handling a message sent one)
 
     # -- persisted phase ------------------------------------------------------------------
 
@@ -102,6 +112,11 @@ class Agent(Installer):
     def report(self, **extra):
         if self.link is None:
             return
+        self.link.report(self.reported(**extra))
+        self.reports += 1
+
+    def reported(self, **extra):
+        """The firmware report as this board would send it now."""
         st = self.st
         rec = self.running_image()
         pending = st["target"] if st["phase"] != phases.IDLE else None
@@ -125,7 +140,29 @@ class Agent(Installer):
             "detail": None,
         }
         fw.update(extra)
-        self.link.report(fw)
+        return fw
+
+    def ask(self):
+        """Ask for the whole shadow; until an answer comes, ask again with backoff and jitter."""
+        self.link.request_get()
+        wait = self.ask_wait
+        self.ask_wait = min(_ASK_MAX_MS, wait * 2)
+        self.ask_at = time.ticks_add(time.ticks_ms(), wait // 2 + random.getrandbits(16) % (wait // 2 + 1))
+
+    def _answered(self):
+        self.ask_at = None
+        self.ask_wait = _ASK_FIRST_MS
+
+    def _report_if_missed(self, doc):
+        """Report again if the shadow's reported firmware is not ours (or not there)."""
+        try:
+            theirs = doc["state"]["reported"]["firmware"]
+            mine = self.reported()
+            missed = any(theirs.get(k) != mine[k] for k in _REPORT_KEYS)
+        except (KeyError, TypeError, AttributeError):
+            missed = True
+        if missed:
+            self.report()
 
     def _on_progress(self, done, total):
         pct = done * 100 // total
@@ -187,9 +224,17 @@ class Agent(Installer):
         if suffix == contract.UPDATE_DELTA:
             if isinstance(doc, dict) and isinstance(doc.get("state"), dict):
                 if "firmware" in doc["state"]:
-                    self.link.request_get()
+                    self.ask()
         elif suffix == contract.GET_ACCEPTED:
-            return self.on_document(doc)
+            self._answered()
+            before = self.reports
+            action = self.on_document(doc)
+            if action is None and self.reports == before:  # (an install reports anyway)
+                self._report_if_missed(doc)
+            return action
+        elif suffix == contract.GET_REJECTED:
+            self._answered()
+            self.report()  # no shadow: our report was lost before it was made
         elif suffix == contract.UPDATE_REJECTED:
             log("replica rejected a report")
         return None
@@ -202,8 +247,9 @@ class Agent(Installer):
             wait = min(wait, self.cfg["wdt_ms"] // 4)
         if self.cfg["keepalive_s"]:
             wait = min(wait, self.cfg["keepalive_s"] * 250)
-        if self.retry_at is not None:
-            wait = min(wait, max(0, time.ticks_diff(self.retry_at, time.ticks_ms())))
+        for at in (self.retry_at, self.ask_at):
+            if at is not None:
+                wait = min(wait, max(0, time.ticks_diff(at, time.ticks_ms())))
         return wait
 
     def serve(self):
@@ -226,7 +272,9 @@ class Agent(Installer):
                     return  # the link could not be brought back after an install
             if self.retry_at is not None and time.ticks_diff(time.ticks_ms(), self.retry_at) >= 0:
                 self.retry_at = None
-                self.link.request_get()  # act on the desired state as it is now
+                self.ask()  # act on the desired state as it is now
+            elif self.ask_at is not None and time.ticks_diff(time.ticks_ms(), self.ask_at) >= 0:
+                self.ask()
 
     # -- main loop ----------------------------------------------------------------------------
 
@@ -253,7 +301,8 @@ class Agent(Installer):
                     trial = False
                 up_at = time.ticks_ms()
                 self.report()
-                self.link.request_get()
+                self.ask_wait = _ASK_FIRST_MS  # a new link: its first answer is due soon
+                self.ask()
                 self.serve()
             except MemoryError:
                 log("out of memory; reconnecting")  # no formatting: the heap is exhausted

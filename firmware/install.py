@@ -51,7 +51,7 @@ def _unhex(s):
 
 class Installer:
     """Mixin for Agent: needs self.cfg, self.st, self.link, self.updater, self.report(),
-    self._reconnect(), self._go(), self._fail(), self._on_progress()."""
+    self.ask(), self._reconnect(), self._go(), self._fail(), self._on_progress()."""
 
     def _load_updater(self):
         if self.updater is None:
@@ -264,7 +264,7 @@ class Installer:
             if self.link is None:
                 self._reconnect()
             if self.link is not None:
-                self.link.request_get()
+                self.ask()
             return
         except UpdateError as e:
             log("update failed:", e.code, e.detail)

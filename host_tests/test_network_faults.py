@@ -239,3 +239,44 @@ def test_a_link_that_drops_right_after_connecting_backs_off(site, services, devi
     finally:
         proxy.close()
     assert 2 <= rounds <= 6, f"{rounds} reconnects in {time.monotonic() - t0:.0f} s:\n{dev.output()[-3000:]}"
+
+
+def test_a_get_nobody_answers_is_asked_again(site, services, devices, images, mqtt_probe):
+    """The board comes back after the broker restarted, before the replica has subscribed
+    again: the broker drops its request for the shadow (no session keeps it for the replica
+    across a restart), and the desired change it missed while away was announced to nobody.
+    Nothing else will be sent to it, so it must ask again until it is answered, and then
+    install what is desired."""
+    dev, rel = _device(site, services, devices, images)
+    dev.runner.link.down()
+    wait_until(lambda: "Wi-Fi join timed out" in dev.output(), 60, "the device to notice the link is gone")
+    services.call(op.set_desired(site, DEV, rel))  # its delta reaches nobody
+    services.call(services.services.stop_replica())
+    services.call(services.services.restart_broker())  # and with it the replica's session
+    probe = mqtt_probe("operator", site.service_password("operator"))
+    assert probe.subscribe(contract.topic(DEV, contract.GET)) == [1]
+    dev.runner.link.restore()
+    assert probe.next_message(60) is not None, "the board did not ask for its shadow"
+    services.call(services.services.start_replica())
+    # Nothing here may read the shadow before the board acts: an operator's get is answered
+    # on the device's get/accepted too, and would wake it.
+    wait_until(lambda: "installing 1.1.0" in dev.output(), 60, "the board to ask again and install")
+    asks = 0
+    while (m := probe.next_message(0)) is not None:
+        asks += m[0].endswith("/get")
+    assert 1 <= asks <= 2  # asked again after 5-10 s (then 10-20 s), not in a loop
+    fw, _ = wait_reported(services, site, DEV, _updated, "1.1.0 once the replica answers", 120)
+    assert fw["sha256"] == rel.sha256
+
+
+def test_an_answer_that_misses_the_boards_report_is_answered_with_it(site, services, devices, images):
+    """The shadow's reported firmware is not what the board runs (a report of its was dropped
+    the same way, or another client wrote there): the next answer the board sees makes it
+    report again, so no stale report outlives it."""
+    dev, _ = _device(site, services, devices, images)
+    stale = {"state": {"reported": {"firmware": {"state": "downloading", "target": "9.9.9"}}}}
+    outcome, _ = services.call(op.request(site, DEV, contract.UPDATE, stale))
+    assert outcome == "accepted"
+    # Reading the shadow is an operator's get: its answer goes to the board's get/accepted too.
+    fw, _ = wait_reported(services, site, DEV, lambda fw, d: fw.get("state") == "idle", "the board's own report", 30)
+    assert "target" not in fw and fw["version"] == "1.0.0"  # null deleted it
