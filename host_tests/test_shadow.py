@@ -53,6 +53,7 @@ def test_version_must_match_when_given():
     (b"x" * 20000, contract.R_TOO_LARGE),
     (b'{"state": {"desired": {"x": NaN}}}', contract.R_BAD_REQUEST),  # Python's json takes these
     (b'{"state": {"desired": {"x": -Infinity}}}', contract.R_BAD_REQUEST),
+    (b'{"state": {"desired": {"x": -1e400}}}', contract.R_BAD_REQUEST),  # json reads it as -inf
 ])
 def test_bad_payloads(payload, code):
     with pytest.raises(ShadowError) as e:

@@ -41,6 +41,15 @@ def _no_constant(name: str):
     raise ValueError(f"{name} is not JSON")
 
 
+def _finite(text: str) -> float:
+    # 1e400 is valid JSON, but Python reads it as infinity, which no JSON can hold: orjson
+    # would store it as null (deleting the key on the next merge), json as "Infinity".
+    f = float(text)
+    if f - f != 0:
+        raise ValueError(f"the number {text} does not fit a double")
+    return f
+
+
 @dataclass
 class ShadowError(Exception):
     code: int
@@ -118,7 +127,7 @@ def parse_request(payload: bytes) -> dict:
     if len(payload) > 2 * contract.MAX_DOCUMENT:
         raise ShadowError(contract.R_TOO_LARGE, "payload too large")
     try:
-        req = json.loads(payload, parse_constant=_no_constant)  # NaN, Infinity: not JSON
+        req = json.loads(payload, parse_constant=_no_constant, parse_float=_finite)  # NaN, Infinity: not JSON
     except (UnicodeDecodeError, ValueError) as e:
         raise ShadowError(contract.R_BAD_REQUEST, f"payload is not valid JSON: {e}") from None
     except RecursionError:  # thousands of nested brackets fit in the size limit
