@@ -158,3 +158,37 @@ def test_serve_in_a_child_process_serves_and_stops(site):
     assert proc.returncode is not None
     with pytest.raises(OSError):
         socket.create_connection((ep.host, ep.https_port), timeout=2).close()
+
+
+def test_a_device_that_hangs_up_mid_download_costs_no_error(site, services, caplog):
+    """Boards drop their download all the time (Wi-Fi, power, a newer desired image): the
+    store ends that response quietly, logs no error, and serves the next request."""
+    import logging
+    import socket
+
+    image = build_app_image("1.0.0", 1_500_000)  # more than the socket buffers hold
+    rel = site.releases.add(image, "1.0.0")
+    ep = site.endpoints()
+    url = presign.sign(site.store_key, ep.store_url, rel.sha256, "dev1", 60)
+    path = url.split(str(ep.https_port), 1)[1]
+    token = base64.b64encode(f"dev1:{site.creds.set('dev1')}".encode()).decode()
+    ctx = ssl.create_default_context(cafile=str(site.pki.ca_cert))
+    caplog.set_level(logging.INFO)
+    for _ in range(3):
+        with socket.create_connection((ep.host, ep.https_port)) as raw:
+            with ctx.wrap_socket(raw, server_hostname=ep.host) as tls:
+                tls.sendall(f"GET {path} HTTP/1.1\r\nHost: {ep.host}\r\nAuthorization: Basic {token}\r\n\r\n".encode())
+                assert tls.recv(16).startswith(b"HTTP/1.1 200")
+                tls.recv(4096)
+        time.sleep(0.3)  # the store notices the closed connection
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert not errors, [r.getMessage() for r in errors]
+    status, headers, body = _get_with(site, url, token)
+    assert status == 200 and body == image
+
+
+def _get_with(site, url, token):
+    ctx = ssl.create_default_context(cafile=str(site.pki.ca_cert))
+    req = urllib.request.Request(url, headers={"Authorization": "Basic " + token})
+    with urllib.request.urlopen(req, context=ctx, timeout=10) as r:
+        return r.status, dict(r.headers), r.read()

@@ -26,6 +26,21 @@ from tools.releases import Registry
 log = logging.getLogger("store")
 
 _ARTIFACT = re.compile(r"^[0-9a-f]{64}\.bin$")
+# Bytes read from the file per write: what each download in flight holds (aiohttp's default
+# is 256 KiB; thousands of boards may be downloading at once).
+_CHUNK = 64 * 1024
+
+
+class _ImageResponse(web.FileResponse):
+    """FileResponse (Range, 206, 416) that copies the file with aiohttp's own loop, as
+    AIOHTTP_NOSENDFILE would. Over TLS, asyncio's loop.sendfile falls back to a copy loop of
+    its own, and when a device hangs up mid-body (boards do: Wi-Fi, power, a newer image)
+    its clean-up fails inside asyncio (Python 3.11: AttributeError in sslproto), which
+    aiohttp logs as an unhandled exception on every such download."""
+
+    async def _sendfile(self, request, fobj, offset, count):
+        writer = await web.StreamResponse.prepare(self, request)
+        return await self._sendfile_fallback(writer, fobj, offset, count)
 
 
 def _deny(request: web.Request, reason: str, status: int = 403) -> web.Response:
@@ -72,7 +87,7 @@ def make_app(registry: Registry, key: bytes, creds: Credentials) -> web.Applicat
         if not path.is_file():
             return _deny(request, "no such artifact", 404)
         log.info("serving %s to %s (Range: %s)", name[:12], device, request.headers.get("Range", "-"))
-        return web.FileResponse(path, headers={"Content-Type": "application/octet-stream"})
+        return _ImageResponse(path, chunk_size=_CHUNK, headers={"Content-Type": "application/octet-stream"})
 
     app = web.Application()
     app.router.add_get("/fw/{name}", artifact)
