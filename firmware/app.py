@@ -29,6 +29,11 @@ _ASK_MAX_MS = 60000
 _REPORT_KEYS = ("version", "sha256", "slot", "state", "error", "target")
 
 
+def _jittered(delay):
+    # ticks_ms after delay/2..delay: a fleet does not retry in step
+    return time.ticks_add(time.ticks_ms(), delay // 2 + random.getrandbits(16) % (delay // 2 + 1))
+
+
 class Agent(Installer):
     def __init__(self, cfg):
         self.cfg = cfg
@@ -64,8 +69,7 @@ class Agent(Installer):
             st["attempts"] = self.cfg["max_attempts"]  # permanent: wait for a new desired
         if code in contract.TRANSIENT_ERRORS and st["attempts"] < self.cfg["max_attempts"]:
             # Capped exponential backoff with jitter, so a fleet does not retry in step.
-            delay = min(60000, 1000 * 2 ** st["attempts"])
-            self.retry_at = time.ticks_add(time.ticks_ms(), delay // 2 + random.getrandbits(16) % (delay // 2 + 1))
+            self.retry_at = _jittered(min(60000, 1000 * 2 ** st["attempts"]))
         else:
             self.retry_at = None
         self._go(event)
@@ -145,24 +149,20 @@ class Agent(Installer):
     def ask(self):
         """Ask for the whole shadow; until an answer comes, ask again with backoff and jitter."""
         self.link.request_get()
-        wait = self.ask_wait
-        self.ask_wait = min(_ASK_MAX_MS, wait * 2)
-        self.ask_at = time.ticks_add(time.ticks_ms(), wait // 2 + random.getrandbits(16) % (wait // 2 + 1))
+        self.ask_at = _jittered(self.ask_wait)
+        self.ask_wait = min(_ASK_MAX_MS, self.ask_wait * 2)
 
-    def _answered(self):
-        self.ask_at = None
-        self.ask_wait = _ASK_FIRST_MS
-
-    def _report_if_missed(self, doc):
-        """Report again if the shadow's reported firmware is not ours (or not there)."""
+    def _missed(self, doc):
+        """Whether the reported firmware in a shadow document is not what we would report."""
         try:
             theirs = doc["state"]["reported"]["firmware"]
             mine = self.reported()
-            missed = any(theirs.get(k) != mine[k] for k in _REPORT_KEYS)
-        except (KeyError, TypeError, AttributeError):
-            missed = True
-        if missed:
-            self.report()
+            for k in _REPORT_KEYS:
+                if theirs.get(k) != mine[k]:
+                    return True
+            return False
+        except (KeyError, TypeError, AttributeError):  # not there at all
+            return True
 
     def _on_progress(self, done, total):
         pct = done * 100 // total
@@ -225,16 +225,14 @@ class Agent(Installer):
             if isinstance(doc, dict) and isinstance(doc.get("state"), dict):
                 if "firmware" in doc["state"]:
                     self.ask()
-        elif suffix == contract.GET_ACCEPTED:
-            self._answered()
+        elif suffix in (contract.GET_ACCEPTED, contract.GET_REJECTED):  # (rejected: no shadow yet)
+            self.ask_at = None
+            self.ask_wait = _ASK_FIRST_MS
             before = self.reports
-            action = self.on_document(doc)
-            if action is None and self.reports == before:  # (an install reports anyway)
-                self._report_if_missed(doc)
+            action = self.on_document(doc) if suffix == contract.GET_ACCEPTED else None
+            if action is None and self.reports == before and self._missed(doc):
+                self.report()  # (an install reports anyway)
             return action
-        elif suffix == contract.GET_REJECTED:
-            self._answered()
-            self.report()  # no shadow: our report was lost before it was made
         elif suffix == contract.UPDATE_REJECTED:
             log("replica rejected a report")
         return None
@@ -322,10 +320,8 @@ class Agent(Installer):
             if up_at is not None and time.ticks_diff(time.ticks_ms(), up_at) > _STABLE_LINK_MS:
                 failures = 0
             failures += 1
-            delay = min(30000, 500 * 2 ** min(failures, 6))
-            delay = delay // 2 + random.getrandbits(16) % (delay // 2 + 1)
-            t0 = time.ticks_ms()
-            while time.ticks_diff(time.ticks_ms(), t0) < delay:
+            until = _jittered(min(30000, 500 * 2 ** min(failures, 6)))
+            while time.ticks_diff(until, time.ticks_ms()) > 0:
                 power.feed()
                 time.sleep_ms(100)
 
