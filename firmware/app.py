@@ -190,11 +190,20 @@ class Agent(Installer):
     # -- trial ------------------------------------------------------------------------------
 
     def health_check(self):
-        """The new image can reach the broker over TLS and round-trip the shadow."""
+        """The new image can reach the broker over TLS and round-trip the shadow. A request
+        lost on the way is made again (after 2, 4, 8 s...) until the deadline: one lost
+        message must not roll back a good image."""
         token = "health-%d" % random.getrandbits(24)
-        self.link.request_get(token)
-        doc = self.link.wait_for((contract.GET_ACCEPTED,), self.cfg["health_deadline_s"] * 1000, token)
-        return doc is not None
+        left = self.cfg["health_deadline_s"] * 1000
+        wait = 2000
+        while left > 0:
+            t0 = time.ticks_ms()
+            self.link.request_get(token)
+            if self.link.wait_for((contract.GET_ACCEPTED,), min(left, wait), token) is not None:
+                return True
+            left -= time.ticks_diff(time.ticks_ms(), t0)
+            wait *= 2
+        return False
 
     def finish_trial(self):
         import binascii

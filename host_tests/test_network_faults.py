@@ -280,3 +280,22 @@ def test_an_answer_that_misses_the_boards_report_is_answered_with_it(site, servi
     # Reading the shadow is an operator's get: its answer goes to the board's get/accepted too.
     fw, _ = wait_reported(services, site, DEV, lambda fw, d: fw.get("state") == "idle", "the board's own report", 30)
     assert "target" not in fw and fw["version"] == "1.0.0"  # null deleted it
+
+
+def test_a_trial_whose_first_get_is_lost_still_confirms(site, services, devices, images, faulty):
+    """The new image's health check is a shadow round trip. Here the broker restarts while
+    the image downloads, with the replica stopped, so the board's requests after the download
+    and its trial's first one are lost; the replica subscribes again only after that. The
+    check asks again within its deadline, and the good image is confirmed, not rolled back."""
+    dev, rel = _device(site, services, devices, images, health_deadline_s=30)
+    _desire(site, services, rel, faulty(chunk=8192, pause_s=0.1))  # ~4 s for 300 KiB
+    wait_until(lambda: "installing 1.1.0" in dev.output(), 30, "the download to start")
+    services.call(services.services.stop_replica())
+    services.call(services.services.restart_broker())  # and with it the replica's session
+    wait_until(lambda: "trial boot of 1.1.0" in dev.output(), 60, "the trial boot")
+    time.sleep(3)  # it connects and asks; nobody is subscribed
+    assert "confirmed" not in dev.output()
+    services.call(services.services.start_replica())
+    wait_until(lambda: "confirmed 1.1.0" in dev.output(), 25, "the trial to confirm")
+    wait_reported(services, site, DEV, _updated, "1.1.0 confirmed", 30)
+    assert [b.slot for b in dev.runner.boots] == ["ota_0", "ota_1"]  # no rollback
