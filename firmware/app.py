@@ -193,17 +193,9 @@ class Agent(Installer):
         """The new image can reach the broker over TLS and round-trip the shadow. A request
         lost on the way is made again (after 2, 4, 8 s...) until the deadline: one lost
         message must not roll back a good image."""
-        token = "health-%d" % random.getrandbits(24)
-        left = self.cfg["health_deadline_s"] * 1000
-        wait = 2000
-        while left > 0:
-            t0 = time.ticks_ms()
-            self.link.request_get(token)
-            if self.link.wait_for((contract.GET_ACCEPTED,), min(left, wait), token) is not None:
-                return True
-            left -= time.ticks_diff(time.ticks_ms(), t0)
-            wait *= 2
-        return False
+        ask = {"clientToken": "health-%d" % random.getrandbits(24)}
+        return self.link.exchange(contract.GET, ask, (contract.GET_ACCEPTED,),
+                                  self.cfg["health_deadline_s"] * 1000) is not None
 
     def finish_trial(self):
         import binascii

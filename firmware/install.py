@@ -12,6 +12,11 @@ import time
 from firmware import contract, phases, power, slots, state
 
 
+# How long a request to a service (the renewer's token) is made again before it counts as a
+# failed attempt: a restarting service or a broker restart drops requests for seconds.
+_SERVICE_WAIT_MS = 30000
+
+
 def log(*args):
     print("[ota]", *args)
 
@@ -78,9 +83,9 @@ class Installer:
             self._reconnect()
         if self.link is None:
             raise UpdateError(contract.E_NETWORK, "no broker to ask for a credential")
-        token = "cred-%d" % random.getrandbits(24)
-        self.link.publish(contract.CREDENTIALS, {"sha256": fw["sha256"], "clientToken": token})
-        doc = self.link.wait_for((contract.CREDENTIALS_ACCEPTED, contract.CREDENTIALS_REJECTED), 5000, token)
+        ask = {"sha256": fw["sha256"], "clientToken": "cred-%d" % random.getrandbits(24)}
+        doc = self.link.exchange(contract.CREDENTIALS, ask, (contract.CREDENTIALS_ACCEPTED, contract.CREDENTIALS_REJECTED),
+                                 _SERVICE_WAIT_MS)
         if doc is None:
             raise UpdateError(contract.E_NETWORK, "no answer to the credential request")
         cred = doc.get("token")
@@ -125,9 +130,8 @@ class Installer:
             self._reconnect()
         if self.link is None:
             return True
-        token = "check-%d" % random.getrandbits(24)
-        self.link.request_get(token)
-        doc = self.link.wait_for((contract.GET_ACCEPTED,), 5000, token)
+        ask = {"clientToken": "check-%d" % random.getrandbits(24)}
+        doc = self.link.exchange(contract.GET, ask, (contract.GET_ACCEPTED,), 6000)
         try:
             return doc["state"]["desired"]["firmware"]["sha256"] == fw["sha256"]
         except (TypeError, KeyError):

@@ -124,8 +124,8 @@ class Link:
             doc["clientToken"] = token
         self.publish(contract.UPDATE, doc)
 
-    def request_get(self, token=None):
-        self.publish(contract.GET, {"clientToken": token} if token else {})
+    def request_get(self):
+        self.publish(contract.GET, {})
 
     def poll(self, timeout_ms):
         """Read at most one packet if one arrives within timeout_ms; keep the session alive."""
@@ -137,6 +137,22 @@ class Link:
             if ev[0][1] & (select.POLLHUP | select.POLLERR):
                 raise OSError(104, "broker connection closed")
             self.client.wait_msg()
+
+    def exchange(self, suffix, obj, answers, timeout_ms):
+        """Publish a request (obj, with its clientToken) and wait for its answer on one of
+        `answers`, publishing it again after 2, 4, 8 s... until timeout_ms: a broker drops a
+        request nobody is subscribed for (a service restarting). Returns the answer or None."""
+        left = timeout_ms
+        wait = 2000
+        while left > 0:
+            t0 = time.ticks_ms()
+            self.publish(suffix, obj)
+            doc = self.wait_for(answers, min(left, wait), obj["clientToken"])
+            if doc is not None:
+                return doc
+            left -= time.ticks_diff(time.ticks_ms(), t0)
+            wait *= 2
+        return None
 
     def wait_for(self, suffixes, timeout_ms, token=None):
         """Poll until a message on one of `suffixes` (a tuple; with clientToken `token`, if

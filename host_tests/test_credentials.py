@@ -106,3 +106,19 @@ def test_a_token_that_expires_before_the_download_is_asked_for_again(site, servi
     answers = [m for m in rec.messages if m.topic.endswith("/" + contract.CREDENTIALS_ACCEPTED)]
     assert len(answers) >= 2 and renewer.renewed == 0  # new tokens, never a new URL
     assert dev.flash.read_bytes()[0x190000:0x190000 + rel.size] == images["B"]
+
+
+def test_a_credential_request_nobody_answers_is_made_again(site, services, devices, images, mqtt_probe):
+    """The renewer is restarting (a deploy) when the board asks for its download token: the
+    broker drops the request, as nobody is subscribed. The board asks again within its
+    window instead of spending an attempt, and installs once the renewer is back."""
+    dev, rel = device_on_a(site, services, devices, images, DEV)
+    probe = mqtt_probe("operator", site.service_password("operator"))
+    assert probe.subscribe(contract.topic(DEV, contract.CREDENTIALS)) == [1]
+    services.call(services.services.stop_renewer())
+    services.call(op.set_desired(site, DEV, rel, token=True))
+    assert probe.next_message(30) is not None, "the board did not ask for a token"
+    services.call(services.services.start_renewer())
+    fw, _ = wait_reported(services, site, DEV, _updated, "1.1.0 once the renewer answers", 60)
+    assert fw["sha256"] == rel.sha256
+    assert "no download credential" not in dev.output()  # no attempt spent on the silence

@@ -94,8 +94,7 @@ class Services:
         self.endpoints = Endpoints(self.host, mqtt_port, https_port, ntp_port, service_port)
         await self.start_replica()
         site.write_endpoints(self.endpoints)
-        self.renewer = Renewer(site, self.host, self.endpoints.service_mqtt_port)
-        self._renewer_task = await start_ready(self.renewer.run)
+        await self.start_renewer()
         log.info("services up: mqtts://%s:%d https://%s:%d sntp://%s:%d", self.host, mqtt_port,
                  self.host, https_port, self.host, ntp_port)
         return self.endpoints
@@ -160,10 +159,17 @@ class Services:
         await asyncio.sleep(down_s)
         self.broker = await self._start_broker(self.endpoints.mqtt_port, self.endpoints.service_port)
 
-    async def stop(self) -> None:
+    async def start_renewer(self) -> None:
+        self.renewer = Renewer(self.site, self.host, self.endpoints.service_mqtt_port)
+        self._renewer_task = await start_ready(self.renewer.run)
+
+    async def stop_renewer(self) -> None:
         if self._renewer_task:
             await stop_task(self._renewer_task)
             self._renewer_task = None
+
+    async def stop(self) -> None:
+        await self.stop_renewer()
         await self.stop_replica()
         if self._store_runner:
             await self._store_runner.cleanup()
