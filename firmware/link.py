@@ -16,7 +16,7 @@ import time
 
 from umqtt import simple as umqtt
 
-from firmware import contract
+from firmware import contract, power
 
 _INBOX_MAX = 8
 
@@ -173,6 +173,7 @@ class Link:
             left = timeout_ms - time.ticks_diff(time.ticks_ms(), t0)
             if left <= 0:
                 return None
+            power.feed()  # a wait with a deadline is not a hang (exchange() may take 60 s)
             self.poll(min(left, 500))
 
     def close(self):

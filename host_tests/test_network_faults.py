@@ -286,8 +286,9 @@ def test_a_trial_whose_first_get_is_lost_still_confirms(site, services, devices,
     """The new image's health check is a shadow round trip. Here the broker restarts while
     the image downloads, with the replica stopped, so the board's requests after the download
     and its trial's first one are lost; the replica subscribes again only after that. The
-    check asks again within its deadline, and the good image is confirmed, not rolled back."""
-    dev, rel = _device(site, services, devices, images, health_deadline_s=30)
+    check asks again within its deadline, feeding a 5 s watchdog while it waits, and the good
+    image is confirmed, not rolled back."""
+    dev, rel = _device(site, services, devices, images, health_deadline_s=30, wdt_ms=5000)
     _desire(site, services, rel, faulty(chunk=8192, pause_s=0.1))  # ~4 s for 300 KiB
     wait_until(lambda: "installing 1.1.0" in dev.output(), 30, "the download to start")
     services.call(services.services.stop_replica())
