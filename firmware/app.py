@@ -191,7 +191,7 @@ class Agent(Installer):
 
     def health_check(self):
         """The new image can reach the broker over TLS and round-trip the shadow. A request
-        lost on the way is made again (after 2, 4, 8 s...) until the deadline: one lost
+        lost on the way is made again (waits of 2, 4, 8 s...) until the deadline: one lost
         message must not roll back a good image."""
         ask = {"clientToken": "health-%d" % random.getrandbits(24)}
         return self.link.exchange(contract.GET, ask, (contract.GET_ACCEPTED,),

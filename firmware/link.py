@@ -140,8 +140,9 @@ class Link:
 
     def exchange(self, suffix, obj, answers, timeout_ms):
         """Publish a request (obj, with its clientToken) and wait for its answer on one of
-        `answers`, publishing it again after 2, 4, 8 s... until timeout_ms: a broker drops a
-        request nobody is subscribed for (a service restarting). Returns the answer or None."""
+        `answers`, publishing it again after waits of 2, 4, 8 s... until timeout_ms: a broker
+        drops a request nobody is subscribed for (a service restarting). Returns the answer or
+        None."""
         left = timeout_ms
         wait = 2000
         while left > 0:
