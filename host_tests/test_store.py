@@ -12,24 +12,29 @@ from tools import presign
 from tools.images import build_app_image
 
 
+def _fetch(site, url, headers):
+    """GET over TLS with the site's CA: (status, headers, body), for refusals too."""
+    ctx = ssl.create_default_context(cafile=str(site.pki.ca_cert))
+    req = urllib.request.Request(url, headers=headers)
+    try:
+        with urllib.request.urlopen(req, context=ctx, timeout=10) as r:
+            return r.status, dict(r.headers), r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, dict(e.headers), e.read()
+
+
 @pytest.fixture
 def store(site, services):
     image = build_app_image("1.0.0", 100_000)
     rel = site.releases.add(image, "1.0.0")
     creds = {"dev1": site.creds.set("dev1"), "dev2": site.creds.set("dev2")}
-    ctx = ssl.create_default_context(cafile=str(site.pki.ca_cert))
 
     def get(url, device="dev1", password=None, headers=None):
         h = dict(headers or {})
         if device:
             token = base64.b64encode(f"{device}:{password or creds[device]}".encode()).decode()
             h["Authorization"] = "Basic " + token
-        req = urllib.request.Request(url, headers=h)
-        try:
-            with urllib.request.urlopen(req, context=ctx, timeout=10) as r:
-                return r.status, dict(r.headers), r.read()
-        except urllib.error.HTTPError as e:
-            return e.code, dict(e.headers), e.read()
+        return _fetch(site, url, h)
 
     def url(device="dev1", ttl=60, now=None):
         return presign.sign(site.store_key, site.endpoints().store_url, rel.sha256, device, ttl, now)
@@ -183,12 +188,5 @@ def test_a_device_that_hangs_up_mid_download_costs_no_error(site, services, capl
         time.sleep(0.3)  # the store notices the closed connection
     errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert not errors, [r.getMessage() for r in errors]
-    status, headers, body = _get_with(site, url, token)
+    status, headers, body = _fetch(site, url, {"Authorization": "Basic " + token})
     assert status == 200 and body == image
-
-
-def _get_with(site, url, token):
-    ctx = ssl.create_default_context(cafile=str(site.pki.ca_cert))
-    req = urllib.request.Request(url, headers={"Authorization": "Basic " + token})
-    with urllib.request.urlopen(req, context=ctx, timeout=10) as r:
-        return r.status, dict(r.headers), r.read()
