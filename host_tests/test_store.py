@@ -151,14 +151,12 @@ def test_serve_in_a_child_process_serves_and_stops(site):
     image = build_app_image("1.0.0", 50_000)
     rel = site.releases.add(image, "1.0.0")
     password = site.creds.set("dev1")
-    ctx = ssl.create_default_context(cafile=str(site.pki.ca_cert))
     with ServicesProcess(site, broker="amqtt") as svc:
         ep = svc.endpoints
         url = presign.sign(site.store_key, ep.store_url, rel.sha256, "dev1", 60)
         token = base64.b64encode(f"dev1:{password}".encode()).decode()
-        req = urllib.request.Request(url, headers={"Authorization": "Basic " + token})
-        with urllib.request.urlopen(req, context=ctx, timeout=10) as r:
-            assert r.status == 200 and r.read() == image
+        status, _, body = _fetch(site, url, {"Authorization": "Basic " + token})
+        assert status == 200 and body == image
         proc = svc.proc
     assert proc.returncode is not None
     with pytest.raises(OSError):
