@@ -193,9 +193,8 @@ class Agent(Installer):
         """The new image can reach the broker over TLS and round-trip the shadow. A request
         lost on the way is made again (waits of 2, 4, 8 s...) until the deadline: one lost
         message must not roll back a good image."""
-        ask = {"clientToken": "health-%d" % random.getrandbits(24)}
-        return self.link.exchange(contract.GET, ask, (contract.GET_ACCEPTED,),
-                                  self.cfg["health_deadline_s"] * 1000) is not None
+        return self.link.exchange(contract.GET, {}, (contract.GET_ACCEPTED,),
+                                  self.cfg["health_deadline_s"] * 1000, "health") is not None
 
     def finish_trial(self):
         import binascii

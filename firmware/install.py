@@ -6,7 +6,6 @@
 
 import gc
 import json
-import random
 import time
 
 from firmware import contract, phases, power, slots, state
@@ -83,9 +82,9 @@ class Installer:
             self._reconnect()
         if self.link is None:
             raise UpdateError(contract.E_NETWORK, "no broker to ask for a credential")
-        ask = {"sha256": fw["sha256"], "clientToken": "cred-%d" % random.getrandbits(24)}
-        doc = self.link.exchange(contract.CREDENTIALS, ask, (contract.CREDENTIALS_ACCEPTED, contract.CREDENTIALS_REJECTED),
-                                 _SERVICE_WAIT_MS)
+        doc = self.link.exchange(contract.CREDENTIALS, {"sha256": fw["sha256"]},
+                                 (contract.CREDENTIALS_ACCEPTED, contract.CREDENTIALS_REJECTED),
+                                 _SERVICE_WAIT_MS, "cred")
         if doc is None:
             raise UpdateError(contract.E_NETWORK, "no answer to the credential request")
         cred = doc.get("token")
@@ -130,8 +129,7 @@ class Installer:
             self._reconnect()
         if self.link is None:
             return True
-        ask = {"clientToken": "check-%d" % random.getrandbits(24)}
-        doc = self.link.exchange(contract.GET, ask, (contract.GET_ACCEPTED,), 6000)
+        doc = self.link.exchange(contract.GET, {}, (contract.GET_ACCEPTED,), 6000, "check")
         try:
             return doc["state"]["desired"]["firmware"]["sha256"] == fw["sha256"]
         except (TypeError, KeyError):

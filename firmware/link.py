@@ -10,6 +10,7 @@
 # packets are only read when poll() says data is there.
 
 import json
+import random
 import select
 import socket
 import time
@@ -138,27 +139,28 @@ class Link:
                 raise OSError(104, "broker connection closed")
             self.client.wait_msg()
 
-    def exchange(self, suffix, obj, answers, timeout_ms):
-        """Publish a request (obj, with its clientToken) and wait for its answer on one of
-        `answers`, publishing it again after waits of 2, 4, 8 s... until timeout_ms: a broker
-        drops a request nobody is subscribed for (a service restarting). Returns the answer or
-        None."""
+    def exchange(self, suffix, obj, answers, timeout_ms, tag):
+        """Publish a request (obj, given a clientToken "<tag>-<random>") and wait for its
+        answer on one of `answers`, publishing it again after waits of 2, 4, 8 s... until
+        timeout_ms: a broker drops a request nobody is subscribed for (a service restarting).
+        Returns the answer or None."""
+        token = obj["clientToken"] = "%s-%d" % (tag, random.getrandbits(24))
         left = timeout_ms
         wait = 2000
         while left > 0:
             t0 = time.ticks_ms()
             self.publish(suffix, obj)
-            doc = self.wait_for(answers, min(left, wait), obj["clientToken"])
+            doc = self.wait_for(answers, min(left, wait), token)
             if doc is not None:
                 return doc
             left -= time.ticks_diff(time.ticks_ms(), t0)
             wait *= 2
         return None
 
-    def wait_for(self, suffixes, timeout_ms, token=None):
-        """Poll until a message on one of `suffixes` (a tuple; with clientToken `token`, if
-        given) arrives. Returns the decoded document, or None at the deadline. Other
-        messages stay queued."""
+    def wait_for(self, suffixes, timeout_ms, token):
+        """Poll until a message on one of `suffixes` (a tuple) with clientToken `token`
+        arrives. Returns the decoded document, or None at the deadline. Other messages stay
+        queued."""
         t0 = time.ticks_ms()
         while True:
             for i in range(len(self.inbox)):
@@ -168,7 +170,7 @@ class Link:
                         doc = json.loads(msg)
                     except ValueError:
                         continue
-                    if token is None or (isinstance(doc, dict) and doc.get("clientToken") == token):
+                    if isinstance(doc, dict) and doc.get("clientToken") == token:
                         self.inbox.pop(i)
                         return doc
             left = timeout_ms - time.ticks_diff(time.ticks_ms(), t0)
