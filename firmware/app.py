@@ -133,6 +133,7 @@ class Agent(Installer):
             "url": rec["url"],
             "allow_downgrade": rec.get("allow_downgrade"),  # echoed, so no delta stays open
             "auth": rec.get("auth"),
+            contract.GRANT: rec.get(contract.GRANT),
             "slot": self.run_label,
             "state": st["phase"],
             "error": st["error"] if st["phase"] == phases.FAILED else None,

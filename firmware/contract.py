@@ -29,13 +29,18 @@ GET_REJECTED = "get/rejected"
 CREDENTIALS = "credentials/get"
 CREDENTIALS_ACCEPTED = "credentials/get/accepted"
 CREDENTIALS_REJECTED = "credentials/get/rejected"
-_SUFFIXES = (UPDATE, UPDATE_ACCEPTED, UPDATE_REJECTED, UPDATE_DELTA, UPDATE_DOCUMENTS, GET, GET_ACCEPTED,
+SUFFIXES = (UPDATE, UPDATE_ACCEPTED, UPDATE_REJECTED, UPDATE_DELTA, UPDATE_DOCUMENTS, GET, GET_ACCEPTED,
              GET_REJECTED, CREDENTIALS, CREDENTIALS_ACCEPTED, CREDENTIALS_REJECTED)
 
 # desired.firmware.auth: how the device proves it may download. Absent: the URL is pre-signed
 # for this device (plus its own credential); "token": the URL is bare, and the device first
 # asks for a temporary credential on CREDENTIALS and sends it as a bearer token.
 AUTH_TOKEN = "token"
+
+# desired.firmware.grant: an operator's HMAC over the device id and the image it targets
+# (tools/grants.py). Checked by the replica and the renewer; the device only echoes it.
+GRANT = "grant"
+MAX_GRANT = 80
 
 MAX_DEVICE_ID = 64
 MAX_DOCUMENT = 8192  # bytes of desired + reported, as AWS IoT Device Shadow
@@ -104,7 +109,7 @@ def parse_topic(t):
     if i <= 0:
         return None
     device_id, suffix = rest[:i], rest[i + 1 :]
-    if not valid_device_id(device_id) or suffix not in _SUFFIXES:
+    if not valid_device_id(device_id) or suffix not in SUFFIXES:
         return None
     return device_id, suffix
 
@@ -156,6 +161,11 @@ def check_firmware(fw):
         raise ValueError("auth: must be \"%s\" or absent" % AUTH_TOKEN)
     if auth:
         out["auth"] = auth
+    grant = fw.get(GRANT)
+    if grant is not None and (not isinstance(grant, str) or len(grant) > MAX_GRANT):
+        raise ValueError("grant: must be a string of at most %d characters" % MAX_GRANT)
+    if grant:
+        out[GRANT] = grant
     return out
 
 

@@ -162,8 +162,8 @@ class Installer:
             return None
         rec = self.running_image()
         if rec["sha256"] == fw["sha256"]:
-            if rec["url"] != fw["url"] or rec["version"] != fw["version"] or st["phase"] != phases.IDLE:
-                # Same image under a new URL or name: adopt the labels, no download.
+            if rec != fw or st["phase"] != phases.IDLE:
+                # Same image under a new URL, name or grant: adopt the labels, no download.
                 st["images"][self.run_label] = dict(fw)
                 self._go("adopt", target=None, slot=None, error=None, attempts=0, written=0, fetched=0)
                 self.report()

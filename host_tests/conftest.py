@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tools.broker import SERVICE_USERS
+from tools.acl import SERVICE_USERS
 from tools.esp32emu.runner import DEFAULT_CHIP_REV, Runner, TARGET_DIR, chip_env
 from tools.esp32emu.runner import run_script as run_micropython  # noqa: F401 - tests import it from here
 from tools.images import build_app_image
@@ -196,6 +196,20 @@ def recorder(site, services):
     services.call(_stop())
 
 
+def https_get(site, url: str, headers: dict | None = None) -> tuple[int, dict, bytes]:
+    """GET over TLS with the site's CA: (status, headers, body), for refusals too."""
+    import ssl
+    import urllib.error
+    import urllib.request
+
+    ctx = ssl.create_default_context(cafile=str(site.pki.ca_cert))
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers or {}), context=ctx, timeout=10) as r:
+            return r.status, dict(r.headers), r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, dict(e.headers), e.read()
+
+
 def last_json_line(out: str):
     for line in reversed(out.strip().splitlines()):
         try:
@@ -211,8 +225,9 @@ __all__ = ["wait_until", "run_micropython", "chip_env", "last_json_line", "TARGE
 class MQTTProbe:
     """A synchronous paho MQTT 3.1.1 client for tests: TLS to the site's broker."""
 
-    def __init__(self, site, user: str, password: str | None, client_id: str | None = None,
-                 port: int | None = None):
+    def __init__(self, site, user: str | None, password: str | None, client_id: str | None = None,
+                 port: int | None = None, clean_session: bool = True, will: tuple | None = None):
+        """`user` None: no username at all; `will`: (topic, payload, retain) for the CONNECT."""
         import queue
 
         import paho.mqtt.client as mqtt
@@ -221,11 +236,15 @@ class MQTTProbe:
         self.messages: "queue.Queue" = queue.Queue()
         self.suback: "queue.Queue" = queue.Queue()
         self.connack: "queue.Queue" = queue.Queue()
+        self.drops: list = []
         self.c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id or user,
-                             protocol=mqtt.MQTTv311)
+                             protocol=mqtt.MQTTv311, clean_session=clean_session)
         self.c.tls_set(ca_certs=str(site.pki.ca_cert))
-        if password is not None:
+        if user is not None:
             self.c.username_pw_set(user, password)
+        if will is not None:
+            self.c.will_set(will[0], will[1], qos=1, retain=will[2])
+        self.c.on_disconnect = lambda *a: self.drops.append(a)
         self.c.on_message = lambda c, u, m: self.messages.put((m.topic, m.payload))
         self.c.on_subscribe = lambda c, u, mid, codes, p: self.suback.put([rc.value for rc in codes])
         self.c.on_connect = lambda c, u, f, rc, p: self.connack.put(rc.value)
@@ -258,6 +277,28 @@ class MQTTProbe:
         except queue.Empty:
             return None
 
+    def ask(self, topic: str, body: dict, timeout: float = 10) -> tuple[str, dict]:
+        """Publish a request with a fresh clientToken; (last topic level, answer) of the answer
+        carrying it, among the messages this probe's subscriptions bring."""
+        import secrets
+
+        token = secrets.token_hex(4)
+        self.publish(topic, json.dumps(dict(body, clientToken=token)))
+        deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0:
+            msg = self.next_message(left)
+            if msg is not None and json.loads(msg[1]).get("clientToken") == token:
+                return msg[0].rsplit("/", 1)[1], json.loads(msg[1])
+        raise AssertionError(f"no answer to {topic} within {timeout}s")
+
+    def drop(self) -> None:
+        """Lose the connection without a DISCONNECT (a power cut): the broker sends the will."""
+        import socket
+
+        self.c.socket().shutdown(socket.SHUT_RDWR)
+        wait_until(lambda: self.drops, 10, "the connection to drop")
+        self.c.loop_stop()
+
     def close(self) -> None:
         self.c.disconnect()
         try:
@@ -270,8 +311,8 @@ class MQTTProbe:
 def mqtt_probe(site, services):
     made: list[MQTTProbe] = []
 
-    def make(user: str, password: str | None, client_id: str | None = None) -> MQTTProbe:
-        p = MQTTProbe(site, user, password, client_id)
+    def make(user: str | None, password: str | None, client_id: str | None = None, **kw) -> MQTTProbe:
+        p = MQTTProbe(site, user, password, client_id, **kw)
         made.append(p)
         return p
 

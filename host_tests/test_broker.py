@@ -1,4 +1,5 @@
-"""The broker confines each device to state/<its id>/ and refuses bad credentials."""
+"""The broker confines each device to state/<its id>/ and refuses bad credentials.
+(tools.acl's role rules, on both brokers and from the attacker's side: test_trust.py.)"""
 
 import pytest
 
@@ -18,10 +19,10 @@ def test_device_cannot_reach_another_devices_topics(site, services, mqtt_probe):
     dev1.publish("state/dev2/update/delta", b'{"state": {"evil": 1}}')
     dev1.publish("state/dev1/update", b'{"state": {"reported": {"ok": 1}}}')
     assert dev2.next_message(1.5) is None
-    # while a legitimate message on dev2's topic does arrive
-    op = mqtt_probe("operator", site.service_password("operator"), "operator-test")
-    assert op.connected() == 0
-    op.publish("state/dev2/update/delta", b"{}")
+    # while a legitimate message on dev2's topic does arrive: an answer, from the replica's identity
+    replica = mqtt_probe("replica", site.service_password("replica"), "replica-test")
+    assert replica.connected() == 0
+    replica.publish("state/dev2/update/delta", b"{}")
     assert dev2.next_message(5) == ("state/dev2/update/delta", b"{}")
 
 
@@ -49,7 +50,7 @@ def test_no_message_is_lost_while_other_clients_subscribe_and_leave(site, servic
     site.creds.set("dev1")
     op_pw = site.service_password("operator")
     sub = mqtt_probe("operator", op_pw, "operator-sub")
-    pub = mqtt_probe("operator", op_pw, "operator-pub")
+    pub = mqtt_probe("replica", site.service_password("replica"), "replica-pub")
     assert sub.connected() == 0 and pub.connected() == 0
     assert sub.subscribe("state/dev1/update/accepted") == [1]
     stop = threading.Event()

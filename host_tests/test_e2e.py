@@ -12,7 +12,7 @@ from esptool.bin_image import LoadFirmwareImage
 from conftest import wait_reported, wait_until
 from firmware import contract
 from tools import operator_client as op
-from tools import presign
+from tools import grants, presign
 from tools.esp32emu.flashinfo import flash_info
 from tools.images import PANIC_ON_BOOT, build_app_image
 
@@ -57,7 +57,7 @@ def test_device_updates_itself(site, services, recorder, images, device_a):
                             lambda fw, d: fw.get("version") == "1.1.0" and fw.get("state") == "idle",
                             "the device to report 1.1.0")
     assert fw["sha256"] == rel.sha256 and fw["slot"] == "ota_1"
-    assert set(fw) == {"version", "sha256", "size", "url", "slot", "state"}  # nothing stale left
+    assert set(fw) == {"version", "sha256", "size", "url", "grant", "slot", "state"}  # nothing stale left
     assert "delta" not in doc["state"]
     wait_until(lambda: any(m.topic.endswith("/update/accepted") and (_fw(m, "reported") or {}).get("version") == "1.1.0"
                            for m in rec.messages), 10, "accepted for the new version")
@@ -105,7 +105,7 @@ def test_wrong_bytes_are_refused_and_nothing_changes(site, services, images, dev
     otadata_before = device_a.flash.read_bytes()[0xD000:0xF000]
     # Desired names B's hash and size, but the URL serves another (valid) image.
     url = presign.sign(site.store_key, site.endpoints().store_url, imposter.sha256, DEV)
-    fw = {"url": url, "version": "1.1.0", "sha256": rel_b.sha256, "size": rel_b.size}
+    fw = grants.granted(site.grant_key, DEV, {"url": url, "version": "1.1.0", "sha256": rel_b.sha256, "size": rel_b.size})
     outcome, _ = services.call(op.request(site, DEV, contract.UPDATE, {"state": {"desired": {"firmware": fw}}}))
     assert outcome == "accepted"
     fw, doc = wait_reported(services, site, DEV, lambda fw, d: fw.get("state") == "failed", "a failure report")

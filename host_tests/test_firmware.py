@@ -5,6 +5,7 @@ import json
 
 from conftest import chip_env, last_json_line, reported_firmware, run_micropython, wait_reported, wait_until
 from firmware import contract
+from tools import grants
 from tools import operator_client as op
 from tools.esp32emu.runner import make_flash
 from tools.images import build_app_image
@@ -101,7 +102,8 @@ def test_hostile_deltas_and_desired_states_do_not_crash_the_device(site, service
         probe.publish(contract.topic("victim", contract.UPDATE_DELTA), payload)
     # a desired firmware of the wrong shape: the device refuses it and says why
     outcome, _ = services.call(op.request(site, "victim", contract.UPDATE,
-                                          {"state": {"desired": {"firmware": {"url": 5, "size": "big"}}}}))
+                                          {"state": {"desired": {"firmware": grants.granted(
+                                              site.grant_key, "victim", {"url": 5, "size": "big"})}}}))
     assert outcome == "accepted"
     fw, _ = wait_reported(services, site, "victim", lambda fw, d: fw.get("error") == contract.E_BAD_DESIRED,
                           "bad_desired report", 30)

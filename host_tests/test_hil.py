@@ -22,7 +22,7 @@ import pytest
 from conftest import wait_reported, wait_until
 from firmware import contract
 from tools import operator_client as op
-from tools import presign
+from tools import grants, presign
 from tools.deploy import deploy
 from tools.esp32emu.flashinfo import flash_info
 from tools.esp32emu.runner import Runner, make_fresh_board
@@ -142,7 +142,8 @@ def test_wrong_bytes_are_refused_and_the_board_stays_as_it_was(hil, deployed):
     imposter = site.releases.add(build_app_image("6.6.6", len(claimed)), "6.6.6")
     # Desired names one image's hash and size; the URL serves another, valid, image.
     url = presign.sign(site.store_key, site.endpoints().store_url, imposter.sha256, device)
-    fw = {"url": url, "version": "9.0.0", "sha256": hashlib.sha256(claimed).hexdigest(), "size": len(claimed)}
+    fw = grants.granted(site.grant_key, device, {"url": url, "version": "9.0.0",
+                                                 "sha256": hashlib.sha256(claimed).hexdigest(), "size": len(claimed)})
     outcome, _ = services.call(op.request(site, device, contract.UPDATE, {"state": {"desired": {"firmware": fw}}}))
     assert outcome == "accepted"
     fw, _ = wait_reported(services, site, device, lambda fw, doc: fw.get("state") == "failed",

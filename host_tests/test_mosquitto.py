@@ -5,8 +5,11 @@ tests skip with the reason.
 """
 
 import json
+import os
+import pwd
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -61,7 +64,7 @@ def test_a_device_cannot_take_over_another_devices_session(site, broker):
     dev2 = MQTTProbe(site, "dev2", "pw2", port=m.port)
     drops = []
     dev2.c.on_disconnect = lambda *a: drops.append(a)
-    op = MQTTProbe(site, "operator", site.service_password("operator"), "operator-takeover", port=m.service_port)
+    op = MQTTProbe(site, "replica", site.service_password("replica"), "replica-takeover", port=m.service_port)
     thief = None
     try:
         assert dev2.connected() == 0 and dev2.subscribe("state/dev2/#") == [1]
@@ -136,7 +139,7 @@ class Worker:
         import asyncio
 
         asyncio.set_event_loop(self.loop)
-        self.replica = Replica(self.settings, self.db_path)  # its store connection belongs to this thread
+        self.replica = Replica(self.settings, self.db_path, grant_key=None)  # its store connection belongs to this thread
         ready = asyncio.Event()
 
         async def main():
@@ -303,10 +306,10 @@ def test_the_services_mqtt_client_keeps_an_idle_connection_alive(site, broker):
         c = mqtt_wire.Client("operator-idle", "operator", site.service_password("operator"), keepalive=1)
         await c.connect("127.0.0.1", broker.service_port, ssl.create_default_context(cafile=str(site.pki.ca_cert)))
         try:
-            await c.subscribe([("state/idle/update/delta", 1)])
+            await c.subscribe([("state/idle/update", 1)])
             await asyncio.sleep(4)  # 4 keepalives without traffic of our own
             assert c.connected
-            c.publish("state/idle/update/delta", b'{"x":1}', 1)
+            c.publish("state/idle/update", b'{"x":1}', 1)
             (msg,) = await asyncio.wait_for(c.receive(), 5)
             c.ack([msg])
             for _ in range(50):  # our publish's PUBACK may come after the message itself
@@ -318,7 +321,7 @@ def test_the_services_mqtt_client_keeps_an_idle_connection_alive(site, broker):
             c.close()
 
     msg, inflight = asyncio.run(main())
-    assert msg.topic == "state/idle/update/delta" and msg.payload == b'{"x":1}' and msg.qos == 1
+    assert msg.topic == "state/idle/update" and msg.payload == b'{"x":1}' and msg.qos == 1
     assert inflight == {}
 
 
@@ -438,3 +441,18 @@ def test_workers_added_to_serve_split_the_stream_with_its_own(tmp_path):
         finally:
             op.close()
             extra.stop()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only a root process can hand mosquitto to another user")
+def test_mosquitto_started_as_root_runs_as_the_unprivileged_mosquitto_user(site, broker):
+    status = Path(f"/proc/{broker.proc.pid}/status").read_text()
+    uids = next(line.split()[1:] for line in status.splitlines() if line.startswith("Uid:"))
+    assert set(uids) == {str(pwd.getpwnam("mosquitto").pw_uid)}  # real, effective, saved, filesystem
+    # It reads its own copies of the key and passwords, which nobody else can read.
+    for name in ("server.key", "passwd.devices", "passwd.services"):
+        st = (broker.run_dir / name).stat()
+        assert (st.st_uid, st.st_mode & 0o777) == (pwd.getpwnam("mosquitto").pw_uid, 0o600)
+    broker.add_user("dev1", "pw1")
+    dev = wait_until(lambda: (p := MQTTProbe(site, "dev1", "pw1", port=broker.port)).connected() == 0 and p,
+                     10, "dev1's login after the reload")
+    dev.close()

@@ -16,7 +16,7 @@ from aiohttp import web
 from conftest import device_on_a, wait_reported, wait_until
 from firmware import contract
 from tools import operator_client as op
-from tools import presign, store
+from tools import grants, presign, store
 from tools.pki import server_ssl_context
 
 DEV = "esp32-faults"
@@ -86,8 +86,8 @@ def faulty(site, services):
 
 
 def _desire(site, services, rel, base):
-    fw = {"url": presign.sign(site.store_key, base, rel.sha256, DEV), "version": rel.version,
-          "sha256": rel.sha256, "size": rel.size}
+    fw = grants.granted(site.grant_key, DEV, {"url": presign.sign(site.store_key, base, rel.sha256, DEV),
+                                              "version": rel.version, "sha256": rel.sha256, "size": rel.size})
     outcome, _ = services.call(op.request(site, DEV, contract.UPDATE, {"state": {"desired": {"firmware": fw}}}))
     assert outcome == "accepted"
 

@@ -50,7 +50,7 @@ def test_revoked_device_loses_the_broker_and_the_store_at_once(site, services, m
     pw = site.creds.set("dev1")
     live = mqtt_probe("dev1", pw)
     assert live.connected() == 0 and live.subscribe("state/dev1/update/delta") == [1]
-    op = mqtt_probe("operator", site.service_password("operator"), "operator-revoke")
+    op = mqtt_probe("replica", site.service_password("replica"), "replica-revoke")  # answers: the replica's
     assert op.connected() == 0
     op.publish("state/dev1/update/delta", b"1")
     assert live.next_message(5) == ("state/dev1/update/delta", b"1")

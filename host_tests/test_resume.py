@@ -11,7 +11,7 @@ from aiohttp import web
 from conftest import device_on_a, wait_reported
 from firmware import contract
 from tools import operator_client as op
-from tools import presign, store
+from tools import grants, presign, store
 from tools.images import build_app_image
 from tools.pki import server_ssl_context
 
@@ -58,8 +58,9 @@ def test_store_that_ignores_range_makes_the_device_start_over(site, services, de
     try:
         dev, rel = _start(site, services, devices, images)
         dev.runner.arm_power_cut(20 * BLOCK_OPS)
-        fw = {"url": presign.sign(site.store_key, f"https://127.0.0.1:{port}", rel.sha256, DEV),
-              "version": rel.version, "sha256": rel.sha256, "size": rel.size}
+        fw = grants.granted(site.grant_key, DEV, {
+            "url": presign.sign(site.store_key, f"https://127.0.0.1:{port}", rel.sha256, DEV),
+            "version": rel.version, "sha256": rel.sha256, "size": rel.size})
         outcome, _ = services.call(op.request(site, DEV, contract.UPDATE, {"state": {"desired": {"firmware": fw}}}))
         assert outcome == "accepted"
         wait_reported(services, site, DEV, _updated, "1.1.0 from a store without Range")
@@ -92,7 +93,7 @@ def test_downgrade_needs_permission(site, services, devices, images):
     services.call(op.set_desired(site, DEV, old))
     fw, _ = wait_reported(services, site, DEV, lambda fw, d: fw.get("error") == contract.E_DOWNGRADE, "refusal")
     assert fw["version"] == "1.0.0" and fw["state"] == "failed" and len(dev.runner.boots) == 1
-    allowed = dict(op.desired_firmware(site, DEV, old), allow_downgrade=True)
+    allowed = op.desired_firmware(site, DEV, old, allow_downgrade=True)
     outcome, _ = services.call(op.request(site, DEV, contract.UPDATE, {"state": {"desired": {"firmware": allowed}}}))
     assert outcome == "accepted"
     wait_reported(services, site, DEV, lambda fw, d: fw.get("version") == "0.9.0" and fw.get("state") == "idle",

@@ -3,24 +3,12 @@
 import base64
 import ssl
 import time
-import urllib.error
-import urllib.request
 
 import pytest
 
+from conftest import https_get
 from tools import presign
 from tools.images import build_app_image
-
-
-def _fetch(site, url, headers):
-    """GET over TLS with the site's CA: (status, headers, body), for refusals too."""
-    ctx = ssl.create_default_context(cafile=str(site.pki.ca_cert))
-    req = urllib.request.Request(url, headers=headers)
-    try:
-        with urllib.request.urlopen(req, context=ctx, timeout=10) as r:
-            return r.status, dict(r.headers), r.read()
-    except urllib.error.HTTPError as e:
-        return e.code, dict(e.headers), e.read()
 
 
 @pytest.fixture
@@ -34,7 +22,7 @@ def store(site, services):
         if device:
             token = base64.b64encode(f"{device}:{password or creds[device]}".encode()).decode()
             h["Authorization"] = "Basic " + token
-        return _fetch(site, url, h)
+        return https_get(site, url, h)
 
     def url(device="dev1", ttl=60, now=None):
         return presign.sign(site.store_key, site.endpoints().store_url, rel.sha256, device, ttl, now)
@@ -155,7 +143,7 @@ def test_serve_in_a_child_process_serves_and_stops(site):
         ep = svc.endpoints
         url = presign.sign(site.store_key, ep.store_url, rel.sha256, "dev1", 60)
         token = base64.b64encode(f"dev1:{password}".encode()).decode()
-        status, _, body = _fetch(site, url, {"Authorization": "Basic " + token})
+        status, _, body = https_get(site, url, {"Authorization": "Basic " + token})
         assert status == 200 and body == image
         proc = svc.proc
     assert proc.returncode is not None
@@ -186,5 +174,5 @@ def test_a_device_that_hangs_up_mid_download_costs_no_error(site, services, capl
         time.sleep(0.3)  # the store notices the closed connection
     errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert not errors, [r.getMessage() for r in errors]
-    status, headers, body = _fetch(site, url, {"Authorization": "Basic " + token})
+    status, headers, body = https_get(site, url, {"Authorization": "Basic " + token})
     assert status == 200 and body == image

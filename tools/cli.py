@@ -99,7 +99,7 @@ def cmd_replica(args) -> None:
     settings = MQTTSettings(args.mqtt_host, args.mqtt_port, "replica", site.service_password("replica"),
                             Path(args.ca) if args.ca else site.pki.ca_cert, client_id=f"replica-{args.name}",
                             share_group=args.share_group)
-    replica = Replica(settings, args.db or site.shadow_store)
+    replica = Replica(settings, args.db or site.shadow_store, grant_key=site.grant_key)
 
     async def main():
         task = asyncio.create_task(replica.run())
@@ -118,8 +118,11 @@ def cmd_replica(args) -> None:
 def cmd_provision(args) -> None:
     from tools.provision import provision_emulated
 
-    root = provision_emulated(_site(args), args.device, args.image.read_bytes(), args.version,
-                              args.dir, compiled=not args.source)
+    try:
+        root = provision_emulated(_site(args), args.device, args.image.read_bytes(), args.version,
+                                  args.dir, compiled=not args.source)
+    except (ValueError, FileNotFoundError) as e:
+        raise CommandError(str(e)) from None
     print(root)
 
 
@@ -141,8 +144,11 @@ def cmd_provision_board(args) -> None:
 def cmd_revoke(args) -> None:
     from tools.provision import revoke
 
-    if not revoke(_site(args), args.device):
-        raise CommandError(f"no device {args.device}")
+    try:
+        if not revoke(_site(args), args.device):
+            raise CommandError(f"no device {args.device}")
+    except ValueError as e:
+        raise CommandError(str(e)) from None
     print(f"{args.device}: revoked (broker and store refuse it from now on)")
 
 
@@ -249,7 +255,7 @@ def cmd_status(args) -> None:
             db.close()
 
     while True:
-        rows = fleet(site.shadow_store)
+        rows = fleet(site.shadow_store, site.grant_key)
         if args.device:
             rows = [r for r in rows if r.device in args.device]
         runs = rollouts()
@@ -339,9 +345,9 @@ def cmd_rollout(args) -> None:
             info = db.create(rel, _rollout_devices(args, site), policy)
             print(f"{info.id}: {rel.version} to {info.ends[-1]} devices in batches ending at {info.ends}")
             if not args.detach:
-                _drive(site, ro.Engine(db, info.id, site.releases.by_sha256))
+                _drive(site, ro.Engine(db, info.id, site.releases.by_sha256, site.grant_key))
             return
-        engine = ro.Engine(db, args.id, site.releases.by_sha256)
+        engine = ro.Engine(db, args.id, site.releases.by_sha256, site.grant_key)
         if args.action == "show":
             targets = db.targets(args.id)
             if args.json:

@@ -30,6 +30,8 @@ from pathlib import Path
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
 
+from tools.secretfile import write_private
+
 # OWASP's minimum argon2id profile (19 MiB, t=2, p=1), for passwords someone chose.
 _HASHER = PasswordHasher(time_cost=2, memory_cost=19456, parallelism=1)
 _FAST = "$sha256$"
@@ -162,12 +164,3 @@ def _read_lines(path: Path) -> dict[str, str]:
 
 def _write_lines(path: Path, hashes: dict[str, str]) -> None:
     write_private(path, "".join(f"{n}:{h}\n" for n, h in sorted(hashes.items())))
-
-
-def write_private(path: Path, data: str | bytes) -> None:
-    """Replace `path` at once with a file only its owner can read (secrets, hashes)."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data if isinstance(data, bytes) else data.encode())
-    os.chmod(tmp, 0o600)
-    tmp.replace(path)
-

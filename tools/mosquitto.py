@@ -2,10 +2,10 @@
 
 amqtt is the embedded default but has no shared subscriptions; mosquitto has them, so several
 replica workers can split one stream (`$share/<group>/state/+/update`). The configuration
-mirrors the embedded broker's rules: TLS only, no anonymous clients, a device confined to
-`state/<its username>/...` by a pattern ACL, service identities allowed under `state/`.
-Passwords live in mosquitto's own password file (written with `mosquitto_passwd`), since
-mosquitto cannot read our hashes.
+holds to the embedded broker's rules: TLS only, no anonymous clients, the role ACL of
+tools.acl (a device confined to its requests and its answers under `state/<its username>/`),
+no retained messages. Passwords live in mosquitto's own password file (written with
+`mosquitto_passwd`, or by tools.credentials), since mosquitto cannot read our hashes.
 
 Two listeners, because mosquitto cannot tie a client id to a username on one listener and
 still let one service identity hold several sessions (workers `replica-w0`, `replica-w1`):
@@ -16,20 +16,29 @@ still let one service identity hold several sessions (workers `replica-w0`, `rep
 - services (`service_port`): only the service identities can log in there (a password file
   of theirs alone), with any client id.
 
+Started as root, mosquitto runs as the unprivileged `mosquitto` user (the package's), which
+it turns into before it reads a certificate, key or password file (mosquitto.c, main: config,
+drop_privileges, then security init and listeners). So it reads copies of them in a private
+directory of its own, made afresh at each start and reload.
+
 On SIGHUP mosquitto re-reads the password files and disconnects every client whose login is
 no longer in them (`mosquitto_security_apply_default`): `revoke` cuts a device off at once.
 """
 
 from __future__ import annotations
 
+import os
+import pwd
 import shutil
 import socket
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
-from tools.broker import SERVICE_USERS
-from tools.credentials import mosquitto_hash, write_private
+from tools import acl
+from tools.credentials import mosquitto_hash
+from tools.secretfile import write_private
 from tools.pki import PKI, TLS12_CIPHERS
 
 
@@ -44,9 +53,21 @@ def available() -> bool:
 MAX_PACKET_BYTES = 1 << 20
 
 
+def _run_user() -> pwd.struct_passwd | None:
+    """Whom mosquitto runs as: None for whoever starts it, the package's user under root."""
+    if os.geteuid() != 0:
+        return None
+    for name in ("mosquitto", "nobody"):
+        try:
+            return pwd.getpwnam(name)
+        except KeyError:
+            continue
+    raise MosquittoError("running as root, and neither a 'mosquitto' nor a 'nobody' user exists to run mosquitto as")
+
+
 class Mosquitto:
     def __init__(self, workdir: Path, pki: PKI, host: str = "127.0.0.1", port: int = 0,
-                 services: tuple[str, ...] = SERVICE_USERS, password_file: Path | None = None,
+                 services: tuple[str, ...] = acl.SERVICE_USERS, password_file: Path | None = None,
                  service_port: int = 0):
         """`password_file`: a site's `passwd.mosquitto` (tools.credentials keeps it); else the
         broker has its own file in `workdir`, filled with add_user/add_users. `port` is the
@@ -59,54 +80,68 @@ class Mosquitto:
         self.services = services
         self.proc: subprocess.Popen | None = None
         self.passwd = Path(password_file) if password_file else self.dir / "passwd"
-        self.service_passwd = self.dir / "passwd.services"
+        self.user = _run_user()
+        self.run_dir: Path | None = None  # what mosquitto reads: its config and copies
 
     def add_user(self, name: str, password: str) -> None:
         """Create or replace a login (mosquitto re-reads the file on SIGHUP)."""
         self.dir.mkdir(parents=True, exist_ok=True)
-        args = ["mosquitto_passwd", "-b"] + ([] if self.passwd.exists() else ["-c"]) + [str(self.passwd), name, password]
-        out = subprocess.run(args, capture_output=True, text=True, timeout=30)
+        if not self.passwd.exists():
+            write_private(self.passwd, "")  # `mosquitto_passwd -c` would make it with the umask's mode
+        out = subprocess.run(["mosquitto_passwd", "-b", str(self.passwd), name, password],
+                             capture_output=True, text=True, timeout=30)
         if out.returncode != 0:
             raise MosquittoError(f"mosquitto_passwd: {out.stderr.strip()}")
-        self.passwd.chmod(0o600)
         self.reload()  # SIGHUP: reload password and ACL files
 
     def add_users(self, users: dict[str, str]) -> None:
         """Many new logins at once (simulated fleets), hashed here instead of one
         mosquitto_passwd run per user."""
         self.dir.mkdir(parents=True, exist_ok=True)
-        with open(self.passwd, "a") as f:
-            for name, password in users.items():
-                f.write(f"{name}:{mosquitto_hash(password)}\n")
-        self.passwd.chmod(0o600)
+        old = self.passwd.read_text() if self.passwd.exists() else ""
+        write_private(self.passwd, old + "".join(f"{n}:{mosquitto_hash(p)}\n" for n, p in users.items()))
         self.reload()
 
     def reload(self) -> None:
         """Re-read the password and ACL files (SIGHUP); mosquitto then disconnects every
         client whose login is gone."""
         if self.proc is not None and self.proc.poll() is None:
-            self._write_service_passwd()
+            self._write_passwords()
             self.proc.send_signal(1)
 
-    def _write_service_passwd(self) -> None:
-        """The services listener's logins: the service identities' lines of the password file."""
-        lines = self.passwd.read_text().splitlines(keepends=True) if self.passwd.exists() else []
-        write_private(self.service_passwd, "".join(ln for ln in lines if ln.split(":", 1)[0] in self.services))
+    def _private(self, name: str, data: str | bytes) -> Path:
+        """A file in the run directory only mosquitto's user can read."""
+        path = self.run_dir / name
+        write_private(path, data)
+        if self.user is not None:
+            os.chown(path, self.user.pw_uid, self.user.pw_gid)
+        return path
+
+    def _write_passwords(self) -> None:
+        """The devices' listener's logins (all of them) and the services' (theirs alone)."""
+        text = self.passwd.read_text() if self.passwd.exists() else ""
+        self._private("passwd.devices", text)
+        self._private("passwd.services", "".join(ln for ln in text.splitlines(keepends=True)
+                                                 if ln.split(":", 1)[0] in self.services))
 
     def _write_config(self) -> Path:
-        device_acl, service_acl = self.dir / "acl.devices", self.dir / "acl.services"
-        device_acl.write_text("pattern readwrite state/%u/#\n")
-        service_acl.write_text("".join(f"user {u}\ntopic readwrite state/#\n\n" for u in self.services))
-        self._write_service_passwd()
-        tls = (f"cafile {self.pki.ca_cert}\n"
-               f"certfile {self.pki.server_cert}\n"
-               f"keyfile {self.pki.server_key}\n"
+        device_rules, service_rules = acl.mosquitto_acls()
+        device_acl, service_acl = self._private("acl.devices", device_rules), self._private("acl.services", service_rules)
+        self._write_passwords()
+        ca = self._private("ca.crt", self.pki.ca_cert.read_bytes())
+        cert = self._private("server.crt", self.pki.server_cert.read_bytes())
+        key = self._private("server.key", self.pki.server_key.read_bytes())
+        tls = (f"cafile {ca}\n"
+               f"certfile {cert}\n"
+               f"keyfile {key}\n"
                "tls_version tlsv1.2\n"
                f"ciphers {TLS12_CIPHERS}\n")
-        conf = self.dir / "mosquitto.conf"
-        conf.write_text(
+        return self._private("mosquitto.conf",
             "per_listener_settings true\n"  # each listener its own logins and ACL (below)
             "persistence false\n"
+            # A retained message would reach every later subscriber; the contract has none, and a
+            # client that publishes one (or a will that would be one) is disconnected.
+            "retain_available false\n"
             "set_tcp_nodelay true\n"  # small shadow messages must not wait for ACKs (Nagle)
             # The default (1000 per client) drops QoS 1 messages in a burst: a rollout to 10,000
             # devices at once lost requests on their way to the replica workers.
@@ -116,24 +151,23 @@ class Mosquitto:
             # replica hold payloads of any size; ~16x the largest message the replica sends
             # (update/documents of an 8 KiB document of one-character leaves: ~62 KB).
             f"max_packet_size {MAX_PACKET_BYTES}\n"
-            "user root\n"  # keep the test's files readable (mosquitto drops to 'mosquitto' by default)
+            + (f"user {self.user.pw_name}\n" if self.user is not None else "") +
             "log_dest stdout\n"
             "log_type error\nlog_type warning\nlog_type notice\n"
             # devices: the session is named after the login, whatever client id was sent
             f"listener {self.port} {self.host}\n"
             "allow_anonymous false\n"
-            f"password_file {self.passwd}\n"
+            f"password_file {self.run_dir / 'passwd.devices'}\n"
             f"acl_file {device_acl}\n"
             "use_username_as_clientid true\n"
             + tls +
             # services: their identities only, any client id (several workers per identity)
             f"listener {self.service_port} {self.host}\n"
             "allow_anonymous false\n"
-            f"password_file {self.service_passwd}\n"
+            f"password_file {self.run_dir / 'passwd.services'}\n"
             f"acl_file {service_acl}\n"
             + tls
         )
-        return conf
 
     def start(self, timeout: float = 15) -> int:
         if not available():
@@ -147,6 +181,10 @@ class Mosquitto:
         if not self.passwd.exists():
             raise MosquittoError("add at least one user before starting")
         self.dir.mkdir(parents=True, exist_ok=True)
+        # Not under the workdir: its parents may be private to root (pytest's tmp_path is).
+        self.run_dir = Path(tempfile.mkdtemp(prefix="fleet-ota-mosquitto-"))
+        if self.user is not None:
+            os.chown(self.run_dir, self.user.pw_uid, self.user.pw_gid)
         conf = self._write_config()
         log = open(self.dir / "mosquitto.log", "ab")
         self.proc = subprocess.Popen(["mosquitto", "-c", str(conf)], stdout=log, stderr=subprocess.STDOUT)
@@ -154,8 +192,9 @@ class Mosquitto:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise MosquittoError(f"mosquitto exited ({self.proc.returncode}): "
-                                     f"{(self.dir / 'mosquitto.log').read_text()[-2000:]}")
+                why = f"mosquitto exited ({self.proc.returncode}): {(self.dir / 'mosquitto.log').read_text()[-2000:]}"
+                self.stop()
+                raise MosquittoError(why)
             try:
                 for port in (self.port, self.service_port):
                     with socket.create_connection((self.host, port), timeout=0.5):
@@ -176,6 +215,9 @@ class Mosquitto:
                 self.proc.kill()
                 self.proc.wait()
             self.proc = None
+        if self.run_dir is not None:
+            shutil.rmtree(self.run_dir, ignore_errors=True)
+            self.run_dir = None
 
     def __enter__(self) -> "Mosquitto":
         self.start()

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import aiomqtt
 
 from firmware import contract
-from tools import presign
+from tools import grants, presign
 from tools.releases import Release
 from tools.site import Site
 
@@ -40,14 +40,16 @@ def _client(site: Site, suffix: str) -> aiomqtt.Client:
 def desired_firmware(site: Site, device: str, release: Release, ttl: int = presign.DEFAULT_TTL,
                      allow_downgrade: bool = False, token: bool = False) -> dict:
     """The `firmware` desired-state object for one device: with a URL pre-signed for it now,
-    or (token) the bare URL, for which the device asks a temporary credential itself."""
+    or (token) the bare URL, for which the device asks a temporary credential itself; and the
+    operator's grant for it (tools.grants), without which the replica refuses it."""
     store = site.endpoints().store_url
     url = store + presign.artifact_path(release.sha256) if token else \
         presign.sign(site.store_key, store, release.sha256, device, ttl)
     # The optional fields are always sent: null deletes what an earlier desired left (the
     # shadow merges objects), so nothing is inherited.
-    return {"url": url, "version": release.version, "sha256": release.sha256, "size": release.size,
-            "allow_downgrade": True if allow_downgrade else None, "auth": contract.AUTH_TOKEN if token else None}
+    fw = {"url": url, "version": release.version, "sha256": release.sha256, "size": release.size,
+          "allow_downgrade": True if allow_downgrade else None, "auth": contract.AUTH_TOKEN if token else None}
+    return grants.granted(site.grant_key, device, fw)
 
 
 class DesiredWriter:

@@ -26,6 +26,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from tools.secretfile import write_private
+
 DEFAULT_NAMES = ("127.0.0.1", "localhost")
 
 # The TLS 1.2 suites every server here accepts (store, amqtt, mosquitto): ECDHE key exchange
@@ -72,14 +74,8 @@ def _new_key() -> rsa.RSAPrivateKey:
 
 
 def _write_key(path: Path, key: rsa.RSAPrivateKey) -> None:
-    path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    path.chmod(0o600)
+    write_private(path, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                          serialization.NoEncryption()))
 
 
 def make_ca(common_name: str = "esp32-fleet-ota local CA", days: int = 3650):

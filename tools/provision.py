@@ -8,13 +8,23 @@ import shutil
 from pathlib import Path
 
 from firmware import contract
+from tools import acl
 from tools.esp32emu.runner import make_flash
 from tools.mpy import compile_tree
+from tools.secretfile import write_private
 from tools.site import Site
 from tools.umqtt_fetch import fetch as fetch_umqtt
 
 REPO = Path(__file__).resolve().parent.parent
 CACHE = REPO / "build" / "cache"
+
+
+def check_device_id(device_id: str) -> None:
+    """Raise ValueError unless `device_id` may name a new device."""
+    if not contract.valid_device_id(device_id):
+        raise ValueError(f"invalid device id {device_id!r}")
+    if acl.reserved_id(device_id):
+        raise ValueError(f"{device_id!r} is a service identity's name (or one of its client ids), not a device's")
 
 
 def copy_firmware(fs: Path, compiled: bool = True) -> None:
@@ -41,8 +51,7 @@ def provision_emulated(site: Site, device_id: str, image: bytes, version: str,
                        compiled: bool = True) -> Path:
     """Make `<site>/devices/<id>` (or `directory`): flash.bin with `image` in ota_0 (as
     esptool leaves a board), fs/ with the firmware, config, secrets and the CA. Returns it."""
-    if not contract.valid_device_id(device_id):
-        raise ValueError(f"invalid device id {device_id!r}")
+    check_device_id(device_id)
     ep = site.endpoints()
     root = Path(directory) if directory else site.devices_dir / device_id
     root.mkdir(parents=True, exist_ok=True)
@@ -56,7 +65,7 @@ def provision_emulated(site: Site, device_id: str, image: bytes, version: str,
            "wifi_ssid": "emulated", "ntp_host": ep.host, "ntp_port": ep.ntp_port}
     cfg.update(config or {})
     (fs / "config.json").write_text(json.dumps(cfg, indent=1))
-    (fs / "secrets.json").write_text(json.dumps({"mqtt_password": password}))
+    write_private(fs / "secrets.json", json.dumps({"mqtt_password": password}))
     shutil.copy2(site.pki.ca_der, fs / "ca.der")
     # What the factory flashed: the device reports this until it installs something else.
     record = {"version": version, "sha256": hashlib.sha256(image).hexdigest(), "size": len(image), "url": None}
@@ -73,8 +82,7 @@ def provision_board(site: Site, device_id: str, out_dir: Path, wifi_ssid: str, w
     password file serves both), and the files `deploy` copies onto the board: config.json,
     secrets.json (mode 0600), ca.der and, when the factory image is named, ota.json recording
     it so the board reports its version from the first boot. Returns `out_dir`."""
-    if not contract.valid_device_id(device_id):
-        raise ValueError(f"invalid device id {device_id!r}")
+    check_device_id(device_id)
     if not wifi_ssid:
         raise ValueError("a real board needs a Wi-Fi network name (wifi_ssid)")
     ep = site.endpoints()
@@ -90,9 +98,7 @@ def provision_board(site: Site, device_id: str, out_dir: Path, wifi_ssid: str, w
     cfg = {"device_id": device_id, "broker_host": host, "broker_port": ep.mqtt_port,
            "wifi_ssid": wifi_ssid, "ntp_host": host, "ntp_port": ep.ntp_port}
     (out / "config.json").write_text(json.dumps(cfg, indent=1))
-    secrets_path = out / "secrets.json"
-    secrets_path.write_text(json.dumps({"mqtt_password": password, "wifi_password": wifi_password}))
-    secrets_path.chmod(0o600)
+    write_private(out / "secrets.json", json.dumps({"mqtt_password": password, "wifi_password": wifi_password}))
     shutil.copy2(site.pki.ca_der, out / "ca.der")
     if image is not None:
         record = {"version": version or "factory", "sha256": hashlib.sha256(image).hexdigest(),
@@ -105,4 +111,6 @@ def provision_board(site: Site, device_id: str, out_dir: Path, wifi_ssid: str, w
 def revoke(site: Site, device_id: str) -> bool:
     """Remove a device's credentials: the broker refuses its next connect and, at once, every
     publish, subscribe and delivery on the connection it has; the store refuses its downloads."""
+    if acl.reserved_id(device_id):
+        raise ValueError(f"{device_id!r} is a service identity, not a device")
     return site.creds.remove(device_id)

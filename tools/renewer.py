@@ -10,7 +10,9 @@ short-lived bearer token bound to its id and one image (tools.presign), answered
 `.../accepted` or `.../rejected` {code, message}. The broker's ACL has already proved who asks.
 
 Either way, only images that are released in the store and desired by the device's shadow
-(read from the replica's store when the request comes) are signed.
+(read from the replica's store when the request comes), under an operator's grant for that
+device (tools.grants), are signed: a device that wrote its own desired firmware, or a shadow
+edited in the database, gets nothing.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import time
 import aiomqtt
 
 from firmware import contract
-from tools import presign, shadow
+from tools import grants, presign, shadow
 from tools.operator_client import NODELAY
 from tools.site import Site
 from tools.shadowstore import read_shadows
@@ -45,6 +47,9 @@ def renewal(site: Site, device: str, desired: dict | None) -> dict | None:
     install, or None when that image is not one of our releases."""
     fw = desired.get("firmware") if isinstance(desired, dict) else None
     if not isinstance(fw, dict) or not contract.is_sha256_hex(fw.get("sha256")):
+        return None
+    if grants.issued(site.grant_key, device, fw) is None:
+        log.warning("no fresh URL for %s: its desired firmware has no operator grant", device)
         return None
     if not site.releases.path_of(fw["sha256"]).is_file():
         return None  # not ours to sign
@@ -69,6 +74,10 @@ def credential(site: Site, device: str, request: dict, desired: dict | None, ttl
         return reject(contract.R_BAD_REQUEST, "sha256: must be 64 lowercase hex digits")
     if not isinstance(fw, dict) or fw.get("sha256") != sha:
         return reject(contract.R_FORBIDDEN, "not the firmware this device is told to install")
+    try:
+        grants.check(site.grant_key, device, fw)
+    except grants.GrantError as e:
+        return reject(contract.R_FORBIDDEN, str(e))
     if not site.releases.path_of(sha).is_file():
         return reject(contract.R_NOT_FOUND, "no such release")
     tok, expires = presign.issue_token(site.store_key, device, sha, ttl, now)

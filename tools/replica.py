@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from firmware import contract
-from tools import mqtt_wire, shadow
+from tools import grants, mqtt_wire, shadow
 from tools.shadowstore import open_store
 
 log = logging.getLogger("replica")
@@ -57,9 +57,12 @@ async def _back_off(delay: float, what: str) -> float:
 
 
 class Replica:
-    def __init__(self, mqtt: MQTTSettings, store: Path | str):
-        """`store`: an SQLite file or a postgresql:// URL (tools.shadowstore)."""
+    def __init__(self, mqtt: MQTTSettings, store: Path | str, *, grant_key: bytes | None):
+        """`store`: an SQLite file or a postgresql:// URL (tools.shadowstore). `grant_key`: the
+        site's (tools.grants); an update that leaves a desired firmware without a valid grant is
+        refused. None turns the check off (tests of the shadow rules alone)."""
         self.mqtt = mqtt
+        self.grant_key = grant_key
         self.db = open_store(store)
         self.handled = 0
         self.batch_max = 200  # messages per transaction, at most
@@ -96,6 +99,8 @@ class Replica:
                 if digest is not None and seen == digest:
                     return [(contract.topic(device_id, suffix), msg) for suffix, msg in answer]
                 new, accepted, delta = shadow.apply_update(doc, req, int(time.time()))
+                if self.grant_key is not None:
+                    self._check_grant(device_id, req, doc, new)
                 out = [(contract.UPDATE_ACCEPTED, accepted)]
                 if delta is not None:
                     out.append((contract.UPDATE_DELTA, delta))
@@ -109,6 +114,25 @@ class Replica:
         except shadow.ShadowError as e:
             return [(contract.topic(device_id, contract.UPDATE_REJECTED), e.payload())]
         return [(contract.topic(device_id, suffix), msg) for suffix, msg in out]
+
+    def _check_grant(self, device_id: str, req: dict, old: dict | None, new: dict) -> None:
+        """403 unless the desired firmware this update leaves carries an operator's grant for
+        this device, no older than the one it replaces (tools.grants). Removing it is allowed."""
+        desired = req["state"].get("desired")
+        if not isinstance(desired, dict) or "firmware" not in desired:
+            return  # the desired firmware is not touched (or all of desired goes)
+        fw = new["state"].get("desired", {}).get("firmware")
+        if fw is None:
+            return
+        token = req.get("clientToken")
+        try:
+            issued = grants.check(self.grant_key, device_id, fw)
+        except grants.GrantError as e:
+            raise shadow.ShadowError(contract.R_FORBIDDEN, str(e), token) from None
+        before = grants.issued(self.grant_key, device_id, (old or {}).get("state", {}).get("desired", {}).get("firmware"))
+        if before is not None and issued < before:
+            raise shadow.ShadowError(contract.R_FORBIDDEN, "desired firmware's operator grant is older than "
+                                     "the one it would replace", token)
 
     def _read(self, device_id: str, fresh: bool = False) -> tuple:
         """(document or None, digest of the last request with a clientToken, its answer): from

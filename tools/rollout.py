@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Awaitable, Callable
 
 from firmware import contract
-from tools import presign
+from tools import grants, presign
 from tools.releases import Release
 from tools.shadowstore import sqlite_transaction
 
@@ -48,6 +48,7 @@ RB_REQUESTED, RB_DONE, RB_NO_PREVIOUS, RB_TIMEOUT = "requested", "done", "no_pre
 
 E_TIMEOUT = "timeout"  # in progress longer than the rollout's timeout
 E_SUPERSEDED = "superseded"  # someone else changed the device's desired firmware
+E_UNGRANTED = "ungranted_desired"  # ... to one no operator granted (tools.grants): a device or the database
 
 REPUBLISH_S = 15  # desired not in the shadow this long after publishing: publish again
 
@@ -297,8 +298,12 @@ class Engine:
     """The decisions of one rollout, as a function of the shadows it reads; no I/O besides its
     database. `step()` returns what to send; the caller sends it and calls `sent()`."""
 
-    def __init__(self, db: RolloutDB, rollout_id: str, release_by_sha: Callable[[str], Release | None]):
+    def __init__(self, db: RolloutDB, rollout_id: str, release_by_sha: Callable[[str], Release | None],
+                 grant_key: bytes | None = None):
+        """`grant_key`: the site's, to tell a desired firmware no operator granted (tools.grants)
+        from one another operator set; None: every change counts as superseded."""
         self.db = db
+        self.grant_key = grant_key
         self.id = rollout_id
         self.release_by_sha = release_by_sha
         self.info = db.info(rollout_id)
@@ -318,9 +323,12 @@ class Engine:
             doc = shadows.get(t.device)
             if t.state == IN_PROGRESS:
                 verdict, err = judge(doc, info.sha256, info.version, p.max_attempts)
-                desired = _fw(doc or {}, "desired").get("sha256")
+                desired_fw = _fw(doc or {}, "desired")
+                desired = desired_fw.get("sha256")
                 if verdict == IN_PROGRESS and desired not in (info.sha256, t.prev_desired):
-                    verdict, err = FAILED, E_SUPERSEDED
+                    ungranted = self.grant_key is not None and desired_fw \
+                        and grants.issued(self.grant_key, t.device, desired_fw) is None
+                    verdict, err = FAILED, E_UNGRANTED if ungranted else E_SUPERSEDED
                 elif verdict == IN_PROGRESS and now - t.targeted_at > p.timeout_s:
                     verdict, err = FAILED, E_TIMEOUT
                 if verdict != IN_PROGRESS:

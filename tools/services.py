@@ -18,7 +18,8 @@ import time
 from pathlib import Path
 
 from tools import store
-from tools.broker import SERVICE_USERS, shutdown_broker, start_broker
+from tools.acl import SERVICE_USERS
+from tools.broker import shutdown_broker, start_broker
 from tools.pki import server_ssl_context
 from tools.renewer import Renewer
 from tools.replica import SHARE_GROUP, MQTTSettings, Replica
@@ -142,7 +143,7 @@ class Services:
         settings = MQTTSettings(self.host, self.endpoints.service_mqtt_port, "replica", self.site.service_password("replica"),
                                 self.site.pki.ca_cert,
                                 share_group=SHARE_GROUP if self.broker_kind == "mosquitto" else None)
-        self.replica = Replica(settings, self.site.shadow_store)
+        self.replica = Replica(settings, self.site.shadow_store, grant_key=self.site.grant_key)
         self._replica_task = await start_ready(self.replica.run)
 
     async def stop_replica(self) -> None:

@@ -3,7 +3,8 @@
     <root>/pki/            CA (ca.crt, ca.der) and the server certificate for broker and store
     <root>/passwd          identity:hash lines (devices, replica, operator; salted SHA-256 or argon2id)
     <root>/services.json   passwords of the service identities (mode 0600)
-    <root>/store.key       HMAC key for pre-signed URLs (mode 0600)
+    <root>/store.key       HMAC key for pre-signed URLs and download tokens (mode 0600)
+    <root>/grant.key       HMAC key for operator grants on desired firmware (mode 0600, tools.grants)
     <root>/releases/       released images and their index
     <root>/replica.db      shadow documents (SQLite; the default store)
     <root>/shadows.url     optional: a postgresql:// URL; then the shadows live there instead
@@ -19,8 +20,9 @@ import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
-from tools.broker import SERVICE_USERS
-from tools.credentials import Credentials, write_private
+from tools.acl import SERVICE_USERS
+from tools.credentials import Credentials
+from tools.secretfile import write_private
 from tools.pki import DEFAULT_NAMES, PKI, ensure_pki
 from tools.releases import Registry
 
@@ -77,6 +79,10 @@ class Site:
     @property
     def store_key(self) -> bytes:
         return self._secret_file("store.key", lambda: secrets.token_bytes(32))
+
+    @property
+    def grant_key(self) -> bytes:
+        return self._secret_file("grant.key", lambda: secrets.token_bytes(32))
 
     def service_password(self, user: str) -> str:
         """Password of a service identity (replica, operator), created on first use."""

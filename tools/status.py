@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, dataclass
 
+from tools import grants
 from tools.shadowstore import read_shadows
 
 
@@ -17,6 +18,7 @@ class DeviceStatus:
     device: str
     running: str | None  # version the device reports it runs
     desired: str | None  # version the application asked for
+    granted: bool | None  # the desired firmware carries an operator's grant (None: nothing desired)
     state: str | None  # the device's update phase (idle, downloading, ..., failed)
     in_sync: bool  # reported image is the desired one (or nothing is desired)
     last_seen: int | None  # unix time of the device's last report
@@ -38,21 +40,23 @@ def _leaf_time(meta: dict) -> int | None:
     return best
 
 
-def device_status(device: str, doc: dict) -> DeviceStatus:
+def device_status(device: str, doc: dict, grant_key: bytes) -> DeviceStatus:
     state = doc.get("state", {})
     rep = state.get("reported", {}).get("firmware") or {}
     des = state.get("desired", {}).get("firmware") or {}
     in_sync = not des or (rep.get("sha256") == des.get("sha256") and rep.get("state") in ("idle", None))
     return DeviceStatus(
-        device=device, running=rep.get("version"), desired=des.get("version"), state=rep.get("state"),
+        device=device, running=rep.get("version"), desired=des.get("version"),
+        granted=grants.issued(grant_key, device, des) is not None if des else None, state=rep.get("state"),
         in_sync=in_sync, last_seen=_leaf_time(doc.get("metadata", {}).get("reported", {})),
         error=rep.get("error"), attempts=rep.get("attempts"), progress=rep.get("progress"),
     )
 
 
-def fleet(store) -> list[DeviceStatus]:
-    """Every device in the replica's store (an SQLite file or a postgresql:// URL)."""
-    return [device_status(d, doc) for d, doc in read_shadows(store).items()]
+def fleet(store, grant_key: bytes) -> list[DeviceStatus]:
+    """Every device in the replica's store (an SQLite file or a postgresql:// URL); `grant_key`
+    the site's, to tell desired firmware an operator granted from any other (tools.grants)."""
+    return [device_status(d, doc, grant_key) for d, doc in read_shadows(store).items()]
 
 
 def summary(rows: list[DeviceStatus]) -> dict:
@@ -62,6 +66,7 @@ def summary(rows: list[DeviceStatus]) -> dict:
         "updating": sum(1 for r in rows if not r.in_sync and r.state not in ("failed", None)),
         "failed": sum(1 for r in rows if r.state == "failed"),
         "never_reported": sum(1 for r in rows if r.last_seen is None),
+        "ungranted": sum(1 for r in rows if r.granted is False),
     }
 
 
@@ -79,7 +84,7 @@ def table(rows: list[DeviceStatus], now: float | None = None) -> str:
         return f"{s}s ago" if s < 120 else f"{s // 60}m ago" if s < 7200 else f"{s // 3600}h ago"
 
     head = ("device", "running", "desired", "state", "last seen", "error")
-    lines = [[r.device, r.running or "-", r.desired or "-",
+    lines = [[r.device, r.running or "-", (r.desired or "-") + (" (no grant)" if r.granted is False else ""),
               (r.state or "-") + (f" {r.progress}%" if r.progress is not None else ""),
               ago(r.last_seen), (r.error or "") + (f" (x{r.attempts})" if r.attempts else "")] for r in rows]
     widths = [max(len(h), *(len(line[i]) for line in lines)) if lines else len(h) for i, h in enumerate(head)]
@@ -87,5 +92,6 @@ def table(rows: list[DeviceStatus], now: float | None = None) -> str:
     out += ["  ".join(c.ljust(w) for c, w in zip(line, widths)) for line in lines]
     s = summary(rows)
     out.append(f"{s['devices']} devices: {s['in_sync']} in sync, {s['updating']} updating, {s['failed']} failed, "
-               f"{s['never_reported']} never reported")
+               f"{s['never_reported']} never reported"
+               + (f", {s['ungranted']} desiring firmware no operator granted" if s["ungranted"] else ""))
     return "\n".join(out)

@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 from firmware import contract
+from tools import grants
 from tools.bench.replica import Client, _replica, _start, _stop
 from tools.bench.simdevice import SimDevice
 from tools.site import Site
@@ -64,9 +65,9 @@ def one_run(site: Site, tmp: Path, args, run: int, pg) -> dict:
             thread.start()  # the simulated devices answer deltas on their own thread from here
             target = f"9.{run}.0"
             fw = {"url": "https://127.0.0.1/fw/x.bin", "version": target, "sha256": "c" * 64, "size": 1}
-            body = json.dumps({"state": {"desired": {"firmware": fw}}})
             t0 = time.perf_counter()
-            for d in passwords:
+            for d in passwords:  # a grant per device, as operators send them (tools.grants)
+                body = json.dumps({"state": {"desired": {"firmware": grants.granted(site.grant_key, d, fw)}}})
                 op.c.publish(contract.topic(d, contract.UPDATE), body, qos=1)
             sent = time.perf_counter() - t0
             done: set[str] = set()

@@ -89,7 +89,7 @@ def measure(n: int, size: int, workdir: Path, timeout: float, broker: str = "mos
             db = ro.RolloutDB(site.rollouts_path)
             info = db.create(new, ids, ro.Policy(batches=batches or ["100%"], timeout_s=int(timeout)))
             t0 = time.monotonic()
-            final = asyncio.run(ro.run(site, ro.Engine(db, info.id, site.releases.by_sha256), tick=0.25))
+            final = asyncio.run(ro.run(site, ro.Engine(db, info.id, site.releases.by_sha256, site.grant_key), tick=0.25))
             rollout_s = time.monotonic() - t0
             counts = ro.counts(db.targets(info.id))
             db.close()

@@ -32,7 +32,7 @@ import threading
 import time
 from pathlib import Path
 
-from tools import mqtt_wire
+from tools import grants, mqtt_wire
 from tools.services import free_port
 from tools.site import Site
 
@@ -51,7 +51,7 @@ def _amqtt(site_root: str, port: int, contrib_db: str | None, ready) -> None:
     site = Site(Path(site_root))
     cfg = broker_config("127.0.0.1", port, site.pki, site.creds.path)
     # No topic ACL for either contestant: it is the same cost for both and would hide $shadow/.
-    del cfg["plugins"]["tools.broker.DeviceTopicPlugin"]
+    del cfg["plugins"]["tools.broker.RoleTopicPlugin"]
     if contrib_db:
         cfg["plugins"]["amqtt.contrib.shadows.ShadowPlugin"] = {"connection": f"sqlite+aiosqlite:///{contrib_db}"}
 
@@ -93,7 +93,7 @@ def _replica(site_root: str, port: int, store: str, name: str, group: str | None
 
     async def main():
         ev = asyncio.Event()
-        task = asyncio.create_task(Replica(settings, store).run(ev))
+        task = asyncio.create_task(Replica(settings, store, grant_key=site.grant_key).run(ev))
         await ev.wait()
         ready.set()
         await task
@@ -172,9 +172,12 @@ async def _throughput(site, port, update_topic, accepted_filter, devices, update
     c = mqtt_wire.Client(f"operator-load-{tag}", "operator", site.service_password("operator"))
     await c.connect("127.0.0.1", port, ssl.create_default_context(cafile=str(site.pki.ca_cert)))
 
+    key = site.grant_key  # operators grant what they desire, or the replica refuses it
+
     def send(i: int) -> None:
-        body = {"state": {"desired": {"firmware": {"version": f"{i}", "n": i}}}}
-        c.publish(update_topic.format(dev=f"b{i % devices}"), json.dumps(body).encode(), 1)
+        dev = f"b{i % devices}"
+        body = {"state": {"desired": {"firmware": grants.granted(key, dev, {"version": f"{i}", "n": i})}}}
+        c.publish(update_topic.format(dev=dev), json.dumps(body).encode(), 1)
 
     try:
         await c.subscribe([(accepted_filter, 1)])
@@ -208,7 +211,7 @@ def latency(site: Site, port: int, update_topic: str, delta_topic: str, samples:
         dev.subscribe(delta_topic.format(dev="+"))
         times = []
         for i in range(samples + 10):
-            body = {"state": {"desired": {"firmware": {"version": f"{tag}-{i}"}}}}
+            body = {"state": {"desired": {"firmware": grants.granted(site.grant_key, f"lat{i}", {"version": f"{tag}-{i}"})}}}
             t0 = time.perf_counter()
             # A shadow per sample: the contrib plugin cannot update an existing one (see main)
             op.c.publish(update_topic.format(dev=f"lat{i}"), json.dumps(body), qos=1)
