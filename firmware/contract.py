@@ -44,7 +44,7 @@ MAX_GRANT = 80
 
 MAX_DEVICE_ID = 64
 MAX_DOCUMENT = 8192  # bytes of desired + reported, as AWS IoT Device Shadow
-MAX_DEPTH = 6  # nesting levels below "desired"/"reported"
+MAX_DEPTH = 6  # levels of objects in desired/reported; AWS: {"one": {"two": ... {"five": {}}}}
 MAX_CLIENT_TOKEN = 64
 MAX_URL = 1024
 MAX_VERSION = 32
@@ -56,6 +56,7 @@ R_NOT_FOUND = 404
 R_CONFLICT = 409
 R_FORBIDDEN = 403
 R_TOO_LARGE = 413
+R_UNSUPPORTED_ENCODING = 415  # not UTF-8
 R_INTERNAL = 500
 
 # Device update states, reported in state.reported.firmware.state.

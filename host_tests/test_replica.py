@@ -55,6 +55,19 @@ def test_bad_updates_are_rejected_and_the_service_stays_up(operator, payload, co
     assert outcome == "accepted" and doc["clientToken"] == "c1" and doc["version"] == 1
 
 
+def test_a_utf16_document_is_refused_with_415_and_the_delta_says_who_caused_it(operator):
+    body = {"state": {"desired": {"colour": "red"}}, "clientToken": "c16"}
+    operator.publish("state/dev1/update", json.dumps(body).encode("utf-16"))
+    (kind, outcome), doc = _answer(operator)
+    assert (outcome, doc["code"]) == ("rejected", contract.R_UNSUPPORTED_ENCODING)
+    operator.publish("state/dev1/update", json.dumps(body).encode())
+    (_, outcome), accepted = _answer(operator)
+    (_, kind), d = _answer(operator)
+    assert (outcome, kind) == ("accepted", "delta")
+    assert d["state"] == {"colour": "red"} and d["clientToken"] == "c16"
+    assert d["metadata"] == {"colour": {"timestamp": accepted["timestamp"]}}
+
+
 def test_get_before_any_update_is_404(operator):
     operator.publish("state/dev1/get", b"{}")
     (kind, outcome), doc = _answer(operator)

@@ -25,6 +25,8 @@ import hmac
 import json
 import time
 
+import orjson
+
 from firmware import contract
 
 FIELD = contract.GRANT
@@ -34,11 +36,25 @@ class GrantError(Exception):
     """Why a desired firmware is not granted; the message is safe to return to the client."""
 
 
+_KEYED: dict[bytes, "hmac.HMAC"] = {}  # HMAC state after the key, copied per message
+
+
 def _mac(key: bytes, device: str, fw: dict, issued: int) -> str:
-    # JSON keeps types apart: a size of "300" is not the size 300 that was granted.
+    # JSON keeps types apart: a size of "300" is not the size 300 that was granted. orjson
+    # takes a tenth of the standard encoder's time (the replica checks every desired write);
+    # what it cannot encode (integers beyond 64 bits) takes the standard one, on both sides.
     fields = ["GRANT1", device, fw.get("sha256"), fw.get("size"), fw.get("version"), fw.get("auth"),
               fw.get("allow_downgrade") is True, issued]
-    return hmac.new(key, json.dumps(fields).encode(), hashlib.sha256).hexdigest()
+    try:
+        msg = orjson.dumps(fields)
+    except orjson.JSONEncodeError:
+        msg = json.dumps(fields).encode()
+    keyed = _KEYED.get(key)
+    if keyed is None:
+        keyed = _KEYED[key] = hmac.new(key, digestmod=hashlib.sha256)
+    h = keyed.copy()
+    h.update(msg)
+    return h.hexdigest()
 
 
 def make(key: bytes, device: str, fw: dict, issued: int | None = None) -> str:
@@ -70,3 +86,11 @@ def issued(key: bytes, device: str, fw) -> int | None:
         return check(key, device, fw)
     except GrantError:
         return None
+
+
+def stated_issue(fw) -> int | None:
+    """The issue time a grant states, unchecked: for a grant that was checked when it was
+    stored (the replica's own document)."""
+    grant = fw.get(FIELD) if isinstance(fw, dict) else None
+    issued_at = grant.partition(".")[0] if isinstance(grant, str) else ""
+    return int(issued_at) if issued_at.isdigit() and len(issued_at) <= 12 else None

@@ -86,7 +86,7 @@ class Replica:
             if doc is None:
                 err = shadow.ShadowError(contract.R_NOT_FOUND, f"No shadow exists with name: '{device_id}'", token)
                 return [(contract.topic(device_id, contract.GET_REJECTED), err.payload())]
-            return [(contract.topic(device_id, contract.GET_ACCEPTED), shadow.get_response(doc, token))]
+            return [(contract.topic(device_id, contract.GET_ACCEPTED), shadow.get_response(doc, token, int(time.time())))]
         if suffix != contract.UPDATE:
             return []
         try:
@@ -118,7 +118,7 @@ class Replica:
     def _check_grant(self, device_id: str, req: dict, old: dict | None, new: dict) -> None:
         """403 unless the desired firmware this update leaves carries an operator's grant for
         this device, no older than the one it replaces (tools.grants). Removing it is allowed."""
-        desired = req["state"].get("desired")
+        desired = (req["state"] or {}).get("desired")
         if not isinstance(desired, dict) or "firmware" not in desired:
             return  # the desired firmware is not touched (or all of desired goes)
         fw = new["state"].get("desired", {}).get("firmware")
@@ -129,7 +129,9 @@ class Replica:
             issued = grants.check(self.grant_key, device_id, fw)
         except grants.GrantError as e:
             raise shadow.ShadowError(contract.R_FORBIDDEN, str(e), token) from None
-        before = grants.issued(self.grant_key, device_id, (old or {}).get("state", {}).get("desired", {}).get("firmware"))
+        # The grant it replaces was checked when it was stored (a forged date edited into the
+        # database could only make this refuse, which that database's holder can do anyway).
+        before = grants.stated_issue((old or {}).get("state", {}).get("desired", {}).get("firmware"))
         if before is not None and issued < before:
             raise shadow.ShadowError(contract.R_FORBIDDEN, "desired firmware's operator grant is older than "
                                      "the one it would replace", token)

