@@ -435,6 +435,36 @@ def test_flash_info_reports_slots_and_next_boot(tmp_path, app_a):
     assert json.dumps(info)  # serialisable for the CLI
     # flash-info never writes
     assert info["otadata"]["entries"][0]["seq"] == 0xFFFFFFFF
+    assert info["app_slots"]["ota_0"]["chip"] == {"chip_id": 0, "min_chip_rev": 0, "max_chip_rev": 399}
+
+
+def test_flash_info_gives_a_factory_app_its_verdict_and_a_combined_image_in_a_slot_the_bootloaders(tmp_path, app_a):
+    """MicroPython's non-OTA layout (nvs, phy_init, factory, vfs): the app is factory's; and
+    firmware.bin written into a slot, which set_boot's check would pass, is shown refused as
+    the bootloader refuses it (esp_image_format.c verify_load_addresses)."""
+    from tools.esp32emu.target import espidf
+    from tools.images import build_combined_image
+
+    factory_layout = [("nvs", espidf.TYPE_DATA, 0x02, 0x9000, 0x6000), ("phy_init", espidf.TYPE_DATA, 0x01, 0xF000, 0x1000),
+                      ("factory", espidf.TYPE_APP, espidf.SUBTYPE_FACTORY, 0x10000, 0x1F0000),
+                      ("vfs", espidf.TYPE_DATA, 0x81, 0x200000, 0x200000)]
+    flash = bytearray(b"\xff" * 0x400000)
+    table = espidf.make_partition_table(factory_layout)
+    flash[0x8000 : 0x8000 + len(table)] = table
+    flash[0x10000 : 0x10000 + len(app_a)] = app_a
+    (tmp_path / "factory.bin").write_bytes(flash)
+    info = flash_info(tmp_path / "factory.bin")
+    assert info["next_boot"]["slot"] == "factory"
+    factory = info["app_slots"]["factory"]
+    assert factory["valid"] and factory["app_desc"]["version"] == "1.0.0" and factory["chip"]["chip_id"] == 0
+
+    make_flash(tmp_path / "flash.bin", app_a)
+    data = bytearray((tmp_path / "flash.bin").read_bytes())
+    combined = build_combined_image(app_a)
+    data[0x190000 : 0x190000 + len(combined)] = combined
+    (tmp_path / "flash.bin").write_bytes(data)
+    slot = flash_info(tmp_path / "flash.bin")["app_slots"]["ota_1"]
+    assert not slot["valid"] and slot["error"] == "Segment 0 0x3fff0000-0x3fff0404 invalid: overlaps bootloader data"
 
 
 # ---- power cuts -------------------------------------------------------------------------

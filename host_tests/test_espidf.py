@@ -12,7 +12,7 @@ import pytest
 from esptool.bin_image import LoadFirmwareImage
 
 from tools.esp32emu.target import espidf
-from tools.images import MemFlash, build_app_image
+from tools.images import MemFlash, build_app_image, build_combined_image
 
 OTADATA = 0xD000
 
@@ -223,3 +223,41 @@ def test_app_descriptor_read_like_esp_ota_get_partition_description(image_a):
     assert espidf.verify_image(MemFlash(image_a), 0, 0x180000)["sha256"] == image_a[-32:].hex()
     assert hashlib.sha256(image_a[:-32]).digest() == image_a[-32:]
     assert struct.unpack_from("<I", image_a, 0x20)[0] == espidf.APP_DESC_MAGIC
+
+
+# ---- where an image's segments may load: verify_load_addresses (ESP-IDF v5.4, bootloader only) ----
+
+ESP_IDF_BOOTLOADER = [(0x3FFF0030, 0x1BDC), (0x40078000, 0x3D20), (0x40080400, 0x4), (0x40080404, 0xF2C)]
+"""The segments of ESP-IDF v5.2's own ESP32 bootloader image (esptool's test image
+bootloader_esp32_v5_2.bin): .dram0 on dram_seg, .iram_loader.text on iram_loader_seg, .iram.text."""
+
+
+@pytest.mark.parametrize("segments,refusal", [
+    (ESP_IDF_BOOTLOADER, "Segment 0 0x3fff0030-0x3fff1c0c invalid: overlaps bootloader data"),
+    (ESP_IDF_BOOTLOADER[1:], "Segment 0 0x40078000-0x4007bd20 invalid: bad load address range"),  # below SOC_IRAM_LOW
+    ([(0x3FFE0000, 0x100)], "Segment 0 0x3ffe0000-0x3ffe0100 invalid: overlaps bootloader stack"),
+    ([(0x3FFDBF00, 0x20)], None),  # ends where the stack's headroom begins
+    ([(0x3FFDBF00, 0x24)], "overlaps bootloader stack"),
+    # IRAM whose DRAM alias (inverted on the ESP32) lands on the bootloader's data
+    ([(0x40080000, 0x400), (0x400A9F00, 0x100)], "Segment 1 0x400a9f00-0x400aa000 invalid: overlaps bootloader data"),
+    ([(0x400A8000, 0x100)], None),
+    ([(0x400C2000, 0x100)], "bad load address range"),  # not a flash window, not RAM
+    ([(0x400D0020, 0x8000), (0x3F400020, 0x800), (0, 0x1000)], None),  # mapped, or padding: not loaded
+    ([(0x50000000, 0x100), (0x400C0000, 0x100), (0x3FF80000, 0x100)], None),  # RTC memory
+    ([(0x3FFB0000, 0x200), (0x40080000, 0x400)], None),  # where an app's .dram0.data and .iram0 go
+])
+def test_the_bootloader_loads_only_segments_clear_of_its_own_memory(segments, refusal):
+    got = espidf.check_load(segments)
+    assert got == refusal if refusal is None or refusal.startswith("Segment") else refusal in got
+
+
+def test_a_combined_firmware_bin_in_a_slot_passes_set_boot_but_the_bootloader_refuses_it(image_a):
+    """What a chip does with MicroPython's firmware.bin written into ota_0: esp_image_verify
+    (set_boot's check) finds the bootloader image at its start and accepts it; the bootloader,
+    loading it, finds its first segment on its own data and falls back to the other slot."""
+    combined = build_combined_image(image_a)
+    f = flash_with(ota_0=combined[:0x180000], ota_1=image_a, entries=[(0, 1, espidf.OTA_VALID)])
+    assert espidf.verify_image(f, 0x10000, 0x180000)["ok"]
+    sel = espidf.select_boot(f, f.parts, commit=False)
+    assert sel["part"].label == "ota_1"
+    assert "ota_0 is not bootable: Segment 0 0x3fff0000-0x3fff0404 invalid: overlaps bootloader data" in sel["log"]

@@ -75,3 +75,48 @@ def test_releases_are_immutable(tmp_path):
     with pytest.raises(ReleaseError):
         reg.add(build_app_image("other", 70_000), "1.0.0")
     assert [r.version for r in reg.list()] == ["1.0.0"]
+
+
+def test_provision_emulate_and_release_refuse_what_image_check_refuses_with_its_codes(tmp_path):
+    """One check, one set of codes, wherever an image enters (site without services: provision
+    refuses the image before it asks for them)."""
+    from conftest import REPO
+    from tools.images import build_combined_image
+
+    app = build_app_image("1.0.0", 64 * 1024)
+    bad = {"combined_image": build_combined_image(app), "not_app_image": b"\x00" * 4096,
+           "wrong_chip": _with_chip(app, 5), "bad_digest": app[:-1] + bytes([app[-1] ^ 1])}
+    for code, data in bad.items():
+        f = tmp_path / f"{code}.bin"
+        f.write_bytes(data)
+        for argv in (["image-check", str(f)], ["release", str(f), "--version", "2", "--site", str(tmp_path / "s")],
+                     ["provision", "d1", "--image", str(f), "--version", "2", "--site", str(tmp_path / "s")],
+                     ["emulate", str(tmp_path / f"board-{code}"), "--new", str(f), "--max-boots", "1"]):
+            out = subprocess.run([sys.executable, "-m", "tools", *argv], cwd=REPO, capture_output=True, text=True,
+                                 timeout=60)
+            assert out.returncode == 1 and out.stderr.startswith(f"error: {f}: {code}: "), (argv, out.stderr)
+        assert not (tmp_path / f"board-{code}" / "flash.bin").exists()
+
+
+def _with_chip(image: bytes, chip_id: int) -> bytes:
+    data = bytearray(image)
+    struct.pack_into("<H", data, 12, chip_id)
+    return bytes(data)
+
+
+def test_an_app_whose_segment_sits_on_the_bootloaders_memory_is_refused():
+    """A well-formed app image (descriptor, checksum, digest) that the bootloader would still
+    not load: its DRAM segment on the bootloader's stack."""
+    from esptool.bin_image import ELFSection, ESP32FirmwareImage
+    from esptool.targets import ESP32ROM
+
+    from tools.images import app_descriptor
+
+    img = ESP32FirmwareImage()
+    img.entrypoint = 0x40080400
+    img.flash_size_freq = ESP32ROM.FLASH_SIZES["4MB"]
+    img.segments = [ELFSection(b".flash.appdesc", 0x3F400020, app_descriptor("1.0.0", "micropython"), 0),
+                    ELFSection(b".dram0.data", 0x3FFE0000, b"\x00" * 256, 0)]
+    with pytest.raises(ImageError) as e:
+        check_app_image(img.save(None))
+    assert e.value.code == "bad_load_address" and "overlaps bootloader stack" in str(e.value)

@@ -74,6 +74,9 @@ def cmd_serve(args) -> None:
     for noisy in ("transitions", "amqtt"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
+    _ports_free(args.host, {"--mqtt-port": args.mqtt_port, "--https-port": args.https_port,
+                            "--service-port": args.service_port if args.broker == "mosquitto" else 0})
+
     async def main():
         services = Services(_site(args), args.host, args.mqtt_port, args.https_port, args.ntp_port, args.broker,
                             args.service_port)
@@ -91,6 +94,21 @@ def cmd_serve(args) -> None:
     asyncio.run(main())
 
 
+def _ports_free(host: str, ports: dict[str, int]) -> None:
+    """Say which port is taken before a service fails on it half started."""
+    import socket
+
+    for flag, port in ports.items():
+        if not port:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind((host, port))
+            except OSError as e:
+                raise CommandError(f"{host}:{port} ({flag}): {e.strerror}; another `serve`? pick another "
+                                   f"with {flag}") from None
+
+
 def cmd_replica(args) -> None:
     from tools.replica import MQTTSettings, Replica
 
@@ -99,7 +117,10 @@ def cmd_replica(args) -> None:
     settings = MQTTSettings(args.mqtt_host, args.mqtt_port, "replica", site.service_password("replica"),
                             Path(args.ca) if args.ca else site.pki.ca_cert, client_id=f"replica-{args.name}",
                             share_group=args.share_group)
-    replica = Replica(settings, args.db or site.shadow_store, grant_key=site.grant_key)
+    try:
+        replica = Replica(settings, args.db or site.shadow_store, grant_key=site.grant_key)
+    except Exception as e:  # noqa: BLE001 - sqlite3 and psycopg each have their own errors
+        raise CommandError(f"shadow store {args.db or site.shadow_store}: {str(e).splitlines()[0]}") from None
 
     async def main():
         task = asyncio.create_task(replica.run())
@@ -118,9 +139,13 @@ def cmd_replica(args) -> None:
 def cmd_provision(args) -> None:
     from tools.provision import provision_emulated
 
+    from tools.images import ImageError
+
     try:
         root = provision_emulated(_site(args), args.device, args.image.read_bytes(), args.version,
                                   args.dir, compiled=not args.source)
+    except ImageError as e:
+        raise CommandError(f"{args.image}: {e.code}: {e}") from None
     except (ValueError, FileNotFoundError) as e:
         raise CommandError(str(e)) from None
     print(root)
@@ -185,10 +210,16 @@ def cmd_emulate(args) -> None:
 
     if args.new:
         from tools.esp32emu.runner import make_fresh_board
+        from tools.images import ImageError, check_app_image
 
         if (args.dir / "flash.bin").exists():
             raise CommandError(f"{args.dir} already holds a board")
-        make_fresh_board(args.dir, args.new.read_bytes())
+        image = args.new.read_bytes()
+        try:
+            check_app_image(image)
+        except ImageError as e:
+            raise CommandError(f"{args.new}: {e.code}: {e}") from None
+        make_fresh_board(args.dir, image)
     runner = Runner(args.dir, heapsize=args.heapsize, max_boots=args.max_boots, cut_at=args.cut_at,
                     repl_port=args.repl_port, clock_unset=not args.clock_set)
     if args.cut_after_ops:
@@ -206,7 +237,10 @@ def cmd_emulate(args) -> None:
 def cmd_flash_info(args) -> None:
     from tools.esp32emu.flashinfo import flash_info
 
-    print(json.dumps(flash_info(args.flash, args.chip_rev), indent=1))
+    try:
+        print(json.dumps(flash_info(args.flash, args.chip_rev), indent=1))
+    except ValueError as e:
+        raise CommandError(str(e)) from None
 
 
 def cmd_desired(args) -> None:
@@ -218,7 +252,7 @@ def cmd_desired(args) -> None:
         raise CommandError(f"no release {args.version} (see `releases`)")
     try:
         doc = asyncio.run(op.set_desired(site, args.device, rel, args.ttl, token=args.auth == "token"))
-    except (op.OperatorError, OSError) as e:
+    except (op.OperatorError, ValueError) as e:
         raise CommandError(str(e)) from None
     print(json.dumps(doc, indent=1))
 
@@ -228,7 +262,7 @@ def cmd_shadow(args) -> None:
 
     try:
         doc = asyncio.run(op.get_shadow(_site(args), args.device))
-    except (op.OperatorError, OSError) as e:
+    except op.OperatorError as e:
         raise CommandError(str(e)) from None
     print(json.dumps(doc, indent=1))
 
@@ -506,7 +540,12 @@ def parser() -> argparse.ArgumentParser:
     sp = with_site(add("rollout", cmd_rollout, "staged rollout of a release to many devices, with abort and "
                        "roll back (needs `serve`)"))
     act = sp.add_subparsers(dest="action", required=True)
-    st = act.add_parser("start", help="create a rollout and drive it to its end (Ctrl-C leaves it resumable)")
+    def action(name, **kw):  # `rollout start ... --site S` as well as `rollout --site S start ...`
+        a = act.add_parser(name, **kw)
+        a.add_argument("--site", type=Path, default=argparse.SUPPRESS, help="installation folder")
+        return a
+
+    st = action("start", help="create a rollout and drive it to its end (Ctrl-C leaves it resumable)")
     st.add_argument("version", help="release to roll out")
     who = st.add_mutually_exclusive_group(required=True)
     who.add_argument("--devices", nargs="+", metavar="ID")
@@ -531,11 +570,11 @@ def parser() -> argparse.ArgumentParser:
                     help="url: each device gets a URL pre-signed for it; token: a bare URL, and devices ask "
                     "the broker for a temporary credential (default url)")
     st.add_argument("--detach", action="store_true", help="only create it (drive it with `rollout resume`)")
-    act.add_parser("list", help="every rollout, one line each")
+    action("list", help="every rollout, one line each")
     for name, text in (("show", "one rollout and each of its devices"), ("resume", "drive a rollout on to its end"),
                        ("cancel", "target no more devices (those updating carry on)"),
                        ("rollback", "cancel, and set each touched device back to the release it ran before")):
-        a = act.add_parser(name, help=text)
+        a = action(name, help=text)
         a.add_argument("id")
         if name == "show":
             a.add_argument("--json", action="store_true")
@@ -551,5 +590,9 @@ def main(argv=None) -> int:
         args.fn(args)
     except CommandError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:  # a file missing or unwritable, a port taken: the user's to fix
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"error: {where}{e.strerror or e}", file=sys.stderr)
         return 1
     return 0

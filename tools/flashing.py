@@ -65,8 +65,17 @@ def _esptool(port: str, *args: str, baud: int = 460800, stub: bool = True) -> st
     except subprocess.TimeoutExpired:
         raise FlashError("esptool", f"esptool {args[0]} did not finish in 15 minutes") from None
     if out.returncode != 0:
-        raise FlashError("esptool", f"esptool {args[0]} failed:\n{out.stdout[-2000:]}{out.stderr[-2000:]}")
+        raise FlashError("esptool", f"esptool {args[0]} failed: {_esptool_reason(out.stdout + out.stderr)}")
     return out.stdout
+
+
+def _esptool_reason(output: str) -> str:
+    """The line of esptool's output that says why it failed (its "fatal error" line)."""
+    lines = [ln.strip() for ln in output.splitlines() if ln.strip()]
+    for ln in lines:
+        if "fatal error" in ln.lower() or ln.startswith("ERROR"):
+            return ln
+    return lines[-1] if lines else "no output"
 
 
 def flash_size(port: str, baud: int = 460800) -> int:

@@ -163,7 +163,7 @@ def check_app_image(data: bytes, slot_size: int = SLOT_SIZE) -> ImageReport:
     """Accept only an ESP32 app image that the bootloader would boot from a slot.
 
     Raises ImageError with codes: combined_image, not_app_image, wrong_chip, corrupt,
-    bad_checksum, bad_digest, too_big.
+    bad_checksum, bad_digest, too_big, bad_load_address.
     """
     if len(data) < 0x120:
         raise ImageError("not_app_image", "file is too short to be an ESP32 app image")
@@ -193,6 +193,9 @@ def check_app_image(data: bytes, slot_size: int = SLOT_SIZE) -> ImageReport:
     res = espidf.verify_image(MemFlash(data), 0, slot_size)
     if not res["ok"]:
         raise ImageError("corrupt", f"bootloader would refuse it: {res['error']}")
+    refusal = espidf.check_load(res["segments"])
+    if refusal is not None:
+        raise ImageError("bad_load_address", f"the bootloader would not load it: {refusal}")
     desc = res["desc"] or {}
     return ImageReport(
         size=len(data),

@@ -77,6 +77,14 @@ async def request(site: Site, device: str, suffix: str, body: dict, timeout: flo
     """Publish a shadow request and wait for its accepted/rejected answer (by clientToken)."""
     token = secrets.token_hex(8)
     body = dict(body, clientToken=token)
+    try:
+        return await _request(site, device, suffix, body, token, timeout)
+    except aiomqtt.MqttError as e:
+        ep = site.endpoints()
+        raise OperatorError(f"broker at {ep.host}:{ep.service_mqtt_port}: {e} (is `serve` running?)") from None
+
+
+async def _request(site: Site, device: str, suffix: str, body: dict, token: str, timeout: float) -> tuple[str, dict]:
     async with _client(site, "req") as client:
         await client.subscribe(contract.topic(device, suffix + "/+"), qos=1)
         await client.publish(contract.topic(device, suffix), json.dumps(body), qos=1)

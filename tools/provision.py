@@ -10,6 +10,7 @@ from pathlib import Path
 from firmware import contract
 from tools import acl
 from tools.esp32emu.runner import make_flash
+from tools.images import check_app_image
 from tools.mpy import compile_tree
 from tools.secretfile import write_private
 from tools.site import Site
@@ -50,8 +51,10 @@ def provision_emulated(site: Site, device_id: str, image: bytes, version: str,
                        directory: Path | None = None, config: dict | None = None,
                        compiled: bool = True) -> Path:
     """Make `<site>/devices/<id>` (or `directory`): flash.bin with `image` in ota_0 (as
-    esptool leaves a board), fs/ with the firmware, config, secrets and the CA. Returns it."""
+    esptool leaves a board), fs/ with the firmware, config, secrets and the CA. Returns it.
+    Raises ImageError for an image `image-check` refuses, with the same codes."""
     check_device_id(device_id)
+    check_app_image(image)
     ep = site.endpoints()
     root = Path(directory) if directory else site.devices_dir / device_id
     root.mkdir(parents=True, exist_ok=True)

@@ -524,16 +524,20 @@ def summary(info: RolloutInfo, targets: list[Target], with_devices: bool = True)
 
 async def run(site, engine: Engine, tick: float = 1.0, on_tick=None, reconnects: int = 10) -> RolloutInfo:
     """Drive `engine` over the site's broker, reading shadows from the replica's database.
-    A lost broker connection is retried with backoff (the engine's state is all on disk)."""
+    A lost broker connection is retried with backoff (the engine's state is all on disk); a
+    broker not there at all at the start is an error at once."""
     import aiomqtt
 
     from tools.operator_client import DesiredWriter
     from tools.shadowstore import read_shadows
 
     delay = 1.0
+    connected = False
     for attempt in range(reconnects + 1):
         try:
             async with DesiredWriter(site, engine.info.policy.ttl) as writer:
+                connected = True
+
                 async def publish(s: Send) -> None:
                     await writer.set(s.device, s.release, s.allow_downgrade,
                                      token=engine.info.policy.auth == contract.AUTH_TOKEN)
@@ -541,7 +545,7 @@ async def run(site, engine: Engine, tick: float = 1.0, on_tick=None, reconnects:
                 return await drive(engine, lambda devices: read_shadows(site.shadow_store, devices), publish, tick,
                                    on_tick)
         except aiomqtt.MqttError as e:
-            if attempt == reconnects:
+            if attempt == reconnects or not connected:
                 raise
             log.warning("broker connection lost (%s); reconnecting in %.0fs", e, delay)
             await asyncio.sleep(delay)

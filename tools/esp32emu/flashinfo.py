@@ -30,6 +30,10 @@ class ReadOnlyFlash:
 
 def flash_info(path: Path, chip_rev: int = 301) -> dict:
     data = Path(path).read_bytes()
+    least = espidf.PARTITION_TABLE_OFFSET + espidf.PARTITION_TABLE_MAX_LEN
+    if len(data) < least:
+        raise ValueError(f"{path}: {len(data)} bytes is no ESP32 flash image (its partition table alone "
+                         f"ends at 0x{least:x}); an app image is checked with `image-check`")
     flash = ReadOnlyFlash(data)
     out: dict = {"file": str(path), "size": len(data)}
     try:
@@ -49,19 +53,25 @@ def flash_info(path: Path, chip_rev: int = 301) -> dict:
         "why": sel["log"],
         "otadata_writes": sel["writes"],
     }
-    slots = {}
-    for p in espidf.ota_slots(parts):
+    apps = {}
+    for p in parts:
+        if p.type != espidf.TYPE_APP:
+            continue
         res = espidf.verify_image(flash, p.offset, p.size, chip_rev)
-        slots[p.label] = {
+        if res["ok"]:  # what the bootloader checks as it loads the image
+            res["error"] = espidf.check_load(res["segments"])
+            res["ok"] = res["error"] is None
+        apps[p.label] = {
             "valid": res["ok"],
             "error": res["error"],
             "length": res["length"],
             # The image file's SHA-256: what releases are named by and devices report.
             "image_sha256": hashlib.sha256(data[p.offset : p.offset + res["length"]]).hexdigest()
             if res["ok"] else None,
+            "chip": res.get("chip"),
             "app_desc": res["desc"],
         }
-    out["app_slots"] = slots
+    out["app_slots"] = apps  # factory, ota_N and test apps alike
     wear_path = Path(str(path) + ".wear")
     if wear_path.exists():
         wear = wear_path.read_bytes()

@@ -6,8 +6,9 @@
 #
 # Sources (ESP-IDF v5.5): bootloader_support/src/bootloader_utility.c (boot choice, fallback,
 # first-boot otadata), bootloader_common_loader.c (otadata validity, tie -> entry 0),
-# esp_image_format.c (esp_image_verify), app_update/esp_ota_ops.c (esp_rewrite_ota_data,
-# esp_ota_current_ota_is_workable), esp_flash_partitions.h, esp_app_format.h.
+# esp_image_format.c (esp_image_verify; verify_load_addresses, v5.4), app_update/esp_ota_ops.c
+# (esp_rewrite_ota_data, esp_ota_current_ota_is_workable), esp_flash_partitions.h,
+# esp_app_format.h, soc/esp32/include/soc/soc.h, bootloader/subproject/main/ld/esp32/bootloader.ld.
 #
 # `flash` arguments are objects with read(addr, n) -> bytes, erase(addr, n), write(addr, data)
 # (see norflash.py); addresses are absolute flash offsets.
@@ -77,8 +78,22 @@ if sys.implementation.name == "micropython":
         from _native import xor32 as _xor32  # the checksum without big ints (see _native.py)
     except ImportError:
         pass
-# ESP32 flash-mapped windows: DROM and IROM (soc/esp32/include/soc/soc.h)
-_MAPPED = ((0x3F400000, 0x3F800000), (0x400C2000, 0x40C00000))
+# ESP32 memory map (components/soc/esp32/include/soc/soc.h, v5.x). Flash-mapped windows,
+# DROM and IROM, as esp_image_format.c should_map tests them:
+_MAPPED = ((0x3F400000, 0x3F800000), (0x400D0000, 0x40400000))
+_DRAM = (0x3FFAE000, 0x40000000)  # SOC_DRAM_LOW/HIGH
+_IRAM = (0x40080000, 0x400AA000)  # SOC_IRAM_LOW/HIGH (dual core; 0x400A0000 before v5.1)
+_DIRAM_DRAM = (0x3FFE0000, 0x40000000)  # the same memory seen as data ...
+_DIRAM_IRAM = (0x400A0000, 0x400C0000)  # ... and as code, word order inverted (SOC_DIRAM_INVERTED)
+_RTC = ((0x400C0000, 0x400C2000), (0x3FF80000, 0x3FF82000), (0x50000000, 0x50002000))  # IRAM/DRAM fast, slow
+_ROM_STACK_START = 0x3FFE3F20  # SOC_ROM_STACK_START: the bootloader runs on the ROM's stack
+_STACK_LOAD_HEADROOM = 32768  # esp_image_format.c
+# The running bootloader's own memory, _dram_start.._dram_end and _loader_text_start..end:
+# bootloader.ld's dram_seg and iram_loader_seg, which they lie in. A segment between the real
+# _dram_end and dram_seg's end is refused all the same, as "bad load address range": its IRAM
+# alias lies above SOC_IRAM_HIGH.
+_BOOT_DRAM = (0x3FFF0000, 0x3FFF6000)
+_BOOT_LOADER_TEXT = (0x40078000, 0x40080000)
 
 
 class Part:
@@ -309,7 +324,8 @@ def verify_image(flash, offset, part_size, chip_rev=301):
     """Check an app image in flash as esp_image_verify does.
 
     Returns a dict: ok (bool), error (str or None), length (bytes, when known), segments,
-    sha256 (hex of the appended digest) and desc (app descriptor fields, or None).
+    sha256 (hex of the appended digest), desc (app descriptor fields, or None) and chip (the
+    header's chip id and min/max chip revision, v3.1 as 301; once the magic byte is right).
     """
     res = {"ok": False, "error": None, "length": None, "segments": [], "sha256": None, "desc": None}
     if part_size > _SIXTEEN_MB:
@@ -321,6 +337,7 @@ def verify_image(flash, offset, part_size, chip_rev=301):
         return res
     nseg = hdr[1]
     chip_id, min_rev_legacy, min_rev, max_rev = struct.unpack("<HBHH", hdr[12:19])
+    res["chip"] = {"chip_id": chip_id, "min_chip_rev": min_rev, "max_chip_rev": max_rev}
     hash_appended = hdr[23]
     if chip_id != CHIP_ID_ESP32:
         res["error"] = "mismatch chip ID, expected %d, found %d" % (CHIP_ID_ESP32, chip_id)
@@ -426,6 +443,73 @@ def read_app_desc(flash, offset):
     }
 
 
+# ---- loading an app at boot: esp_image_format.c verify_load_addresses ----
+# Only the bootloader runs these (BOOTLOADER_BUILD): esp_ota_set_boot_partition's
+# esp_image_verify does not, so set_boot() accepts an image the chip will then not load.
+
+
+def _overlap(a0, a1, b0, b1):
+    return a1 > b0 and b1 > a0  # bootloader_util_regions_overlap
+
+
+def _inside(region, p):
+    return region[0] <= p < region[1]
+
+
+def _dram_to_iram(p):  # esp_ptr_diram_dram_to_iram, inverted
+    return _DIRAM_IRAM[0] + (_DIRAM_DRAM[1] - p) - 4
+
+
+def _iram_to_dram(p):  # esp_ptr_diram_iram_to_dram, inverted
+    return _DIRAM_DRAM[0] + (_DIRAM_IRAM[1] - p) - 4
+
+
+def _alias(a, e, own, to):
+    """The part of [a, e) inside D/IRAM region `own`, seen through the other bus (`to`)."""
+    lo = to(a) if _inside(own, a) else to(own[0])
+    hi = to(e) if _inside(own, e - 1) else to(own[1])
+    return (hi, lo) if hi < lo else (lo, hi)
+
+
+def load_refusal(a, e, no_recurse=False):
+    """Why the bootloader refuses to load RAM segment [a, e), or None (verify_load_addresses)."""
+    if e == a:
+        return None
+    if _inside(_DRAM, a) and _inside(_DRAM, e - 1):
+        if _overlap(_ROM_STACK_START - _STACK_LOAD_HEADROOM, _ROM_STACK_START, a, e):
+            return "overlaps bootloader stack"
+        if _overlap(_BOOT_DRAM[0], _BOOT_DRAM[1], a, e):
+            return "overlaps bootloader data"
+        if not no_recurse and _overlap(_DIRAM_DRAM[0], _DIRAM_DRAM[1], a, e):
+            lo, hi = _alias(a, e, _DIRAM_DRAM, _dram_to_iram)
+            return load_refusal(lo, hi, True)
+        return None
+    if _inside(_IRAM, a) and _inside(_IRAM, e - 1):
+        if _overlap(_BOOT_LOADER_TEXT[0], _BOOT_LOADER_TEXT[1], a, e):
+            return "overlaps loader IRAM"
+        if not no_recurse and _overlap(_DIRAM_IRAM[0], _DIRAM_IRAM[1], a, e):
+            lo, hi = _alias(a, e, _DIRAM_IRAM, _iram_to_dram)
+            return load_refusal(lo, hi, True)
+        return None
+    for region in _RTC:
+        if _inside(region, a) and _inside(region, e - 1):
+            return None
+    return "bad load address range"
+
+
+def check_load(segments):
+    """What process_segment refuses while loading an image's segments [(addr, len)], as the
+    bootloader logs it; None if every segment loads. Mapped segments (DROM, IROM) and padding
+    (below 0x10000000) are not loaded (should_load), so not checked."""
+    for i, (addr, n) in enumerate(segments):
+        if addr < 0x10000000 or any(_inside(w, addr) for w in _MAPPED):
+            continue
+        why = load_refusal(addr, addr + n)
+        if why is not None:
+            return "Segment %d 0x%08x-0x%08x invalid: %s" % (i, addr, addr + n, why)
+    return None
+
+
 # ---- the second-stage bootloader's choice (rollback enabled, as in every MP build) ----
 
 
@@ -493,6 +577,9 @@ def select_boot(flash, parts, chip_rev=301, commit=True):
         if part is None or part.size == 0:
             continue
         res = verify_image(flash, part.offset, part.size, chip_rev)
+        if res["ok"]:  # bootloader_load_image: ESP_IMAGE_LOAD checks where segments go too
+            res["error"] = check_load(res["segments"])
+            res["ok"] = res["error"] is None
         images[part.label] = res
         if res["ok"]:
             if initial and index > -1:
