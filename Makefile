@@ -2,7 +2,7 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed-$(shell cat requirements-dev.txt | cksum | cut -d' ' -f1)
+STAMP := $(VENV)/.installed-$(shell cat requirements-dev.txt pyproject.toml | cksum | cut -d' ' -f1)
 PYTEST_ARGS ?=
 # Real boards: make flash PORT=/dev/ttyUSB0 FIRMWARE=ESP32_GENERIC-OTA.bin; make deploy PORT=... CONFIG=build/boards/<id>
 PORT ?=
@@ -14,14 +14,15 @@ CONFIG ?=
 APT_DEPS := mosquitto:mosquitto=2.0.11-1.2+deb12u2 \
 	/usr/lib/postgresql/15/bin/initdb:postgresql-15=15.18-0+deb12u1
 
-.PHONY: venv system-deps demo test bench flash deploy hil clean
+.PHONY: venv system-deps demo test test-fast bench flash deploy hil clean
 
 venv: $(STAMP)
 
-$(STAMP): requirements-dev.txt
+$(STAMP): requirements-dev.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt
-	$(BIN)/python -m tools.umqtt_fetch build/cache
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
+	$(BIN)/python -m tools.board.umqtt_fetch build/cache
 	rm -f $(VENV)/.installed-*
 	touch $@
 
@@ -45,6 +46,10 @@ system-deps:
 
 test: venv system-deps
 	$(BIN)/python -m pytest host_tests $(PYTEST_ARGS)
+
+# The edit-test loop: what is neither slow nor hardware in the loop, in well under a minute.
+test-fast: venv
+	$(BIN)/python -m pytest host_tests -m "not slow and not hil" $(PYTEST_ARGS)
 
 # Measurements, not tests: each prints its figures with a reference from the same run and
 # writes JSON under build/bench/.

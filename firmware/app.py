@@ -27,6 +27,7 @@ _IDLE_MS = 5000  # longest wait for a message while idle; a message ends the wai
 _ASK_FIRST_MS = 10000  # an unanswered get is asked again after 5-10 s, then up to 30-60 s
 _ASK_MAX_MS = 60000
 _REPORT_KEYS = ("version", "sha256", "slot", "state", "error", "target")
+_FIRMWARE_KEY = ('"' + contract.FIRMWARE + '"').encode()  # in a delta: the firmware changed
 
 
 def _jittered(delay):
@@ -124,28 +125,14 @@ class Agent(Installer):
         st = self.st
         rec = self.running_image()
         pending = st["target"] if st["phase"] != phases.IDLE else None
-        # Every field the device owns, every time: null deletes what no longer applies, so
-        # no stale progress or error survives in the shadow (reported objects are merged).
-        fw = {
-            "version": rec["version"],
-            "sha256": rec["sha256"],
-            "size": rec["size"],
-            "url": rec["url"],
-            "allow_downgrade": rec.get("allow_downgrade"),  # echoed, so no delta stays open
-            "auth": rec.get("auth"),
-            contract.GRANT: rec.get(contract.GRANT),
-            "slot": self.run_label,
-            "state": st["phase"],
-            "error": st["error"] if st["phase"] == phases.FAILED else None,
-            "target": pending["version"] if pending else None,
-            "attempts": st["attempts"] if st["phase"] == phases.FAILED else None,
-            "need_url": True if st["error"] == contract.E_URL_EXPIRED and pending else None,
-            "progress": None,
-            "mqtt": None,
-            "detail": None,
-        }
-        fw.update(extra)
-        return fw
+        failed = st["phase"] == phases.FAILED
+        extra["slot"] = self.run_label
+        extra["state"] = st["phase"]
+        extra["error"] = st["error"] if failed else None
+        extra["target"] = pending["version"] if pending else None
+        extra["attempts"] = st["attempts"] if failed else None
+        extra["need_url"] = True if st["error"] == contract.E_URL_EXPIRED and pending else None
+        return contract.reported_firmware(rec, extra)
 
     def ask(self):
         """Ask for the whole shadow; until an answer comes, ask again with backoff and jitter."""
@@ -155,15 +142,14 @@ class Agent(Installer):
 
     def _missed(self, doc):
         """Whether the reported firmware in a shadow document is not what we would report."""
-        try:
-            theirs = doc["state"]["reported"]["firmware"]
-            mine = self.reported()
-            for k in _REPORT_KEYS:
-                if theirs.get(k) != mine[k]:
-                    return True
-            return False
-        except (KeyError, TypeError, AttributeError):  # not there at all
+        theirs = contract.firmware_in(doc, contract.REPORTED)
+        if not isinstance(theirs, dict):
             return True
+        mine = self.reported()
+        for k in _REPORT_KEYS:
+            if theirs.get(k) != mine[k]:
+                return True
+        return False
 
     def _on_progress(self, done, total):
         pct = done * 100 // total
@@ -217,16 +203,18 @@ class Agent(Installer):
         """One message from the broker: returns (firmware, resume) to install, or None.
         Whatever it holds, nothing escapes but a link error: input that is not what the
         contract says is dropped (tests fuzz this)."""
+        if suffix == contract.UPDATE_DELTA:
+            # The delta only says that something changed: the whole shadow is asked for (its
+            # metadata makes a delta as large as the document's firmware part; not parsed).
+            if _FIRMWARE_KEY in msg:
+                self.ask()
+            return None
         try:
             doc = json.loads(msg)
         except ValueError:  # includes UnicodeError
             log("dropping a message that is not JSON on", suffix)
             return None
-        if suffix == contract.UPDATE_DELTA:
-            if isinstance(doc, dict) and isinstance(doc.get("state"), dict):
-                if "firmware" in doc["state"]:
-                    self.ask()
-        elif suffix in (contract.GET_ACCEPTED, contract.GET_REJECTED):  # (rejected: no shadow yet)
+        if suffix in (contract.GET_ACCEPTED, contract.GET_REJECTED):  # (rejected: no shadow yet)
             self.ask_at = None
             self.ask_wait = _ASK_FIRST_MS
             before = self.reports

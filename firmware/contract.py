@@ -32,15 +32,25 @@ CREDENTIALS_REJECTED = "credentials/get/rejected"
 SUFFIXES = (UPDATE, UPDATE_ACCEPTED, UPDATE_REJECTED, UPDATE_DELTA, UPDATE_DOCUMENTS, GET, GET_ACCEPTED,
              GET_REJECTED, CREDENTIALS, CREDENTIALS_ACCEPTED, CREDENTIALS_REJECTED)
 
+# Documents: a request or answer carries {"state": {"desired"|"reported": {"firmware": {...}}}};
+# a delta carries {"state": {"firmware": {...}}}. Build and read them with firmware_update and
+# firmware_in, nowhere else.
+DESIRED = "desired"
+REPORTED = "reported"
+DELTA = "delta"  # get/accepted's state.delta
+FIRMWARE = "firmware"
+
+# desired.firmware: url, version, sha256, size (check_firmware), and optionally:
 # desired.firmware.auth: how the device proves it may download. Absent: the URL is pre-signed
 # for this device (plus its own credential); "token": the URL is bare, and the device first
 # asks for a temporary credential on CREDENTIALS and sends it as a bearer token.
 AUTH_TOKEN = "token"
 
-# desired.firmware.grant: an operator's HMAC over the device id and the image it targets
-# (tools/grants.py). Checked by the replica and the renewer; the device only echoes it.
+# desired.firmware.grant: an operator's MAC over the device id and the image it targets
+# (tools/control/grants.py), for the replica and the renewer. A device neither needs nor
+# reports it, so it is left out of the delta (NOT_REPORTED).
 GRANT = "grant"
-MAX_GRANT = 80
+NOT_REPORTED = ((FIRMWARE, GRANT),)  # desired leaves a device never reports: never in a delta
 
 MAX_DEVICE_ID = 64
 MAX_DOCUMENT = 8192  # bytes of desired + reported, as AWS IoT Device Shadow
@@ -58,6 +68,15 @@ R_FORBIDDEN = 403
 R_TOO_LARGE = 413
 R_UNSUPPORTED_ENCODING = 415  # not UTF-8
 R_INTERNAL = 500
+
+# state.reported.firmware: every field, every report (null deletes what no longer applies;
+# reported objects merge). The running image, as the desired firmware it was installed from
+# said (or as provisioning recorded it): version, sha256, size, url, allow_downgrade, auth;
+# slot: the partition it runs from; the update: state (ST_*), error (E_*), target (the
+# version being installed), attempts, need_url (true: a fresh pre-signed URL is needed),
+# progress (percent of the download), mqtt and detail (free text about the last failure).
+REPORT_FIELDS = ("version", "sha256", "size", "url", "allow_downgrade", "auth", "slot", "state", "error",
+                 "target", "attempts", "need_url", "progress", "mqtt", "detail")
 
 # Device update states, reported in state.reported.firmware.state.
 ST_IDLE = "idle"
@@ -162,12 +181,33 @@ def check_firmware(fw):
         raise ValueError("auth: must be \"%s\" or absent" % AUTH_TOKEN)
     if auth:
         out["auth"] = auth
-    grant = fw.get(GRANT)
-    if grant is not None and (not isinstance(grant, str) or len(grant) > MAX_GRANT):
-        raise ValueError("grant: must be a string of at most %d characters" % MAX_GRANT)
-    if grant:
-        out[GRANT] = grant
     return out
+
+
+def firmware_update(section, firmware, token=None):
+    """An update request setting state.<section>.firmware (DESIRED or REPORTED)."""
+    doc = {"state": {section: {FIRMWARE: firmware}}}
+    if token is not None:
+        doc["clientToken"] = token
+    return doc
+
+
+def firmware_in(doc, section=None):
+    """state.<section>.firmware of a shadow document or message (state.firmware of a delta:
+    section None); None where there is none. Whatever its type: check it before use."""
+    state = doc.get("state") if isinstance(doc, dict) else None
+    if section is not None:
+        state = state.get(section) if isinstance(state, dict) else None
+    return state.get(FIRMWARE) if isinstance(state, dict) else None
+
+
+def reported_firmware(image, update):
+    """The reported firmware object: the running `image` (a check_firmware record) and the
+    `update` fields (slot, state, ...); every REPORT_FIELDS key is there, null where unset."""
+    fw = {}
+    for k in REPORT_FIELDS:
+        fw[k] = update.get(k, image.get(k))
+    return fw
 
 
 def compare_versions(a, b):

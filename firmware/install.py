@@ -117,7 +117,7 @@ class Installer:
             for suffix, msg in self.link.inbox:
                 if suffix == contract.UPDATE_DELTA and b"sha256" in msg:
                     try:
-                        sha = json.loads(msg)["state"]["firmware"]["sha256"]
+                        sha = contract.firmware_in(json.loads(msg))["sha256"]
                     except (ValueError, TypeError, KeyError):
                         continue
                     if sha != want:
@@ -130,10 +130,8 @@ class Installer:
         if self.link is None:
             return True
         doc = self.link.exchange(contract.GET, {}, (contract.GET_ACCEPTED,), 6000, "check")
-        try:
-            return doc["state"]["desired"]["firmware"]["sha256"] == fw["sha256"]
-        except (TypeError, KeyError):
-            return True
+        desired = contract.firmware_in(doc, contract.DESIRED)
+        return not isinstance(desired, dict) or desired.get("sha256") == fw["sha256"]
 
     # -- acting on the shadow ---------------------------------------------------------------
 
@@ -148,12 +146,12 @@ class Installer:
             if version < self.doc_version:
                 return None  # stale answer
             self.doc_version = version
-        desired = doc["state"].get("desired")
-        if not isinstance(desired, dict) or "firmware" not in desired:
+        desired = contract.firmware_in(doc, contract.DESIRED)
+        if desired is None:
             return None
         st = self.st
         try:
-            fw = contract.check_firmware(desired["firmware"])
+            fw = contract.check_firmware(desired)
         except ValueError as e:
             if st["error"] != contract.E_BAD_DESIRED:
                 log("ignoring desired firmware:", e)

@@ -120,10 +120,7 @@ class Link:
         self._last_tx = time.ticks_ms()
 
     def report(self, firmware, token=None):
-        doc = {"state": {"reported": {"firmware": firmware}}}
-        if token:
-            doc["clientToken"] = token
-        self.publish(contract.UPDATE, doc)
+        self.publish(contract.UPDATE, contract.firmware_update(contract.REPORTED, firmware, token))
 
     def request_get(self):
         self.publish(contract.GET, {})

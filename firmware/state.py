@@ -15,7 +15,8 @@ PATH = "ota.json"
 _MAX_BYTES = 8192
 
 
-def _fresh():
+def fresh():
+    """Nothing in progress, no image known (provisioning adds the factory image to images)."""
     return {"phase": "idle", "target": None, "slot": None, "written": 0, "error": None,
             "attempts": 0, "fetched": 0, "images": {}}
 
@@ -25,15 +26,15 @@ def load(path=PATH):
         with open(path) as f:
             st = json.loads(f.read(_MAX_BYTES))  # json.load(f) reads a byte at a time
     except (OSError, ValueError):
-        return _fresh()
-    fresh = _fresh()
+        return fresh()
+    new = fresh()
     if not isinstance(st, dict):
-        return fresh
+        return new
     # Keep only well-typed fields; anything else falls back to the fresh value.
     for k, ok in (("phase", str), ("attempts", int), ("written", int), ("fetched", int),
                   ("images", dict)):
         if not isinstance(st.get(k), ok):
-            st[k] = fresh[k]
+            st[k] = new[k]
     for k in ("target", "slot", "error"):
         if k not in st:
             st[k] = None

@@ -15,13 +15,13 @@ from pathlib import Path
 
 import pytest
 
-from tools.acl import SERVICE_USERS
+from tools.site.identities import SERVICE_USERS
 from tools.esp32emu.runner import DEFAULT_CHIP_REV, Runner, TARGET_DIR, chip_env
 from tools.esp32emu.runner import run_script as run_micropython  # noqa: F401 - tests import it from here
-from tools.images import build_app_image
-from tools.operator_client import Recorder
-from tools.provision import provision_emulated
-from tools.services import ServicesThread, start_ready, stop_task
+from tools.espidf.images import build_app_image
+from tools.operator.client import Recorder
+from tools.esp32emu.provision import provision_emulated
+from tools.control.services import ServicesThread, start_ready, stop_task
 from tools.site import Site
 
 REPO = Path(__file__).resolve().parent.parent
@@ -61,7 +61,7 @@ def wait_until(predicate, timeout: float, what: str, interval: float = 0.05):
 
 def reported_firmware(services, site, device: str) -> tuple[dict, dict | None]:
     """(state.reported.firmware, whole document) from the replica; ({}, None) before any."""
-    from tools import operator_client as op
+    from tools.operator import client as op
 
     try:
         doc = services.call(op.get_shadow(site, device))
@@ -157,7 +157,7 @@ def postgres_server():
     import shutil
     import tempfile
 
-    from tools.postgres import Postgres, find_bin
+    from tools.control.postgres import Postgres, find_bin
 
     if find_bin() is None:
         pytest.skip("PostgreSQL server not installed (`make system-deps` installs postgresql-15)")
@@ -319,6 +319,36 @@ def mqtt_probe(site, services):
     yield make
     for p in made:
         p.close()
+
+
+# ---- markers: the tiers of the suite ------------------------------------------------------
+# unit: pure host code; micropython: runs code under the MicroPython unix port; e2e: services
+# on loopback (broker, replica, store) with clients or emulated boards; hil: a board (or an
+# emulated one) behind mpremote or esptool; slow: takes seconds. `make test-fast` runs what
+# is neither slow nor hil, in well under a minute.
+TIERS = {
+    "test_acl": "unit", "test_shadow": "unit", "test_espidf": "unit", "test_images": "unit",
+    "test_rollout": "unit", "test_mqtt_wire": "unit", "test_passwd": "unit", "test_structure": "unit",
+    "test_status": "unit", "test_cli_errors": "unit",
+    "test_contract": "unit micropython", "test_device_files": "micropython", "test_emulator": "micropython",
+    "test_mpy": "micropython", "test_fuzz_firmware": "micropython slow", "test_tls_trust": "micropython e2e",
+    "test_link": "micropython e2e slow", "test_firmware": "micropython e2e slow",
+    "test_power_sweep": "micropython e2e slow",
+    "test_e2e": "e2e slow", "test_credentials": "e2e slow", "test_network_faults": "e2e slow",
+    "test_resume": "e2e slow", "test_rollout_e2e": "e2e slow", "test_trust": "e2e slow",
+    "test_mosquitto": "e2e slow", "test_broker": "e2e slow", "test_replica": "e2e slow", "test_store": "e2e slow",
+    "test_provision": "e2e slow",
+    "test_hil": "hil slow", "test_mpremote": "hil slow", "test_flashing": "hil slow",
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        module = item.module.__name__.rpartition(".")[2]
+        if module not in TIERS:
+            raise pytest.UsageError(f"{module}: give it its tiers in conftest.TIERS")
+        for mark in TIERS[module].split():
+            item.add_marker(getattr(pytest.mark, mark))
 
 
 # ---- options and the end-of-run summary ---------------------------------------------------

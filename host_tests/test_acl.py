@@ -1,8 +1,9 @@
-"""tools.acl: the one role table both brokers' ACLs come from (end to end: test_trust.py)."""
+"""tools.control.acl: the one role table both brokers' ACLs come from (end to end: test_trust.py)."""
 
 import pytest
 
-from tools import acl
+from tools.control import acl
+from tools.site.identities import reserved_id
 
 
 @pytest.mark.parametrize("user,topic,publish,read", [
@@ -47,4 +48,4 @@ def test_subscriptions(user, topic_filter, granted):
 
 def test_reserved_ids():
     assert [n for n in ("operator", "replica-w0", "operator-renewer", "replicas", "op", "dev-replica")
-            if acl.reserved_id(n)] == ["operator", "replica-w0", "operator-renewer"]
+            if reserved_id(n)] == ["operator", "replica-w0", "operator-renewer"]

@@ -1,5 +1,5 @@
 """The broker confines each device to state/<its id>/ and refuses bad credentials.
-(tools.acl's role rules, on both brokers and from the attacker's side: test_trust.py.)"""
+(tools.control.acl's role rules, on both brokers and from the attacker's side: test_trust.py.)"""
 
 import pytest
 

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from conftest import REPO
-from tools.images import build_app_image, build_combined_image
+from tools.espidf.images import build_app_image, build_combined_image
 from tools.site import Endpoints, Site
 
 

@@ -10,9 +10,9 @@ import urllib.request
 
 from conftest import MQTTProbe, device_on_a, wait_reported
 from firmware import contract
-from tools import operator_client as op
-from tools import presign
-from tools.images import build_app_image
+from tools.operator import client as op
+from tools.control import presign
+from tools.espidf.images import build_app_image
 
 DEV = "tok-1"
 BLOCK_OPS = 2  # flash operations per 4 KiB block (erase + program)

@@ -12,7 +12,7 @@ STATE = """
 import json
 from firmware import state
 st = state.load()
-print(json.dumps({"fresh": st == state._fresh(), "phase": st["phase"], "written": st["written"]}))
+print(json.dumps({"fresh": st == state.fresh(), "phase": st["phase"], "written": st["written"]}))
 """
 
 
@@ -27,7 +27,7 @@ def _state_after(tmp_path, contents: bytes | None) -> dict:
 def test_state_survives_a_save_and_a_load(tmp_path):
     proc = run_micropython("""
 from firmware import state
-st = state._fresh()
+st = state.fresh()
 st.update(phase="downloading", written=65536, target={"url": "https://h/fw/x.bin", "version": "2.0.0",
           "sha256": "a" * 64, "size": 100000})
 state.save(st)

@@ -11,10 +11,12 @@ from esptool.bin_image import LoadFirmwareImage
 
 from conftest import wait_reported, wait_until
 from firmware import contract
-from tools import operator_client as op
-from tools import grants, presign
+from tools.operator import client as op
+from tools.control import grants
+from tools.control import presign
 from tools.esp32emu.flashinfo import flash_info
-from tools.images import PANIC_ON_BOOT, build_app_image
+from tools.esp32emu.runner import PANIC_ON_BOOT
+from tools.espidf.images import build_app_image
 
 DEV = "esp32-e2e"
 
@@ -57,7 +59,7 @@ def test_device_updates_itself(site, services, recorder, images, device_a):
                             lambda fw, d: fw.get("version") == "1.1.0" and fw.get("state") == "idle",
                             "the device to report 1.1.0")
     assert fw["sha256"] == rel.sha256 and fw["slot"] == "ota_1"
-    assert set(fw) == {"version", "sha256", "size", "url", "grant", "slot", "state"}  # nothing stale left
+    assert set(fw) == {"version", "sha256", "size", "url", "slot", "state"}  # nothing stale left
     assert "delta" not in doc["state"]
     wait_until(lambda: any(m.topic.endswith("/update/accepted") and (_fw(m, "reported") or {}).get("version") == "1.1.0"
                            for m in rec.messages), 10, "accepted for the new version")

@@ -19,10 +19,11 @@ import pytest
 
 from conftest import chip_env, last_json_line, run_micropython
 from tools.esp32emu.flashinfo import flash_info
-from tools.esp32emu.runner import HARD_RESET, PWRON_RESET, WDT_RESET, Runner, make_flash, make_fresh_board, rom_dir
-from tools.esp32emu.target import espidf
-from tools.images import PANIC_ON_BOOT, MemFlash, build_app_image
-from tools.mpy import native_arch
+from tools.esp32emu.runner import (HARD_RESET, PANIC_ON_BOOT, PWRON_RESET, WDT_RESET, Runner, make_flash,
+                                   make_fresh_board, rom_dir)
+from tools.espidf import onflash
+from tools.espidf.images import MemFlash, build_app_image
+from tools.board.mpy import native_arch
 
 
 @pytest.fixture(scope="module")
@@ -357,7 +358,7 @@ def test_set_boot_checks_checksum_and_digest_as_the_host_model_does(tmp_path, ap
         b[-32:] = hashlib.sha256(b[:-32]).digest()
     if damage == "digest":
         b[40004] ^= 0x80
-    host = espidf.verify_image(MemFlash(bytes(b)), 0, 0x180000)["error"]  # CPython, big ints
+    host = onflash.verify_image(MemFlash(bytes(b)), 0, 0x180000)["error"]  # CPython, big ints
     assert host == error if error is None else host.startswith(error)
     make_flash(tmp_path / "flash.bin", app_a)
     proc = _write_next_and_set_boot(tmp_path, b)
@@ -442,14 +443,14 @@ def test_flash_info_gives_a_factory_app_its_verdict_and_a_combined_image_in_a_sl
     """MicroPython's non-OTA layout (nvs, phy_init, factory, vfs): the app is factory's; and
     firmware.bin written into a slot, which set_boot's check would pass, is shown refused as
     the bootloader refuses it (esp_image_format.c verify_load_addresses)."""
-    from tools.esp32emu.target import espidf
-    from tools.images import build_combined_image
+    from tools.espidf import onflash
+    from tools.espidf.images import build_combined_image
 
-    factory_layout = [("nvs", espidf.TYPE_DATA, 0x02, 0x9000, 0x6000), ("phy_init", espidf.TYPE_DATA, 0x01, 0xF000, 0x1000),
-                      ("factory", espidf.TYPE_APP, espidf.SUBTYPE_FACTORY, 0x10000, 0x1F0000),
-                      ("vfs", espidf.TYPE_DATA, 0x81, 0x200000, 0x200000)]
+    factory_layout = [("nvs", onflash.TYPE_DATA, 0x02, 0x9000, 0x6000), ("phy_init", onflash.TYPE_DATA, 0x01, 0xF000, 0x1000),
+                      ("factory", onflash.TYPE_APP, onflash.SUBTYPE_FACTORY, 0x10000, 0x1F0000),
+                      ("vfs", onflash.TYPE_DATA, 0x81, 0x200000, 0x200000)]
     flash = bytearray(b"\xff" * 0x400000)
-    table = espidf.make_partition_table(factory_layout)
+    table = onflash.make_partition_table(factory_layout)
     flash[0x8000 : 0x8000 + len(table)] = table
     flash[0x10000 : 0x10000 + len(app_a)] = app_a
     (tmp_path / "factory.bin").write_bytes(flash)
@@ -582,7 +583,7 @@ def test_tls_budget_fails_wrap_socket_with_enomem(tmp_path, app_a, site):
     import ssl
     import threading
 
-    from tools.pki import server_ssl_context
+    from tools.site.pki import server_ssl_context
 
     ctx = server_ssl_context(site.pki)
     srv = socket.socket()
@@ -647,7 +648,7 @@ def test_poll_on_a_tls_socket_sees_pending_bytes_and_waits_in_the_kernel(tmp_pat
     import socket
     import threading
 
-    from tools.pki import server_ssl_context
+    from tools.site.pki import server_ssl_context
 
     ctx = server_ssl_context(site.pki)
     srv = socket.socket()

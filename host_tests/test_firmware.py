@@ -5,11 +5,11 @@ import json
 
 from conftest import chip_env, last_json_line, reported_firmware, run_micropython, wait_reported, wait_until
 from firmware import contract
-from tools import grants
-from tools import operator_client as op
+from tools.control import grants
+from tools.operator import client as op
 from tools.esp32emu.runner import make_flash
-from tools.images import build_app_image
-from tools.provision import copy_firmware
+from tools.espidf.images import build_app_image
+from tools.board.provision import copy_firmware
 
 COPY_LOCKED = """
 import io, json, hashlib, micropython

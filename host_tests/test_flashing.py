@@ -11,9 +11,9 @@ import sys
 import pytest
 from esp32_mock_bootloader import mock_bootloader
 
-from tools.esp32emu.target import espidf
-from tools.flashing import FlashError, check_combined_image, flash
-from tools.images import COMBINED_OFFSET, build_app_image, build_combined_image
+from tools.espidf import onflash
+from tools.board.flashing import FlashError, check_combined_image, flash
+from tools.espidf.images import COMBINED_OFFSET, build_app_image, build_combined_image
 
 APP = build_app_image("1.25.0", 40 * 1024)
 FIRMWARE = build_combined_image(APP)
@@ -40,8 +40,8 @@ def test_the_wrong_file_is_refused_with_a_reason(case, code):
         "random bytes": bytes(range(256)) * 400,
         "truncated": FIRMWARE[:0x8000],
         "ESP32-S3 bootloader": FIRMWARE[:12] + (9).to_bytes(2, "little") + FIRMWARE[14:],
-        "no OTA slots": build_combined_image(APP, (("nvs", espidf.TYPE_DATA, 2, 0x9000, 0x6000),
-                                                   ("factory", espidf.TYPE_APP, 0, 0x10000, 0x1F0000))),
+        "no OTA slots": build_combined_image(APP, (("nvs", onflash.TYPE_DATA, 2, 0x9000, 0x6000),
+                                                   ("factory", onflash.TYPE_APP, 0, 0x10000, 0x1F0000))),
         "broken table": FIRMWARE[:0x7000] + b"\x00" * 32 + FIRMWARE[0x7020:],
         "no app": FIRMWARE[:0xF000] + b"\xff" * len(APP),
     }[case]
@@ -69,10 +69,10 @@ def test_flash_writes_the_file_at_0x1000_and_reads_back_identical(tmp_path):
 
 @pytest.mark.timeout(200)
 def test_a_table_bigger_than_the_boards_flash_is_refused_before_erasing(tmp_path):
-    big = build_combined_image(APP, (("nvs", espidf.TYPE_DATA, 2, 0x9000, 0x4000),
-                                     ("otadata", espidf.TYPE_DATA, espidf.SUBTYPE_DATA_OTA, 0xD000, 0x2000),
-                                     ("ota_0", espidf.TYPE_APP, 0x10, 0x10000, 0x3F0000),
-                                     ("ota_1", espidf.TYPE_APP, 0x11, 0x400000, 0x3F0000)))
+    big = build_combined_image(APP, (("nvs", onflash.TYPE_DATA, 2, 0x9000, 0x4000),
+                                     ("otadata", onflash.TYPE_DATA, onflash.SUBTYPE_DATA_OTA, 0xD000, 0x2000),
+                                     ("ota_0", onflash.TYPE_APP, 0x10, 0x10000, 0x3F0000),
+                                     ("ota_1", onflash.TYPE_APP, 0x11, 0x400000, 0x3F0000)))
     fw = tmp_path / "firmware-8mb.bin"
     fw.write_bytes(big)
     with mock_bootloader(chip="esp32") as board:

@@ -15,8 +15,8 @@ from hypothesis import strategies as st
 from conftest import chip_env, run_micropython
 from firmware import contract
 from tools.esp32emu.runner import make_flash
-from tools.images import build_app_image
-from tools.provision import copy_firmware
+from tools.espidf.images import build_app_image
+from tools.board.provision import copy_firmware
 
 N = 3000
 

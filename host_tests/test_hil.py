@@ -21,14 +21,15 @@ import pytest
 
 from conftest import wait_reported, wait_until
 from firmware import contract
-from tools import operator_client as op
-from tools import grants, presign
-from tools.deploy import deploy
+from tools.operator import client as op
+from tools.control import grants
+from tools.control import presign
+from tools.board.deploy import deploy
 from tools.esp32emu.flashinfo import flash_info
-from tools.esp32emu.runner import Runner, make_fresh_board
-from tools.images import PANIC_ON_BOOT, build_app_image
-from tools.provision import provision_board
-from tools.services import ServicesThread
+from tools.esp32emu.runner import PANIC_ON_BOOT, Runner, make_fresh_board
+from tools.espidf.images import build_app_image
+from tools.board.provision import provision_board
+from tools.control.services import ServicesThread
 from tools.site import Site
 
 FACTORY = build_app_image("1.0.0", 120 * 1024)
@@ -108,17 +109,17 @@ def test_deploy_then_the_board_reports_itself(hil, deployed):
 
 
 def _compiled(module: str) -> bytes:
-    from tools.mpy import compile_tree
-    from tools.provision import CACHE, REPO
+    from tools.board.mpy import compile_tree, tree
+    from tools.board.provision import CACHE, REPO
 
-    built = compile_tree(sorted((REPO / "firmware").glob("*.py")), CACHE / "firmware-mpy", REPO)
+    built = compile_tree(tree(REPO, (REPO / "firmware").glob("*.py")), CACHE / "firmware-mpy")
     return (built / "firmware" / f"{module}.mpy").read_bytes()
 
 
 @pytest.mark.timeout(300)
 def test_deploy_again_copies_nothing_and_removes_stale_twins(hil, deployed):
     site, services, port, device, runner, config = hil
-    from tools.deploy import mpremote
+    from tools.board.deploy import mpremote
 
     # A stale source next to a compiled module would shadow it (MicroPython imports .py first).
     report = deploy(port, config, reset=False)
@@ -203,6 +204,6 @@ def test_serial_board_flash_is_big_enough_for_the_ota_layout(hil):
     site, services, port, device, runner, config = hil
     if not _serial(port):
         pytest.skip("needs a board on a serial port (--port /dev/ttyUSB0): reads the flash chip's id with esptool")
-    from tools.flashing import flash_size
+    from tools.board.flashing import flash_size
 
     assert flash_size(port) >= 4 * 1024 * 1024

@@ -6,8 +6,8 @@ import sys
 
 import pytest
 
-from tools.images import ImageError, build_app_image, check_app_image
-from tools.releases import Registry, ReleaseError
+from tools.espidf.images import ImageError, build_app_image, check_app_image
+from tools.site.releases import Registry, ReleaseError
 
 
 def test_built_image_passes_esptool_image_info(tmp_path):
@@ -33,13 +33,13 @@ def test_size_and_identity():
 def _combined(app: bytes) -> bytes:
     # firmware.bin as MicroPython's makeimg.py writes it, from flash offset 0x1000: bootloader
     # image, partition table at 0x8000 (file 0x7000), app at 0x10000 (file 0xF000).
-    from tools.esp32emu.target import espidf
+    from tools.espidf import onflash
 
     out = bytearray(b"\xff" * 0xF000)
     boot = bytearray(app[:0x4000])
     struct.pack_into("<I", boot, 0x20, 0x50)  # a bootloader descriptor, not an app one
     out[: len(boot)] = boot
-    table = espidf.make_partition_table()
+    table = onflash.make_partition_table()
     out[0x7000 : 0x7000 + len(table)] = table
     return bytes(out) + app
 
@@ -81,7 +81,7 @@ def test_provision_emulate_and_release_refuse_what_image_check_refuses_with_its_
     """One check, one set of codes, wherever an image enters (site without services: provision
     refuses the image before it asks for them)."""
     from conftest import REPO
-    from tools.images import build_combined_image
+    from tools.espidf.images import build_combined_image
 
     app = build_app_image("1.0.0", 64 * 1024)
     bad = {"combined_image": build_combined_image(app), "not_app_image": b"\x00" * 4096,
@@ -110,7 +110,7 @@ def test_an_app_whose_segment_sits_on_the_bootloaders_memory_is_refused():
     from esptool.bin_image import ELFSection, ESP32FirmwareImage
     from esptool.targets import ESP32ROM
 
-    from tools.images import app_descriptor
+    from tools.espidf.images import app_descriptor
 
     img = ESP32FirmwareImage()
     img.entrypoint = 0x40080400

@@ -17,10 +17,10 @@ import pytest
 
 from conftest import last_json_line, run_micropython
 from tools.esp32emu.runner import chip_env, make_flash
-from tools.images import build_app_image
-from tools.pki import server_ssl_context
-from tools.provision import CACHE
-from tools.umqtt_fetch import fetch as fetch_umqtt
+from tools.espidf.images import build_app_image
+from tools.site.pki import server_ssl_context
+from tools.board.provision import CACHE
+from tools.board.umqtt_fetch import fetch as fetch_umqtt
 
 CLIENT = """
 import json, time

@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 
 from conftest import MQTTProbe, wait_until
-from tools import mosquitto
-from tools.replica import MQTTSettings, Replica
-from tools.shadowstore import open_store
+from tools.control.brokers import mosquitto
+from tools.control.replica import MQTTSettings, Replica
+from tools.control.shadowstore import open_store
 
 pytestmark = pytest.mark.skipif(not mosquitto.available(), reason="mosquitto is not installed "
                                 "(make test installs it: apt-get install mosquitto)")
@@ -158,7 +158,7 @@ class Worker:
     def stop(self):
         import asyncio
 
-        from tools.services import stop_task
+        from tools.control.services import stop_task
 
         # Cancelled until it really ends (Python 3.11's wait_for can swallow one cancel).
         # The thread ends when the task has (its loop stops with it).
@@ -243,8 +243,8 @@ def test_a_request_cut_off_with_the_connection_is_delivered_again_and_answered(s
     session and hands the same request over again on the next connection."""
     import sqlite3
 
-    from tools import mqtt_wire
-    from tools.shadowstore import SQLiteStore
+    from tools.control import mqtt_wire
+    from tools.control.shadowstore import SQLiteStore
 
     clients, failed = [], []
     monkeypatch.setattr(mqtt_wire.Client, "__init__", _recording(mqtt_wire.Client.__init__, clients))
@@ -300,7 +300,7 @@ def test_the_services_mqtt_client_keeps_an_idle_connection_alive(site, broker):
     import asyncio
     import ssl
 
-    from tools import mqtt_wire
+    from tools.control import mqtt_wire
 
     async def main():
         c = mqtt_wire.Client("operator-idle", "operator", site.service_password("operator"), keepalive=1)
@@ -359,10 +359,11 @@ def test_services_on_mosquitto_serve_an_emulated_device_provisioned_while_they_r
     it, so a device added while everything runs connects and updates; a revoked device cannot
     connect again."""
     from conftest import EmuDevice, wait_reported
-    from tools import operator_client as op
+    from tools.operator import client as op
     from tools.esp32emu.runner import Runner
-    from tools.provision import provision_emulated, revoke
-    from tools.services import ServicesThread
+    from tools.board.provision import revoke
+    from tools.esp32emu.provision import provision_emulated
+    from tools.control.services import ServicesThread
     from tools.site import Site
 
     site = Site(tmp_path / "site")
@@ -395,8 +396,8 @@ def test_a_revoked_device_is_disconnected_at_once(tmp_path):
     """`revoke` while the device is connected: the broker re-reads its password file and
     drops the connection (mosquitto re-checks every connected client's login on SIGHUP), and
     the device's next CONNECT is refused."""
-    from tools.provision import revoke
-    from tools.services import ServicesThread
+    from tools.board.provision import revoke
+    from tools.control.services import ServicesThread
     from tools.site import Site
 
     site = Site(tmp_path / "site")
@@ -421,8 +422,8 @@ def test_workers_added_to_serve_split_the_stream_with_its_own(tmp_path):
     """`serve --broker mosquitto` and one more `replica --share-group replicas` (the README's
     scale-out): each request is applied once. A worker of serve's outside the group would
     apply every request a second time (no clientToken here: nothing to recognise it by)."""
-    from tools.replica import SHARE_GROUP
-    from tools.services import ServicesThread
+    from tools.control.replica import SHARE_GROUP
+    from tools.control.services import ServicesThread
     from tools.site import Site
 
     site = Site(tmp_path / "site")

@@ -13,7 +13,7 @@ import pytest
 
 from conftest import wait_until
 from tools.esp32emu.runner import Runner, make_flash
-from tools.images import build_app_image
+from tools.espidf.images import build_app_image
 
 
 @pytest.fixture

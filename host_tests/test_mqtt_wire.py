@@ -6,7 +6,7 @@ import struct
 
 import pytest
 
-from tools import mqtt_wire as w
+from tools.control import mqtt_wire as w
 
 
 def _decode_varint(data: bytes) -> int:

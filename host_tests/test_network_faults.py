@@ -15,9 +15,11 @@ from aiohttp import web
 
 from conftest import device_on_a, wait_reported, wait_until
 from firmware import contract
-from tools import operator_client as op
-from tools import grants, presign, store
-from tools.pki import server_ssl_context
+from tools.operator import client as op
+from tools.control import grants
+from tools.control import presign
+from tools.control import store
+from tools.site.pki import server_ssl_context
 
 DEV = "esp32-faults"
 
@@ -146,7 +148,7 @@ def test_desired_change_mid_download_is_followed(site, services, devices, images
     """While 1.1.0 trickles in, the operator switches to 1.2.0: the device abandons 1.1.0 (at a
     checkpoint when MQTT is up, or at the check before set_boot() when it was parked) and
     installs 1.2.0. 1.1.0 is never booted."""
-    from tools.images import build_app_image
+    from tools.espidf.images import build_app_image
 
     dev, rel_b = _device(site, services, devices, images, tls_slots=tls_slots)
     rel_c = site.releases.add(build_app_image("1.2.0", 150 * 1024), "1.2.0")

@@ -2,7 +2,7 @@
 
 from argon2 import PasswordHasher
 
-from tools.credentials import Credentials
+from tools.site.credentials import Credentials
 
 
 def _line(creds: Credentials, name: str) -> str:

@@ -16,9 +16,9 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from conftest import SUMMARY, reported_firmware, wait_until
-from tools import operator_client as op
+from tools.operator import client as op
 from tools.esp32emu.flashinfo import flash_info
-from tools.images import build_app_image
+from tools.espidf.images import build_app_image
 
 IMAGE_B_SIZE = 200 * 1024  # 50 blocks: 100 download operations, 106 in all
 CONVERGE_S = 90

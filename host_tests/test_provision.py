@@ -10,8 +10,8 @@ import pytest
 from cryptography import x509
 
 from conftest import REPO, wait_until
-from tools.pki import cert_names
-from tools.provision import provision_board, revoke
+from tools.site.pki import cert_names
+from tools.board.provision import provision_board, revoke
 from tools.site import Site
 
 
@@ -44,8 +44,8 @@ def test_revoked_device_loses_the_broker_and_the_store_at_once(site, services, m
     import urllib.error
     import urllib.request
 
-    from tools import presign
-    from tools.images import build_app_image
+    from tools.control import presign
+    from tools.espidf.images import build_app_image
 
     pw = site.creds.set("dev1")
     live = mqtt_probe("dev1", pw)

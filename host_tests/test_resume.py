@@ -10,10 +10,12 @@ from aiohttp import web
 
 from conftest import device_on_a, wait_reported
 from firmware import contract
-from tools import operator_client as op
-from tools import grants, presign, store
-from tools.images import build_app_image
-from tools.pki import server_ssl_context
+from tools.operator import client as op
+from tools.control import grants
+from tools.control import presign
+from tools.control import store
+from tools.espidf.images import build_app_image
+from tools.site.pki import server_ssl_context
 
 DEV = "esp32-resume"
 BLOCK_OPS = 2  # each 4 KiB block is one erase and one program

@@ -1,15 +1,16 @@
 """Rollout decisions (tools/rollout.py) against a fleet of shadow documents.
 
-The fleet here is the replica's own merge (tools.shadow.apply_update) with devices that report
+The fleet here is the replica's own merge (tools.control.shadow.apply_update) with devices that report
 what the real firmware reports; the emulated fleet over the broker is in test_rollout_e2e.py.
 """
 
 import pytest
 
 from firmware import contract
-from tools import rollout as ro
-from tools import shadow
-from tools.releases import Release
+from tools.operator import rollout as ro
+from tools.control import shadow
+from tools.control.shadows import Shadow
+from tools.site.releases import Release
 
 A = Release("1.0.0", "a" * 64, 1000, "2026-01-01T00:00:00Z")
 B = Release("1.1.0", "b" * 64, 2000, "2026-01-02T00:00:00Z")
@@ -48,6 +49,10 @@ class Fleet:
     def tick(self, seconds: int = 1) -> None:
         self.t += seconds
 
+    def shadows(self) -> dict[str, Shadow]:
+        """What the engine reads: tools.control.shadows' views of the documents."""
+        return {d: Shadow(d, doc) for d, doc in self.docs.items()}
+
 
 def make(tmp_path, n=20, **policy):
     db = ro.RolloutDB(tmp_path / "rollouts.db")
@@ -58,7 +63,7 @@ def make(tmp_path, n=20, **policy):
 
 def step(engine, fleet):
     fleet.tick()
-    sends = fleet.apply(engine.step(fleet.docs, fleet.t))
+    sends = fleet.apply(engine.step(fleet.shadows(), fleet.t))
     engine.sent([s.device for s in sends], fleet.t)
     return sends
 
@@ -199,14 +204,14 @@ def test_a_stopped_rollout_resumes_where_it_was(tmp_path):
     fleet.report("dev-00", B)
     # The driver targets dev-01 (persisted), then dies before its desired state goes out.
     fleet.tick()
-    sends = engine.step(fleet.docs, fleet.t)
+    sends = engine.step(fleet.shadows(), fleet.t)
     assert [s.device for s in sends] == ["dev-01"]
     db.close()
 
     db2 = ro.RolloutDB(tmp_path / "rollouts.db")
     engine2 = ro.Engine(db2, engine.id, RELEASES.get)
     fleet.tick()
-    resent = engine2.step(fleet.docs, fleet.t)
+    resent = engine2.step(fleet.shadows(), fleet.t)
     assert [s.device for s in resent] == ["dev-01"]  # it never went out: send it now
     engine2.sent(["dev-01"], fleet.t)  # ... and this time the broker loses it
     assert step(engine2, fleet) == []  # not again at once: it may still be on its way
@@ -231,7 +236,7 @@ def test_cancel_from_another_process_stops_targeting(tmp_path):
 
 _HOLD = """
 import sys, time
-from tools import rollout as ro
+from tools.operator import rollout as ro
 with ro.sole_driver(ro.RolloutDB(sys.argv[1]), sys.argv[2]):
     print("driving", flush=True)
     time.sleep(60)
@@ -261,14 +266,14 @@ def test_a_rollout_has_one_driver_and_a_killed_one_lets_go(tmp_path):
     try:
         assert other.stdout.readline().strip() == "driving"
         with pytest.raises(ro.RolloutError, match=rf"already being driven \(process {other.pid}\)"):
-            asyncio.run(ro.drive(engine, lambda devices: fleet.docs, publish, tick=0))
+            asyncio.run(ro.drive(engine, lambda devices: fleet.shadows(), publish, tick=0))
         assert published == [] and set(states(db, engine).values()) == {ro.PENDING}
     finally:
         other.kill()  # dies holding the lock
         other.wait()
         other.stdout.close()
     with pytest.raises(_Stop):
-        asyncio.run(ro.drive(engine, lambda devices: fleet.docs, publish, tick=0))
+        asyncio.run(ro.drive(engine, lambda devices: fleet.shadows(), publish, tick=0))
     assert published == ["dev-00"]
 
 

@@ -12,9 +12,10 @@ import sys
 import time
 
 from conftest import REPO, wait_until
-from tools import shadow
-from tools.images import PANIC_BELOW_REV, build_app_image
-from tools.shadowstore import read_shadows
+from tools.control import shadow
+from tools.esp32emu.runner import PANIC_BELOW_REV
+from tools.espidf.images import build_app_image
+from tools.control import shadows
 
 N = 20
 OLD_CHIPS = {"dev-04", "dev-05", "dev-06", "dev-07", "dev-15"}  # v1.0 silicon; dev-15 is in the last batch
@@ -34,11 +35,10 @@ def test_rollout_aborts_at_the_threshold_rolls_back_and_leaves_the_rest_untouche
              for d in ids}
 
     def all_reported():
-        docs = read_shadows(site.shadow_store, ids)
-        return len(docs) == N and all(doc["state"].get("reported", {}).get("firmware", {}).get("state") == "idle"
-                                      for doc in docs.values())
+        read = shadows.read(site.shadow_store, ids)
+        return len(read) == N and all(s.reported.get("state") == "idle" for s in read.values())
     wait_until(all_reported, 120, "20 devices reporting 1.0.0", interval=0.5)
-    before = read_shadows(site.shadow_store, ids)
+    before = shadows.read(site.shadow_store, ids)
 
     t0 = time.monotonic()
     out = cli(site, "rollout", "start", "1.1.0", "--match", "dev-*", "--batches", "1,10%,50%,100%",
@@ -62,12 +62,12 @@ def test_rollout_aborts_at_the_threshold_rolls_back_and_leaves_the_rest_untouche
     assert all(t[d]["state"] == "skipped" for d in untouched)
     # Every touched device was set back to 1.0.0 and reports running it, idle.
     assert all(t[d]["rollback"] == "done" for d in touched), {d: t[d]["rollback"] for d in touched}
-    after = read_shadows(site.shadow_store, ids)
+    after = shadows.read(site.shadow_store, ids)
     for d in touched:
-        fw = after[d]["state"]["reported"]["firmware"]
+        fw = after[d].reported
         assert (fw["version"], fw["sha256"], fw["state"]) == ("1.0.0", a.sha256, "idle"), (d, fw)
-        assert after[d]["state"]["desired"]["firmware"]["sha256"] == a.sha256
-        assert shadow.delta(after[d]["state"]["desired"], after[d]["state"]["reported"]) == {}  # in sync
+        assert after[d].desired["sha256"] == a.sha256
+        assert shadow.delta(after[d].doc["state"]["desired"], after[d].doc["state"]["reported"]) == {}  # in sync
     for d in failed:  # the crash really happened on the chip, and the device said so
         assert any(b.ended == "panic" for b in fleet[d].runner.boots)
         assert "did not confirm" in fleet[d].output()
@@ -75,10 +75,10 @@ def test_rollout_aborts_at_the_threshold_rolls_back_and_leaves_the_rest_untouche
         assert [b.slot for b in fleet[d].runner.boots][-3:] == ["ota_0", "ota_1", "ota_0"]
     # Untouched: no desired firmware ever, one boot, and not a byte of the release in flash.
     for d in untouched:
-        assert "desired" not in after[d]["state"], after[d]["state"]
+        assert not after[d].desired, after[d].doc
         assert len(fleet[d].runner.boots) == 1
         assert site.releases.path_of(bad.sha256).read_bytes()[:4096] not in fleet[d].flash.read_bytes()
-        assert after[d]["state"]["reported"] == before[d]["state"]["reported"]
+        assert after[d].doc["state"]["reported"] == before[d].doc["state"]["reported"]
 
     status = cli(site, "status")
     assert status.returncode == 0
@@ -93,7 +93,7 @@ def test_detached_rollout_resumes_and_completes_with_temporary_credentials(site,
     ids = ["tk-0", "tk-1", "tk-2"]
     for d in ids:
         devices(d, images["A"], "1.0.0")
-    wait_until(lambda: len(read_shadows(site.shadow_store, ids)) == 3, 60, "3 devices reporting", interval=0.5)
+    wait_until(lambda: len(shadows.read(site.shadow_store, ids)) == 3, 60, "3 devices reporting", interval=0.5)
 
     (site.root / "groups.json").write_text(json.dumps({"tokens": ["tk-*"], "other": ["x-1"]}))
     out = cli(site, "rollout", "start", "1.1.0", "--group", "nope", "--detach")
@@ -104,14 +104,14 @@ def test_detached_rollout_resumes_and_completes_with_temporary_credentials(site,
     assert "to 3 devices" in out.stdout
     rid = out.stdout.split(":")[0]
     time.sleep(2)  # created, not driven: nothing may have been sent
-    assert all("desired" not in doc["state"] for doc in read_shadows(site.shadow_store, ids).values())
+    assert all(not s.desired for s in shadows.read(site.shadow_store, ids).values())
 
     out = cli(site, "rollout", "resume", rid)
     assert out.returncode == 0, out.stdout + out.stderr
     assert "completed" in out.stdout.strip().splitlines()[-1]
-    for d, doc in read_shadows(site.shadow_store, ids).items():
-        fw = doc["state"]["reported"]["firmware"]
+    for d, s in shadows.read(site.shadow_store, ids).items():
+        fw = s.reported
         assert (fw["sha256"], fw["state"], fw["auth"]) == (rel.sha256, "idle", "token"), d
-        assert "?" not in doc["state"]["desired"]["firmware"]["url"]  # a bare URL: the token did it
+        assert "?" not in s.desired["url"]  # a bare URL: the token did it
     assert services.services.renewer.issued >= 3
     assert cli(site, "rollout", "resume", rid).returncode == 0  # a finished rollout: nothing to do

@@ -6,7 +6,7 @@ import json
 import pytest
 
 from firmware import contract
-from tools.shadow import ShadowError, apply_update, compact_bytes, delta, get_response, parse_request
+from tools.control.shadow import ShadowError, apply_update, compact_bytes, delta, get_response, parse_request
 
 
 def upd(doc, state, **extra):
@@ -32,7 +32,9 @@ def test_delta_carries_the_metadata_of_its_leaves_and_the_causing_clientToken():
     assert d == {"state": {"b": {"d": 4}, "e": [1, 2]},
                  "metadata": {"b": {"d": {"timestamp": 30}}, "e": {"timestamp": 10}},
                  "version": 3, "timestamp": 30, "clientToken": "tok"}
-    _, _, d = apply_update(doc, {"state": {"reported": {"x": 1}}}, now=40)  # no token: none in the delta
+    _, _, d = apply_update(doc, {"state": {"reported": {"x": 1}}}, now=40)
+    assert d is None  # a report does not bring the delta back (AWS sends it when desired changes)
+    _, _, d = apply_update(doc, {"state": {"desired": {"x": 1}}}, now=40)  # no token: none in the delta
     assert "clientToken" not in d and d["metadata"]["b"] == {"d": {"timestamp": 30}}
 
 

@@ -5,9 +5,9 @@ import subprocess
 import sys
 
 from conftest import REPO
-from tools import grants
-from tools.replica import Replica
-from tools.status import fleet, table
+from tools.control import grants
+from tools.control.replica import Replica
+from tools.operator.status import fleet, table
 
 
 def _feed(replica, device, state):

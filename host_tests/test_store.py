@@ -7,8 +7,8 @@ import time
 import pytest
 
 from conftest import https_get
-from tools import presign
-from tools.images import build_app_image
+from tools.control import presign
+from tools.espidf.images import build_app_image
 
 
 @pytest.fixture
@@ -134,7 +134,7 @@ def test_serve_in_a_child_process_serves_and_stops(site):
     so, serving a device's download, and gone, port closed, when the block ends."""
     import socket
 
-    from tools.services import ServicesProcess
+    from tools.control.services import ServicesProcess
 
     image = build_app_image("1.0.0", 50_000)
     rel = site.releases.add(image, "1.0.0")

@@ -17,12 +17,12 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from conftest import last_json_line, run_micropython, wait_until
-from tools import mosquitto
+from tools.control.brokers import mosquitto
 from tools.esp32emu.runner import chip_env, make_flash
-from tools.images import build_app_image
-from tools.pki import issue_server_cert, make_ca
-from tools.provision import CACHE
-from tools.umqtt_fetch import fetch as fetch_umqtt
+from tools.espidf.images import build_app_image
+from tools.site.pki import issue_server_cert, make_ca
+from tools.board.provision import CACHE
+from tools.board.umqtt_fetch import fetch as fetch_umqtt
 
 CLIENT = """
 import json

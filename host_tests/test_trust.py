@@ -17,12 +17,14 @@ import pytest
 
 from conftest import REPO, MQTTProbe, https_get
 from firmware import contract
-from tools import grants, mosquitto, presign
-from tools import operator_client as op
-from tools.images import build_app_image
-from tools.services import ServicesThread
-from tools.shadowstore import open_store
-from tools.status import fleet
+from tools.control import grants
+from tools.control.brokers import mosquitto
+from tools.control import presign
+from tools.operator import client as op
+from tools.espidf.images import build_app_image
+from tools.control.services import ServicesThread
+from tools.control.shadowstore import open_store
+from tools.operator.status import fleet
 
 QUIET_S = 2  # how long "nothing arrives" is watched for
 NOT_AUTHORIZED = 135  # CONNACK 5 of MQTT 3.1.1, as paho reports it (MQTT 5's 0x87)
@@ -222,7 +224,7 @@ def test_a_device_can_neither_forge_answers_nor_read_requests(site, services, mq
 def test_secret_files_are_made_private_before_a_byte_is_written(tmp_path, monkeypatch):
     """Keys, passwords and a device's secrets.json: mode 0600 from the moment they exist, even
     under a umask that would leave them readable by everyone."""
-    from tools.provision import provision_emulated
+    from tools.esp32emu.provision import provision_emulated
     from tools.site import Endpoints, Site
 
     modes = []

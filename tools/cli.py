@@ -1,4 +1,4 @@
-"""Command line: `python -m tools <command>` (run `python -m tools --help`).
+"""Command line: `fleet-ota <command>` in the venv, or `python -m tools <command>` (`--help`).
 
 A thin layer over the importable modules: each command parses arguments, calls one function,
 prints the result. Expected failures become one line on stderr and exit status 1 (2 for
@@ -32,7 +32,8 @@ def _site(args):
 
 
 def cmd_image_build(args) -> None:
-    from tools.images import PANIC_ON_BOOT, build_app_image
+    from tools.esp32emu.runner import PANIC_ON_BOOT
+    from tools.espidf.images import build_app_image
 
     data = build_app_image(args.version, args.size, PANIC_ON_BOOT if args.panic_on_boot else args.project)
     args.output.write_bytes(data)
@@ -40,7 +41,7 @@ def cmd_image_build(args) -> None:
 
 
 def cmd_image_check(args) -> None:
-    from tools.images import ImageError, check_app_image
+    from tools.espidf.images import ImageError, check_app_image
 
     try:
         r = check_app_image(args.file.read_bytes(), args.slot_size)
@@ -50,8 +51,8 @@ def cmd_image_check(args) -> None:
 
 
 def cmd_release(args) -> None:
-    from tools.images import ImageError
-    from tools.releases import ReleaseError
+    from tools.espidf.images import ImageError
+    from tools.site.releases import ReleaseError
 
     try:
         rel = _site(args).releases.add(args.file.read_bytes(), args.version)
@@ -68,7 +69,7 @@ def cmd_releases(args) -> None:
 
 
 def cmd_serve(args) -> None:
-    from tools.services import Services
+    from tools.control.services import Services
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     for noisy in ("transitions", "amqtt"):
@@ -110,7 +111,7 @@ def _ports_free(host: str, ports: dict[str, int]) -> None:
 
 
 def cmd_replica(args) -> None:
-    from tools.replica import MQTTSettings, Replica
+    from tools.control.replica import MQTTSettings, Replica
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     site = _site(args)
@@ -129,7 +130,7 @@ def cmd_replica(args) -> None:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
         await stop.wait()
-        from tools.services import stop_task
+        from tools.control.services import stop_task
 
         await stop_task(task)
 
@@ -137,9 +138,9 @@ def cmd_replica(args) -> None:
 
 
 def cmd_provision(args) -> None:
-    from tools.provision import provision_emulated
+    from tools.esp32emu.provision import provision_emulated
 
-    from tools.images import ImageError
+    from tools.espidf.images import ImageError
 
     try:
         root = provision_emulated(_site(args), args.device, args.image.read_bytes(), args.version,
@@ -154,7 +155,7 @@ def cmd_provision(args) -> None:
 def cmd_provision_board(args) -> None:
     import os
 
-    from tools.provision import provision_board
+    from tools.board.provision import provision_board
 
     image = args.image.read_bytes() if args.image else None
     try:
@@ -167,7 +168,7 @@ def cmd_provision_board(args) -> None:
 
 
 def cmd_revoke(args) -> None:
-    from tools.provision import revoke
+    from tools.board.provision import revoke
 
     try:
         if not revoke(_site(args), args.device):
@@ -178,7 +179,7 @@ def cmd_revoke(args) -> None:
 
 
 def cmd_flash(args) -> None:
-    from tools.flashing import FlashError, flash
+    from tools.board.flashing import FlashError, flash
 
     try:
         info = flash(args.port, args.firmware, args.baud, erase=not args.no_erase, verify_read=args.verify)
@@ -191,7 +192,7 @@ def cmd_flash(args) -> None:
 
 
 def cmd_deploy(args) -> None:
-    from tools.deploy import DeployError, deploy
+    from tools.board.deploy import DeployError, deploy
 
     try:
         r = deploy(args.port, args.config, force_source=args.source, reset=not args.no_reset)
@@ -210,7 +211,7 @@ def cmd_emulate(args) -> None:
 
     if args.new:
         from tools.esp32emu.runner import make_fresh_board
-        from tools.images import ImageError, check_app_image
+        from tools.espidf.images import ImageError, check_app_image
 
         if (args.dir / "flash.bin").exists():
             raise CommandError(f"{args.dir} already holds a board")
@@ -244,7 +245,7 @@ def cmd_flash_info(args) -> None:
 
 
 def cmd_desired(args) -> None:
-    from tools import operator_client as op
+    from tools.operator import client as op
 
     site = _site(args)
     rel = site.releases.get(args.version)
@@ -258,7 +259,7 @@ def cmd_desired(args) -> None:
 
 
 def cmd_shadow(args) -> None:
-    from tools import operator_client as op
+    from tools.operator import client as op
 
     try:
         doc = asyncio.run(op.get_shadow(_site(args), args.device))
@@ -270,9 +271,9 @@ def cmd_shadow(args) -> None:
 def cmd_status(args) -> None:
     import time
 
-    from tools import rollout as ro
+    from tools.operator import rollout as ro
     from tools.site import Site
-    from tools.status import as_json, fleet, table
+    from tools.operator.status import as_json, fleet, table
 
     site = Site(args.site)
 
@@ -310,7 +311,7 @@ def cmd_status(args) -> None:
 
 def _drive(site, engine) -> None:
     """Run a rollout to its end, with a live progress line; exit 1 if it did not complete."""
-    from tools import rollout as ro
+    from tools.operator import rollout as ro
 
     tty = sys.stdout.isatty()
     last = [""]
@@ -339,7 +340,7 @@ def _rollout_devices(args, site) -> list[str]:
     """--devices as given; --match, --group and --all among the devices the replica knows."""
     import fnmatch
 
-    from tools.shadowstore import read_shadows
+    from tools.control import shadows
 
     if args.devices:
         return args.devices
@@ -352,7 +353,7 @@ def _rollout_devices(args, site) -> list[str]:
         if args.group not in groups:
             raise CommandError(f"no group {args.group!r} in {site.root / 'groups.json'} (groups: {sorted(groups)})")
         patterns = groups[args.group]
-    known = list(read_shadows(site.shadow_store))
+    known = list(shadows.read(site.shadow_store))
     picked = known if patterns is None else [d for d in known if any(fnmatch.fnmatchcase(d, p) for p in patterns)]
     if not picked:
         raise CommandError("no known device matches (devices appear once they have reported)")
@@ -360,7 +361,7 @@ def _rollout_devices(args, site) -> list[str]:
 
 
 def cmd_rollout(args) -> None:
-    from tools import rollout as ro
+    from tools.operator import rollout as ro
 
     site = _site(args)
     db = ro.RolloutDB(site.rollouts_path)
@@ -415,7 +416,10 @@ def cmd_demo(args) -> None:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m tools", description="ESP32 fleet OTA: host tools.")
+    # `fleet-ota` once installed (pyproject.toml), `python -m tools` from a checkout
+    name = Path(sys.argv[0]).name
+    p = argparse.ArgumentParser(prog="python -m tools" if name == "__main__.py" else name,
+                                description="ESP32 fleet OTA: host tools.")
     sub = p.add_subparsers(dest="command", required=True)
 
     def add(name, fn, help):

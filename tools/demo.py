@@ -16,13 +16,13 @@ import time
 from pathlib import Path
 
 from firmware import contract
-from tools import operator_client as op
+from tools.operator import client as op
 from tools.esp32emu.flashinfo import flash_info
 from tools.esp32emu.runner import Runner
-from tools.images import build_app_image
-from tools.operator_client import Recorded, Recorder
-from tools.provision import provision_emulated
-from tools.services import Services, start_ready, stop_task
+from tools.espidf.images import build_app_image
+from tools.operator.client import Recorded, Recorder
+from tools.esp32emu.provision import provision_emulated
+from tools.control.services import Services, start_ready, stop_task
 from tools.site import Site
 
 DEVICE = "esp32-demo-1"
@@ -49,6 +49,11 @@ def device_line(line: str) -> None:
     print(_c("2", f"    {DEVICE} | {line}"), flush=True)
 
 
+def _fw(doc: dict, section: str | None = None) -> dict:
+    fw = contract.firmware_in(doc, section)
+    return fw if isinstance(fw, dict) else {}
+
+
 class Narrator:
     """Turns recorded MQTT messages into the seed's numbered steps."""
 
@@ -62,13 +67,13 @@ class Narrator:
     def __call__(self, m: Recorded) -> None:
         dev, suffix = contract.parse_topic(m.topic)
         p = m.payload if isinstance(m.payload, dict) else {}
-        state = p.get("state") if isinstance(p.get("state"), dict) else {}
-        if suffix == contract.UPDATE and "desired" in state:
-            fw = state["desired"].get("firmware", {})
+        desired, reported = (_fw(p, contract.DESIRED), _fw(p, contract.REPORTED))
+        if suffix == contract.UPDATE and desired:
+            fw = desired
             step("3", f"application sets desired firmware {fw.get('version')} "
                       f"(sha256 {str(fw.get('sha256'))[:12]}…, {fw.get('size')} bytes, pre-signed URL)", m.topic)
-        elif suffix == contract.UPDATE and "reported" in state:
-            fw = state["reported"].get("firmware", {})
+        elif suffix == contract.UPDATE and reported:
+            fw = reported
             st = fw.get("state")
             if not self.seen_subscribed:
                 self.seen_subscribed = True
@@ -84,15 +89,13 @@ class Narrator:
             elif st == contract.ST_FAILED:
                 step("!", f"device reports failure: {fw.get('error')}", m.topic)
         elif suffix == contract.UPDATE_ACCEPTED:
-            which = "desired" if "desired" in state else "reported"
-            rep = state.get("reported", {}).get("firmware", {}) if which == "reported" else {}
-            if which == "desired":
+            if desired:
                 step("4", f"replica stored the desired state (document version {p.get('version')})", m.topic)
-            elif rep.get("state") == contract.ST_IDLE and rep.get("version") == NEW:
+            elif reported.get("state") == contract.ST_IDLE and reported.get("version") == NEW:
                 step("9", f"replica recorded the reported state (version {p.get('version')}): update complete", m.topic)
                 self.done.set()
         elif suffix == contract.UPDATE_DELTA:
-            fw = state.get("firmware", {})
+            fw = _fw(p)
             self.delta_pending = True
             if fw.get("sha256") not in self.deltas_told:  # re-sent after each report: tell once
                 self.deltas_told.add(fw.get("sha256"))
@@ -110,7 +113,7 @@ class Narrator:
             self.delta_pending = False
         elif suffix == contract.GET_ACCEPTED and self.device_get:
             self.device_get = False
-            fw = state.get("delta", {}).get("firmware", {})
+            fw = _fw(p, contract.DELTA)
             if "url" in fw:
                 step("6", f"device obtains the update URL from the shadow: {str(fw.get('url'))[:60]}…", m.topic)
         elif suffix == contract.UPDATE_REJECTED:

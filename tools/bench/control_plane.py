@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 from firmware import contract
-from tools import grants
+from tools.control import grants
 from tools.bench.replica import Client, _replica, _start, _stop
 from tools.bench.simdevice import SimDevice
 from tools.site import Site
@@ -40,7 +40,7 @@ async def _connect_all(sims: list[SimDevice], port: int, ctx: ssl.SSLContext, ba
 
 
 def one_run(site: Site, tmp: Path, args, run: int, pg) -> dict:
-    from tools import mosquitto
+    from tools.control.brokers import mosquitto
 
     n = args.devices
     m = mosquitto.Mosquitto(tmp / f"mosq{run}", site.pki)
@@ -114,8 +114,8 @@ def main() -> None:
     ap.add_argument("--json", type=Path, default=Path("build/bench/control_plane.json"))
     args = ap.parse_args()
 
-    from tools import mosquitto
-    from tools.postgres import Postgres, find_bin
+    from tools.control.brokers import mosquitto
+    from tools.control.postgres import Postgres, find_bin
 
     if not mosquitto.available():
         raise SystemExit("mosquitto is not installed (make system-deps)")

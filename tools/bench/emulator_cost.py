@@ -20,10 +20,10 @@ import time
 from pathlib import Path
 
 from tools.esp32emu.runner import Runner
-from tools.operator_client import Recorder
-from tools.images import build_app_image
-from tools.provision import provision_emulated
-from tools.services import ServicesThread, start_ready, stop_task
+from tools.operator.client import Recorder
+from tools.espidf.images import build_app_image
+from tools.esp32emu.provision import provision_emulated
+from tools.control.services import ServicesThread, start_ready, stop_task
 from tools.site import Site
 
 

@@ -20,12 +20,13 @@ import threading
 import time
 from pathlib import Path
 
-from tools import rollout as ro
+from tools.operator import rollout as ro
 from tools.esp32emu.runner import Runner
-from tools.images import build_app_image
-from tools.provision import provision_emulated
-from tools.services import ServicesProcess
-from tools.shadowstore import read_shadows
+from tools.espidf.images import build_app_image
+from tools.esp32emu.provision import provision_emulated
+from tools.control.services import ServicesProcess
+from firmware import contract
+from tools.control import shadows
 from tools.site import Site
 
 
@@ -54,10 +55,9 @@ def _fs_type(path: Path) -> str:
 def _wait_all(site: Site, ids: list[str], sha256: str, timeout: float) -> float | None:
     t0 = time.monotonic()
     while time.monotonic() - t0 < timeout:
-        docs = read_shadows(site.shadow_store, ids)
-        if len(docs) == len(ids) and all(d["state"].get("reported", {}).get("firmware", {}).get("sha256") == sha256
-                                         and d["state"]["reported"]["firmware"].get("state") == "idle"
-                                         for d in docs.values()):
+        read = shadows.read(site.shadow_store, ids)
+        if len(read) == len(ids) and all(s.reported.get("sha256") == sha256 and s.reported.get("state") == contract.ST_IDLE
+                                         for s in read.values()):
             return time.monotonic() - t0
         time.sleep(0.25)
     return None

@@ -24,12 +24,13 @@ import threading
 import time
 from pathlib import Path
 
-from tools import operator_client as op
+from tools.operator import client as op
 from tools.bench.ota_throughput import _micropython
 from tools.esp32emu.runner import Runner, make_flash
-from tools.images import build_app_image
-from tools.provision import copy_firmware, provision_emulated
-from tools.services import ServicesThread
+from tools.espidf.images import build_app_image
+from tools.board.provision import copy_firmware
+from tools.esp32emu.provision import provision_emulated
+from tools.control.services import ServicesThread
 from tools.site import Site
 
 _PER_BLOCK = """

@@ -30,11 +30,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from tools import presign
+from tools.control import presign
 from tools.esp32emu.runner import FLASH_SIZE, chip_env, make_flash, run_script
-from tools.esp32emu.target import espidf
-from tools.images import build_app_image
-from tools.services import ServicesThread
+from tools.espidf import onflash
+from tools.espidf.images import build_app_image
+from tools.control.services import ServicesThread
 from tools.site import Site
 
 DEVICE = "bench-ota"
@@ -43,11 +43,11 @@ DEVICE = "bench-ota"
 # image a real ESP32 can take by OTA. This layout (16 MB flash, two 0x7F0000-byte slots) is
 # where the bench measures it; a 16 MiB image fits no ESP32 OTA layout at all.
 LARGEST_SLOTS_16MB = (
-    ("nvs", espidf.TYPE_DATA, 0x02, 0x9000, 0x4000),
-    ("otadata", espidf.TYPE_DATA, espidf.SUBTYPE_DATA_OTA, 0xD000, 0x2000),
-    ("phy_init", espidf.TYPE_DATA, 0x01, 0xF000, 0x1000),
-    ("ota_0", espidf.TYPE_APP, 0x10, 0x10000, 0x7F0000),
-    ("ota_1", espidf.TYPE_APP, 0x11, 0x800000, 0x7F0000),
+    ("nvs", onflash.TYPE_DATA, 0x02, 0x9000, 0x4000),
+    ("otadata", onflash.TYPE_DATA, onflash.SUBTYPE_DATA_OTA, 0xD000, 0x2000),
+    ("phy_init", onflash.TYPE_DATA, 0x01, 0xF000, 0x1000),
+    ("ota_0", onflash.TYPE_APP, 0x10, 0x10000, 0x7F0000),
+    ("ota_1", onflash.TYPE_APP, 0x11, 0x800000, 0x7F0000),
 )
 
 _FIRMWARE = """
@@ -170,8 +170,8 @@ def run(size: int, runs: int, flash_mb: int = 4) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         site = Site(tmp / "site")
-        flash_size, layout = (16 << 20, LARGEST_SLOTS_16MB) if flash_mb == 16 else (FLASH_SIZE, espidf.MICROPYTHON_OTA_4MIB)
-        slot_size = max(row[4] for row in layout if row[1] == espidf.TYPE_APP)
+        flash_size, layout = (16 << 20, LARGEST_SLOTS_16MB) if flash_mb == 16 else (FLASH_SIZE, onflash.MICROPYTHON_OTA_4MIB)
+        slot_size = max(row[4] for row in layout if row[1] == onflash.TYPE_APP)
         image = build_app_image("2.0.0", size)
         rel = site.releases.add(image, "2.0.0", slot_size)
         running = build_app_image("1.0.0", 64 * 1024)

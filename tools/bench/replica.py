@@ -32,8 +32,9 @@ import threading
 import time
 from pathlib import Path
 
-from tools import grants, mqtt_wire
-from tools.services import free_port
+from tools.control import grants
+from tools.control import mqtt_wire
+from tools.control.ports import free_port
 from tools.site import Site
 
 
@@ -45,13 +46,13 @@ def _amqtt(site_root: str, port: int, contrib_db: str | None, ready) -> None:
 
     from amqtt.broker import BrokerEvents
 
-    from tools.broker import Broker, broker_config, shutdown_broker, start_amqtt
+    from tools.control.brokers.amqtt import Broker, broker_config, shutdown_broker, start_amqtt
 
     logging.basicConfig(level=logging.ERROR)  # plugin failures are worth seeing
     site = Site(Path(site_root))
     cfg = broker_config("127.0.0.1", port, site.pki, site.creds.path)
     # No topic ACL for either contestant: it is the same cost for both and would hide $shadow/.
-    del cfg["plugins"]["tools.broker.RoleTopicPlugin"]
+    del cfg["plugins"]["tools.control.brokers.amqtt.RoleTopicPlugin"]
     if contrib_db:
         cfg["plugins"]["amqtt.contrib.shadows.ShadowPlugin"] = {"connection": f"sqlite+aiosqlite:///{contrib_db}"}
 
@@ -84,7 +85,7 @@ def _replica(site_root: str, port: int, store: str, name: str, group: str | None
     import asyncio
     import logging
 
-    from tools.replica import MQTTSettings, Replica
+    from tools.control.replica import MQTTSettings, Replica
 
     logging.disable(logging.WARNING)
     site = Site(Path(site_root))
@@ -162,7 +163,7 @@ def throughput(site: Site, port: int, update_topic: str, accepted_filter: str, d
     flight (the contrib plugin loses concurrent updates to one shadow: UNIQUE constraint).
     From the first PUBLISH to the last update/accepted. Returns (rate, requests never answered):
     an unanswered request frees its slot in the window after 5 s. The load is one client of
-    tools.mqtt_wire: with paho it cost as much CPU per update as the replica under test."""
+    tools.control.mqtt_wire: with paho it cost as much CPU per update as the replica under test."""
     if window >= devices:
         raise ValueError("window must be smaller than the number of devices")
     return asyncio.run(_throughput(site, port, update_topic, accepted_filter, devices, updates, tag, window))
@@ -251,7 +252,7 @@ def run_amqtt(site: Site, tmp: Path, contrib: bool, args, run: int) -> dict:
 
 
 def run_mosquitto(site: Site, tmp: Path, workers: int, store: str, args, run: int, pg) -> dict:
-    from tools import mosquitto
+    from tools.control.brokers import mosquitto
 
     m = mosquitto.Mosquitto(tmp / f"mosq{run}-{workers}-{store}", site.pki)
     for user in ("replica", "operator"):
@@ -282,8 +283,8 @@ def main() -> None:
     ap.add_argument("--json", type=Path, default=Path("build/bench/replica.json"))
     args = ap.parse_args()
 
-    from tools import mosquitto
-    from tools.postgres import Postgres, find_bin
+    from tools.control.brokers import mosquitto
+    from tools.control.postgres import Postgres, find_bin
 
     results: dict[str, dict] = {}
     with tempfile.TemporaryDirectory(prefix="bench-replica-", ignore_cleanup_errors=True) as tmp:

@@ -17,7 +17,7 @@ import ssl
 import struct
 
 from firmware import contract
-from tools.mqtt_wire import CONNACK, PUBACK, PUBLISH, SUBACK, SUBSCRIBE, connect_packet, packet, read_packet, utf8
+from tools.control.mqtt_wire import CONNACK, PUBACK, PUBLISH, SUBACK, SUBSCRIBE, connect_packet, packet, read_packet, utf8
 
 class SimDevice:
     def __init__(self, device_id: str, password: str):

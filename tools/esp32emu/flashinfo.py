@@ -9,7 +9,7 @@ import hashlib
 import struct
 from pathlib import Path
 
-from tools.esp32emu.target import espidf
+from tools.espidf import onflash
 
 
 class ReadOnlyFlash:
@@ -30,24 +30,24 @@ class ReadOnlyFlash:
 
 def flash_info(path: Path, chip_rev: int = 301) -> dict:
     data = Path(path).read_bytes()
-    least = espidf.PARTITION_TABLE_OFFSET + espidf.PARTITION_TABLE_MAX_LEN
+    least = onflash.PARTITION_TABLE_OFFSET + onflash.PARTITION_TABLE_MAX_LEN
     if len(data) < least:
         raise ValueError(f"{path}: {len(data)} bytes is no ESP32 flash image (its partition table alone "
                          f"ends at 0x{least:x}); an app image is checked with `image-check`")
     flash = ReadOnlyFlash(data)
     out: dict = {"file": str(path), "size": len(data)}
     try:
-        parts = espidf.read_partition_table(flash, len(data))
+        parts = onflash.read_partition_table(flash, len(data))
     except ValueError as e:
         out["partition_table"] = {"error": str(e)}
         return out
     out["partition_table"] = [p.as_dict() for p in parts]
-    otadata = espidf.find_part(parts, espidf.TYPE_DATA, espidf.SUBTYPE_DATA_OTA)
+    otadata = onflash.find_part(parts, onflash.TYPE_DATA, onflash.SUBTYPE_DATA_OTA)
     if otadata is not None:
-        entries = espidf.read_otadata(flash, otadata)
-        active = espidf.active_otadata(entries)
+        entries = onflash.read_otadata(flash, otadata)
+        active = onflash.active_otadata(entries)
         out["otadata"] = {"entries": [e.as_dict() for e in entries], "active": None if active < 0 else active}
-    sel = espidf.select_boot(flash, parts, chip_rev, commit=False)
+    sel = onflash.select_boot(flash, parts, chip_rev, commit=False)
     out["next_boot"] = {
         "slot": sel["part"].label if sel["part"] else None,
         "why": sel["log"],
@@ -55,11 +55,11 @@ def flash_info(path: Path, chip_rev: int = 301) -> dict:
     }
     apps = {}
     for p in parts:
-        if p.type != espidf.TYPE_APP:
+        if p.type != onflash.TYPE_APP:
             continue
-        res = espidf.verify_image(flash, p.offset, p.size, chip_rev)
+        res = onflash.verify_image(flash, p.offset, p.size, chip_rev)
         if res["ok"]:  # what the bootloader checks as it loads the image
-            res["error"] = espidf.check_load(res["segments"])
+            res["error"] = onflash.check_load(res["segments"])
             res["ok"] = res["error"] is None
         apps[p.label] = {
             "valid": res["ok"],

@@ -24,7 +24,7 @@ from collections.abc import Callable
 
 def _raw_tty_keep_signals() -> None:
     # In the child, before exec: raw mode for the REPL, but Ctrl-C still raises SIGINT.
-    from tools.esp32emu.runner import die_with_parent
+    from tools.esp32emu.process import die_with_parent
 
     die_with_parent()
     os.setsid()

