@@ -1,4 +1,4 @@
-# main.py Start the OTA agent (firmware/app.py). A config error prints and leaves the REPL.
-from firmware import app
+# main.py Start the OTA agent (firmware/agent.py). A config error prints and leaves the REPL.
+from firmware import agent
 
-app.main()
+agent.main()

@@ -10,6 +10,7 @@
 #   confirmed      the trial passed its health check and mark_app_valid_cancel_rollback()
 #   error          a failure with a code (contract.E_*)
 #   adopt          the desired image is the one already running: take its labels
+#   forget         the record cannot be what happened (a download into the running slot)
 
 from firmware import contract
 
@@ -46,6 +47,10 @@ TABLE = {
     (TRIAL, "error"): FAILED,
     (FAILED, "error"): FAILED,
     (IDLE, "error"): FAILED,  # a desired state the device refuses (bad_desired, downgrade)
+    (DOWNLOADING, "forget"): IDLE,
+    (VERIFYING, "forget"): IDLE,
+    (REBOOTING, "forget"): IDLE,
+    (TRIAL, "forget"): IDLE,
 }
 
 

@@ -72,15 +72,14 @@ def test_config_loads_and_refuses_an_oversized_file(tmp_path):
 
 def test_config_code_is_not_loaded_again_after_boot(tmp_path):
     """main() reads the config once and drops its module (~3 KiB of bytecode); the modules
-    loaded later for TLS connections (link, the updater) must not bring it back."""
+    loaded later for TLS connections (link, the installer) must not bring it back."""
     proc = run_micropython("""
 import sys
 import firmware
-from firmware import app, config
-from firmware.install import _unload
+from firmware import agent, config, unload
 del config
-_unload("firmware.config")
-from firmware import https, link, updater
+unload("firmware.config")
+from firmware import https, installer, link
 print("LOADED" if "firmware.config" in sys.modules or hasattr(firmware, "config") else "DROPPED")
 """, tmp_path)
     assert proc.returncode == 0, proc.stdout + proc.stderr

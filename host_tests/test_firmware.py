@@ -14,12 +14,12 @@ from tools.board.provision import copy_firmware
 COPY_LOCKED = """
 import io, json, hashlib, micropython
 from firmware import slots
-from firmware.updater import Updater, BLOCK
-u = Updater(None, {})
+from firmware.installer import Installer, BLOCK
 data = open("b.bin", "rb").read()
 size = len(data)
 stream = io.BytesIO(data)
 part = slots.next_update()
+u = Installer(part, {}, ctx=False)  # no TLS here: the loop alone
 rem = size % BLOCK
 tail = memoryview(u.buf)[:rem] if rem else u.buf
 h = hashlib.sha256()

@@ -64,7 +64,7 @@ messages = st.tuples(st.sampled_from([contract.UPDATE_DELTA, contract.GET_ACCEPT
 
 FUZZ = """
 import json, binascii
-from firmware import app, contract
+from firmware import agent as device, contract
 
 class Link:
     def __init__(self):
@@ -81,7 +81,7 @@ class Link:
 
 cfg = {"device_id": "fuzz", "mqtt_password": "x", "ca": b"", "net_timeout_s": 1, "tls_slots": 2,
        "max_attempts": 3, "health_deadline_s": 1, "min_free_heap": 0}
-agent = app.Agent(cfg)
+agent = device.Agent(cfg)
 agent.link = Link()
 installs = []
 bad = 0

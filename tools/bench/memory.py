@@ -2,7 +2,7 @@
 with which a whole update (MQTT + shadow + OTA, firmware compiled with mpy-cross, one TLS
 connection at a time) still succeeds.
 
-- per block: the download loop (`Updater.copy_blocks`, a 200 KiB image from a stream into the
+- per block: the download loop (`Installer.copy_blocks`, a 200 KiB image from a stream into the
   emulated slot) under MicroPython with the collector off; `gc.mem_alloc()` growth divided by
   the number of blocks, minus what the same writes cost in the emulated flash driver alone
   (Python here, C on the chip), next to a naive loop that allocates a 4 KiB buffer per block.
@@ -36,11 +36,11 @@ from tools.site import Site
 _PER_BLOCK = """
 import gc, io, json
 from firmware import slots
-from firmware.updater import Updater, BLOCK
-u = Updater(None, {})
+from firmware.installer import Installer, BLOCK
 data = open("img.bin", "rb").read()
 size = len(data)
 part = slots.next_update()
+u = Installer(part, {}, ctx=False)  # no TLS here: the loop alone
 nblocks = (size + BLOCK - 1) // BLOCK
 rem = size % BLOCK
 tail = memoryview(u.buf)[:rem] if rem else u.buf

@@ -2,7 +2,7 @@
 
 Three ways to fetch the same release from the same store over HTTPS (loopback), each N times:
 
-- firmware: `firmware.updater.Updater.download` under MicroPython on an emulated chip: TLS with
+- firmware: `firmware.installer.Installer.download` under MicroPython on an emulated chip: TLS with
   CERT_REQUIRED and the CA, SHA-256, erase + program of the inactive slot in flash.bin;
 - reference: a bare MicroPython loop doing only socket (TCP_NODELAY, as the firmware's) + ssl
   (CERT_REQUIRED) + readinto + sha256 + file write, with the same block size;
@@ -53,11 +53,13 @@ LARGEST_SLOTS_16MB = (
 _FIRMWARE = """
 import json, time
 from firmware import trust
-from firmware.updater import Updater
+from firmware import slots
+from firmware.installer import Installer
 fw = json.loads(open("fw.json").read())
 ca = open("ca.der", "rb").read()
+part = slots.next_update()
 t0 = time.ticks_us()  # the TLS context is made inside, as in the reference (and per download in install.py)
-u = Updater(trust.context(ca), {"Authorization": AUTH}, 30)
+u = Installer(part, {"Authorization": AUTH}, 30, ctx=trust.context(ca))
 digest, _ = u.download(fw, 0)
 t1 = time.ticks_us()
 import binascii
@@ -104,7 +106,7 @@ print(json.dumps({"us": time.ticks_diff(t1, t0), "sha": binascii.hexlify(h.diges
 """
 
 # The emulated flash driver alone (Python here, C and SPI on a chip): erase + program of as
-# many blocks as the image has, into the same slot, the way Updater writes them.
+# many blocks as the image has, into the same slot, the way the Installer writes them.
 _FLASH_ONLY = """
 import json, time
 from firmware import slots

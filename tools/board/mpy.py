@@ -43,7 +43,7 @@ def tree(base: Path, paths) -> dict[str, Path]:
 
 
 def compile_tree(sources: dict[str, Path], out_dir: Path, native: tuple[str, ...] = ()) -> Path:
-    """Compile `sources` ({module path, e.g. "firmware/app.py": source file}) into a
+    """Compile `sources` ({module path, e.g. "firmware/agent.py": source file}) into a
     content-addressed folder under `out_dir`; reuses it when nothing changed. Returns that
     folder. Sources named in `native` hold viper code for this machine (the emulator's, never
     a board's): compiled with its -march, or left out where there is no native emitter."""

@@ -1,26 +1,24 @@
-# app.py The device agent: follow the desired firmware in the shadow, report what runs.
+# agent.py The device agent: follow the desired firmware in the shadow, report what runs.
 #
-# Boot: the persisted phase (phases.py) and the running slot say whether this boot is the
-# trial of a new image, a rollback, an interrupted download to resume, or ordinary. A trial
-# must pass a health check (broker over TLS, shadow round trip) before
-# mark_app_valid_cancel_rollback(); if it does not, the device resets unconfirmed and the
-# bootloader goes back to the old image, which then reports `failed: rolled_back`. Identity
-# is the SHA-256 of the running image, never a claim.
+# Boot: trial.py says, from the persisted phase (phases.py) and the running slot, whether this
+# boot is the trial of a new image, a rollback, an interrupted download to resume, or an
+# ordinary one. Steady state: on every (re)connect ask for the whole shadow (state/<id>/get)
+# and act on its desired firmware (ota.decide; install.py carries an install out); a delta
+# only triggers another get. Reports are state.reported.firmware. A get nobody answers is
+# asked again: a broker drops what no one is subscribed for (the replica between a broker
+# restart and its new subscription), and nothing else would come. An answer whose reported
+# firmware is not what this board would report (its report was dropped the same way) is
+# answered with the report again.
 #
-# Steady state: on every (re)connect ask for the whole shadow (state/<id>/get) and act on
-# desired.firmware; a delta only triggers another get. Reports are state.reported.firmware.
-# A get nobody answers is asked again: a broker drops what no one is subscribed for (the
-# replica between a broker restart and its new subscription), and nothing else would come.
-# An answer whose reported firmware is not what this board would report (its report was
-# dropped the same way) is answered with the report again.
+# The phase changes in one place, go(), by phases.py's table, and is saved before the action
+# it announces.
 
 import gc
 import json
 import random
 import time
 
-from firmware import clock, contract, phases, power, slots, state, wifi
-from firmware.install import Installer, _new_link, _unload, log
+from firmware import clock, contract, log, ota, phases, power, slots, state, unload, wifi
 
 _STABLE_LINK_MS = 30000  # a link up this long has worked: the next failure starts a fresh backoff
 _IDLE_MS = 5000  # longest wait for a message while idle; a message ends the wait at once
@@ -35,13 +33,18 @@ def _jittered(delay):
     return time.ticks_add(time.ticks_ms(), delay // 2 + random.getrandbits(16) % (delay // 2 + 1))
 
 
-class Agent(Installer):
+def _new_link(cfg):
+    from firmware.link import Link  # loaded with umqtt when MQTT is needed, dropped when parked
+
+    return Link(cfg)
+
+
+class Agent:
     def __init__(self, cfg):
         self.cfg = cfg
         self.st = state.load()
         self.run_label = slots.label(slots.running())
         self.link = None
-        self.updater = None  # loaded only while installing: RAM is tight on an ESP32
         self.doc_version = -1
         self.retry_at = None  # ticks_ms when a transient failure may be retried
         self._progress_at = (0, 0)  # (percent, ticks_ms) of the last progress report
@@ -51,13 +54,14 @@ class Agent(Installer):
 
     # -- persisted phase ------------------------------------------------------------------
 
-    def _go(self, event, **fields):
-        """Apply a table transition and persist it (with any other changed fields)."""
+    def go(self, event, **fields):
+        """Apply a table transition and persist it (with any other changed fields): the one
+        place the phase changes."""
         self.st["phase"] = phases.step(self.st["phase"], event)
         self.st.update(fields)
         state.save(self.st)
 
-    def _fail(self, code, event="error", progressed=False):
+    def fail(self, code, event="error", progressed=False):
         """Record a failure. A transient one that still moved the download forward (more
         bytes safely in flash) does not use up an attempt: a link that drops every few
         KiB converges, bounded by the byte budget instead."""
@@ -73,36 +77,7 @@ class Agent(Installer):
             self.retry_at = _jittered(min(60000, 1000 * 2 ** st["attempts"]))
         else:
             self.retry_at = None
-        self._go(event)
-
-    # -- what happened across the last reset ------------------------------------------------
-
-    def boot_check(self):
-        """Returns True if this boot is the trial of a freshly installed image."""
-        st = self.st
-        if st["phase"] in (phases.DOWNLOADING, phases.VERIFYING, phases.REBOOTING, phases.TRIAL):
-            event = "booted_target" if self.run_label == st["slot"] else "booted_old"
-            try:
-                nxt = phases.step(st["phase"], event)
-            except ValueError:  # e.g. "downloading" into the slot we run: state is corrupt
-                log("inconsistent update state: starting over")
-                st.update(phase=phases.IDLE, target=None, slot=None, written=0)
-                state.save(st)
-                return False
-            if nxt == phases.FAILED:
-                log("back on", self.run_label, ": the trial of", st["slot"], "did not confirm")
-                self._fail(contract.E_ROLLED_BACK, event)
-            elif nxt == phases.TRIAL:
-                log("trial boot of", st["target"]["version"], "in", self.run_label)
-                self._go(event)
-                return True
-            else:
-                log("a reset interrupted", st["phase"], "of", st["target"]["version"], "at", st["written"])
-        elif slots.pending_verify():
-            # Running an unconfirmed image we know nothing about: do not keep it.
-            log("unconfirmed image with no update record: resetting to roll back")
-            power.reset()
-        return False
+        self.go(event)
 
     # -- reports --------------------------------------------------------------------------
 
@@ -151,7 +126,7 @@ class Agent(Installer):
                 return True
         return False
 
-    def _on_progress(self, done, total):
+    def on_progress(self, done, total):
         pct = done * 100 // total
         last_pct, last_t = self._progress_at
         now = time.ticks_ms()
@@ -162,7 +137,7 @@ class Agent(Installer):
             if self.link is not None:
                 self.report(progress=pct)
 
-    def _reconnect(self):
+    def reconnect(self):
         """One bounded attempt to bring MQTT back; on failure the report waits for later."""
         gc.collect()
         try:
@@ -174,30 +149,57 @@ class Agent(Installer):
                 self.link.close()
             self.link = None
 
-    # -- trial ------------------------------------------------------------------------------
+    # -- acting on the shadow ---------------------------------------------------------------
 
-    def health_check(self):
-        """The new image can reach the broker over TLS and round-trip the shadow. A request
-        lost on the way is made again (waits of 2, 4, 8 s...) until the deadline: one lost
-        message must not roll back a good image."""
-        return self.link.exchange(contract.GET, {}, (contract.GET_ACCEPTED,),
-                                  self.cfg["health_deadline_s"] * 1000, "health") is not None
-
-    def finish_trial(self):
-        import binascii
-
+    def on_document(self, doc):
+        """Carry out what the desired firmware in a shadow document asks (ota.decide).
+        Returns (firmware, resume) to install, or None. The caller drops the document
+        (several KiB with its metadata) before installing."""
+        if not isinstance(doc, dict):
+            return None
+        version = doc.get("version")
+        if isinstance(version, int):
+            if version < self.doc_version:
+                return None  # stale answer
+            self.doc_version = version
         st = self.st
-        target = st["target"]
-        digest = slots.sha256_of(slots.running(), target["size"], bytearray(4096))
-        if binascii.hexlify(digest).decode() != target["sha256"]:
-            # Not the image we installed: never confirm it.
-            log("running image does not hash to the target: rolling back")
-            self._fail(contract.E_HASH)
-            power.reset()
-        slots.confirm()  # before saving: a reset in between re-runs the trial, harmlessly
-        st["images"][self.run_label] = dict(target)
-        self._go("confirmed", target=None, slot=None, error=None, attempts=0, written=0, fetched=0)
-        log("confirmed", target["version"], "in", self.run_label)
+        backing_off = self.retry_at is not None and time.ticks_diff(self.retry_at, time.ticks_ms()) > 0
+        action, fw = ota.decide(doc, st, self.running_image(), self.cfg["max_attempts"], backing_off)
+        if action == ota.BAD:
+            log("ignoring desired firmware:", fw)
+            self.fail(contract.E_BAD_DESIRED)
+            self.report(detail=fw)
+        elif action == ota.ADOPT:
+            st["images"][self.run_label] = dict(fw)
+            self.go("adopt", target=None, slot=None, error=None, attempts=0, written=0, fetched=0)
+            self.report()
+        elif action == ota.REFUSE:
+            log("refusing downgrade to", fw["version"])
+            st["target"] = fw
+            self.fail(contract.E_DOWNGRADE)
+            self.report()
+        elif action == ota.INSTALL:
+            # A change to the desired document (a fresh URL, allow_downgrade, a new version
+            # label) is a new request with a fresh set of attempts; the same image resumes
+            # where its download stopped.
+            same_target = st["target"] is not None and st["target"]["sha256"] == fw["sha256"]
+            if st["target"] != fw:
+                st["attempts"] = 0
+                self.retry_at = None
+                if not same_target:
+                    st["fetched"] = 0
+            return fw, same_target
+        return None
+
+    def install(self, fw, resume):
+        self._progress_at = (0, time.ticks_ms())
+        from firmware import install
+
+        try:
+            install.run(self, fw, resume)
+        finally:
+            install = None
+            unload("firmware.install")
 
     def handle_message(self, suffix, msg):
         """One message from the broker: returns (firmware, resume) to install, or None.
@@ -266,7 +268,12 @@ class Agent(Installer):
     # -- main loop ----------------------------------------------------------------------------
 
     def run(self):
-        trial = self.boot_check()
+        from firmware import trial as tried
+
+        trial = tried.boot_check(self)
+        if not trial:
+            tried = None
+            unload("firmware.trial")  # needed again only after the next install's reboot
         t_boot = time.ticks_ms()
         failures = 0
         while True:
@@ -282,10 +289,11 @@ class Agent(Installer):
                 self.link = _new_link(self.cfg)
                 self.link.connect()
                 if trial:
-                    if not self.health_check():
+                    if not tried.healthy(self):
                         raise OSError(110, "health check: no shadow round trip")
-                    self.finish_trial()
-                    trial = False
+                    tried.confirm(self)
+                    trial = tried = False
+                    unload("firmware.trial")
                 up_at = time.ticks_ms()
                 self.report()
                 self.ask_wait = _ASK_FIRST_MS  # a new link: its first answer is due soon
@@ -322,6 +330,6 @@ def main():
     # Configuration is read once: drop its code from RAM (it is ~3 KiB of bytecode). The
     # package holds it too, which `del sys.modules[...]` alone left in place.
     del config
-    _unload("firmware.config")
+    unload("firmware.config")
     power.arm_watchdog(cfg["wdt_ms"])
     Agent(cfg).run()

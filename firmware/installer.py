@@ -1,11 +1,13 @@
-# updater.py Stream an image into the inactive slot, verify it, and switch the boot slot.
+# installer.py Stream an image into the inactive slot and verify it there.
 #
-# One 4096-byte buffer (a flash sector: writeblocks erases per call) is allocated when the
-# Updater is made and reused for every block; the loop allocates nothing per block.
+# An Installer owns one install: the inactive slot, looked up once when it is made, and one
+# 4096-byte buffer (a flash sector: writeblocks erases per call), allocated then and reused
+# for every block; the loop allocates nothing per block. The install (install.py) ends in
+# set_boot() on that same slot, once this module's code and buffer have been given back.
 # Order of trust: the first block must be an ESP32 app image before anything is erased; the
 # SHA-256 of the received bytes must equal the desired sha256 (from the shadow, not from the
-# store); the slot is read back and hashed again; only then does the caller set_boot(),
-# which runs the bootloader's own image check.
+# store); the slot is read back and hashed again; only then does the install call
+# set_boot(), which runs the bootloader's own image check.
 #
 # Resume: a download interrupted after `written` bytes (a multiple of 4096, checkpointed by
 # the caller) continues with Range: bytes=written-; the prefix already in flash is hashed
@@ -16,16 +18,10 @@ import binascii
 import hashlib
 
 from firmware import contract, https, slots
+from firmware.ota import UpdateError
 
 BLOCK = 4096
 CHECKPOINT_BLOCKS = 16  # persist progress every 64 KiB: resumable, without wearing the fs
-
-
-class UpdateError(Exception):
-    def __init__(self, code, detail=""):
-        super().__init__(code, detail)
-        self.code = code
-        self.detail = detail
 
 
 def check_app_header(buf):
@@ -56,19 +52,27 @@ def _http_error(resp):
     return UpdateError(contract.E_HTTP, str(status))
 
 
-class Updater:
-    def __init__(self, ctx, headers, timeout_s=15, server_hostname=None):
+class Installer:
+    def __init__(self, part, headers, timeout_s=15, ca_file=None, ctx=None, server_hostname=None):
+        """`part`: the inactive slot (slots.next_update()); `ctx`: an ssl.SSLContext, or None
+        to make one from `ca_file` (trust.load)."""
+        self.part = part
         self.buf = bytearray(BLOCK)
+        if ctx is None:
+            # After the buffer: a hole the CA's parsing leaves below it would split the heap.
+            from firmware import trust
+
+            ctx = trust.load(ca_file)
         self.ctx = ctx
         self.headers = headers
         self.timeout_s = timeout_s
         self.server_hostname = server_hostname
 
     def download(self, fw, written=0, checkpoint=None, progress=None):
-        """Fetch fw (a contract.check_firmware dict) into the inactive slot, continuing after
-        `written` bytes already there. Returns (SHA-256 of the whole image, resumed?).
+        """Fetch fw (a contract.check_firmware dict) into the slot, continuing after `written`
+        bytes already there. Returns (SHA-256 of the whole image, resumed?).
         Raises UpdateError, or OSError/ValueError for network and TLS failures."""
-        part = slots.next_update()
+        part = self.part
         size = fw["size"]
         if size > slots.slot_size(part):
             raise UpdateError(contract.E_TOO_BIG, "%d > slot %d" % (size, slots.slot_size(part)))
@@ -103,8 +107,7 @@ class Updater:
     def read_back(self, fw):
         """Read the whole slot back and hash it again: what set_boot() will switch to must be
         exactly the desired image, whatever the flash did with the writes."""
-        part = slots.next_update()
-        if slots.sha256_of(part, fw["size"], self.buf) != binascii.unhexlify(fw["sha256"]):
+        if slots.sha256_of(self.part, fw["size"], self.buf) != binascii.unhexlify(fw["sha256"]):
             raise UpdateError(contract.E_READBACK, "slot content differs from the desired image")
 
     def hash_slot(self, part, nbytes, h):
