@@ -66,7 +66,7 @@ def one_run(site: Site, tmp: Path, args, run: int, pg) -> dict:
             target = f"9.{run}.0"
             fw = {"url": "https://127.0.0.1/fw/x.bin", "version": target, "sha256": "c" * 64, "size": 1}
             # A grant per device, as operators send them (tools.grants), made before the clock starts.
-            bodies = {d: json.dumps({"state": {"desired": {"firmware": grants.granted(site.grant_key, d, fw)}}})
+            bodies = {d: json.dumps(contract.firmware_update(contract.DESIRED, grants.granted(site.grant_key, d, fw)))
                       for d in passwords}
             t0 = time.perf_counter()
             for d, body in bodies.items():
@@ -80,8 +80,8 @@ def one_run(site: Site, tmp: Path, args, run: int, pg) -> dict:
                     when, topic, payload = op.q.get(timeout=5)
                 except queue.Empty:
                     continue
-                rep = json.loads(payload).get("state", {}).get("reported")
-                if rep and rep.get("firmware", {}).get("version") == target:
+                rep = contract.firmware_in(json.loads(payload), contract.REPORTED)
+                if isinstance(rep, dict) and rep.get("version") == target:
                     done.add(topic.split("/")[1])
                     last = when
             return {"devices": n, "workers": args.workers, "store": "postgresql" if pg else "sqlite",

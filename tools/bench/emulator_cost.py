@@ -19,6 +19,7 @@ import threading
 import time
 from pathlib import Path
 
+from firmware import contract
 from tools.esp32emu.runner import Runner
 from tools.operator.client import Recorder
 from tools.espidf.images import build_app_image
@@ -52,7 +53,7 @@ def measure(n: int, workdir: Path, timeout: float = 300) -> dict:
 
         def seen(m):  # first accepted report of each board, timed as it crosses the broker
             dev = m.topic.split("/")[1]
-            if m.topic.endswith("/update/accepted") and "reported" in m.payload.get("state", {}):
+            if m.topic.endswith("/update/accepted") and contract.firmware_in(m.payload, contract.REPORTED):
                 ready.setdefault(dev, time.monotonic() - started)
 
         watcher = Recorder(site, "+", on_message=seen)

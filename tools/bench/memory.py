@@ -24,6 +24,7 @@ import threading
 import time
 from pathlib import Path
 
+from firmware import contract
 from tools.operator import client as op
 from tools.bench.ota_throughput import _micropython
 from tools.esp32emu.runner import Runner, make_flash
@@ -106,7 +107,7 @@ def update_succeeds(site: Site, svc: ServicesThread, rel, image_a: bytes, heap_k
                 doc = svc.call(op.get_shadow(site, device))
             except op.OperatorError:
                 doc = {}
-            fw = doc.get("state", {}).get("reported", {}).get("firmware", {})
+            fw = contract.firmware_in(doc, contract.REPORTED) or {}
             if fw.get("sha256") == rel.sha256 and fw.get("state") == "idle":
                 ok = True
                 break

@@ -32,6 +32,7 @@ import threading
 import time
 from pathlib import Path
 
+from firmware import contract
 from tools.control import grants
 from tools.control import mqtt_wire
 from tools.control.ports import free_port
@@ -176,8 +177,8 @@ async def _throughput(site, port, update_topic, accepted_filter, devices, update
     # Operators grant what they desire, or the replica refuses it; made before the clock
     # starts, as the operator's work is not the replica's.
     key = site.grant_key
-    bodies = [json.dumps({"state": {"desired": {"firmware": grants.granted(key, f"b{i % devices}", {
-        "version": f"{i}", "n": i})}}}).encode() for i in range(updates)]
+    bodies = [json.dumps(contract.firmware_update(contract.DESIRED, grants.granted(key, f"b{i % devices}", {
+        "version": f"{i}", "n": i}))).encode() for i in range(updates)]
 
     def send(i: int) -> None:
         c.publish(update_topic.format(dev=f"b{i % devices}"), bodies[i], 1)
@@ -214,7 +215,7 @@ def latency(site: Site, port: int, update_topic: str, delta_topic: str, samples:
         dev.subscribe(delta_topic.format(dev="+"))
         times = []
         for i in range(samples + 10):
-            body = {"state": {"desired": {"firmware": grants.granted(site.grant_key, f"lat{i}", {"version": f"{tag}-{i}"})}}}
+            body = contract.firmware_update(contract.DESIRED, grants.granted(site.grant_key, f"lat{i}", {"version": f"{tag}-{i}"}))
             t0 = time.perf_counter()
             # A shadow per sample: the contrib plugin cannot update an existing one (see main)
             op.c.publish(update_topic.format(dev=f"lat{i}"), json.dumps(body), qos=1)

@@ -60,11 +60,11 @@ class SimDevice:
             if flags & 0x06:  # QoS 1: acknowledge
                 self.writer.write(packet(PUBACK, 0, data[at:at + 2]))
                 at += 2
-            fw = json.loads(data[at:]).get("state", {}).get("firmware")
+            fw = contract.firmware_in(json.loads(data[at:]))  # a delta's
             if isinstance(fw, dict) and "version" in fw:
                 self.reports += 1
-                self.publish(contract.UPDATE, {"state": {"reported": {"firmware": {
-                    "version": fw["version"], "sha256": fw.get("sha256"), "state": contract.ST_IDLE}}}})
+                self.publish(contract.UPDATE, contract.firmware_update(contract.REPORTED, {
+                    "version": fw["version"], "sha256": fw.get("sha256"), "state": contract.ST_IDLE}))
 
     def close(self) -> None:
         if self.writer is not None:
