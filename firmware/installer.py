@@ -26,7 +26,8 @@ CHECKPOINT_BLOCKS = 16  # persist progress every 64 KiB: resumable, without wear
 
 def check_app_header(buf):
     """First block of an OTA image: magic 0xE9, chip id 0 (ESP32), app descriptor at 0x20.
-    The combined firmware.bin starts with the bootloader, which has no app descriptor."""
+    The combined firmware.bin starts with the bootloader, which has no app descriptor. (The
+    host reads the same with tools/espidf/onflash.py image_kind, too big for a board's RAM.)"""
     if buf[0] != 0xE9:
         raise UpdateError(contract.E_NOT_APP, "bad magic byte")
     if buf[12] | buf[13] << 8 != 0:

@@ -38,6 +38,13 @@ def test_delta_carries_the_metadata_of_its_leaves_and_the_causing_clientToken():
     assert "clientToken" not in d and d["metadata"]["b"] == {"d": {"timestamp": 30}}
 
 
+def test_accepted_stamps_every_leaf_the_request_set_deletions_too():
+    doc, _, _ = upd(None, {"desired": {"a": 1, "b": {"c": 2}}, "reported": {"x": 1}})
+    _, acc, _ = upd(doc, {"desired": {"a": None, "b": {"c": 3}}, "reported": None})
+    assert acc["metadata"] == {"desired": {"a": {"timestamp": 1000}, "b": {"c": {"timestamp": 1000}}},
+                               "reported": {"timestamp": 1000}}
+
+
 def test_a_state_key_named_timestamp_keeps_its_metadata():
     doc, _, _ = upd(None, {"reported": {"clock": {"timestamp": 5, "zone": "UTC"}}})
     doc, _, _ = apply_update(doc, {"state": {"reported": {"clock": {"zone": "CET"}}}}, now=2000)

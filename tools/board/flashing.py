@@ -36,12 +36,13 @@ def check_combined_image(data: bytes) -> CombinedImage:
     """Accept only a combined ESP32 image with an OTA partition table. Raises FlashError."""
     pt = onflash.PARTITION_TABLE_OFFSET - COMBINED_OFFSET
     app = 0x10000 - COMBINED_OFFSET
-    if len(data) < app + 0x120 or data[0] != onflash.IMAGE_MAGIC:
+    head = onflash.APP_DESC_OFFSET + 4
+    is_image, chip_id, is_app = onflash.image_kind(data[:head])
+    if len(data) < app + 0x120 or not is_image:
         raise FlashError("not_combined", "not a combined firmware.bin (no bootloader image at the start)")
-    if data[0x20:0x24] == onflash.APP_DESC_MAGIC.to_bytes(4, "little"):
+    if is_app:
         raise FlashError("app_image", "this is an app image (micropython.bin / *.app-bin), the file to "
                                       "release for OTA; flash the combined firmware.bin instead")
-    chip_id = int.from_bytes(data[12:14], "little")
     if chip_id != onflash.CHIP_ID_ESP32:
         raise FlashError("wrong_chip", f"bootloader is for chip id {chip_id}, not ESP32 (0)")
     try:
@@ -52,7 +53,8 @@ def check_combined_image(data: bytes) -> CombinedImage:
     if len(slots) < 2 or onflash.find_part(parts, onflash.TYPE_DATA, onflash.SUBTYPE_DATA_OTA) is None:
         raise FlashError("not_ota_variant", "partition table has no OTA slots: flash the ESP32_GENERIC "
                                             "OTA variant (firmware built with BOARD_VARIANT=OTA)")
-    if data[app] != onflash.IMAGE_MAGIC or data[app + 0x20 : app + 0x24] != onflash.APP_DESC_MAGIC.to_bytes(4, "little"):
+    app_is_image, _, app_is_app = onflash.image_kind(data[app : app + head])
+    if not (app_is_image and app_is_app):
         raise FlashError("no_app", "no app image at 0x10000")
     return CombinedImage(len(data), parts, max(p.offset + p.size for p in parts))
 

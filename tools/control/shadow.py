@@ -125,6 +125,14 @@ def _stamp(meta: dict, patch: dict, ts: int) -> dict:
     return out
 
 
+def _request_stamps(patch: Any, ts: int) -> dict:
+    """`update/accepted`'s metadata: a stamp at every leaf the request set, a null (a
+    deletion) included, as AWS's example shows it."""
+    if not isinstance(patch, dict):
+        return {"timestamp": ts}
+    return {k: _request_stamps(v, ts) for k, v in patch.items()}
+
+
 def _equal(a: Any, b: Any) -> bool:
     """JSON equality. Python's == has True == 1 and False == 0; JSON's true is not 1."""
     if isinstance(a, bool) or isinstance(b, bool):
@@ -229,7 +237,7 @@ def apply_update(doc: dict | None, req: dict, now: int) -> tuple[dict, dict, dic
     new = {"state": new_state, "metadata": new_meta, "version": doc["version"] + 1, "timestamp": now}
     accepted = {
         "state": state,
-        "metadata": {s: _stamp({}, p, now) for s, p in (state or {}).items() if isinstance(p, dict)},
+        "metadata": {s: _request_stamps(p, now) for s, p in (state or {}).items()},
         "version": new["version"],
         "timestamp": now,
     }

@@ -172,12 +172,12 @@ def check_app_image(data: bytes, slot_size: int = SLOT_SIZE) -> ImageReport:
             "this is a combined firmware.bin (bootloader + partition table + app) for serial "
             "flashing at 0x1000; release the bare app image (micropython.bin / *.app-bin)",
         )
-    if data[0] != onflash.IMAGE_MAGIC:
+    is_image, chip_id, is_app = onflash.image_kind(data[: onflash.APP_DESC_OFFSET + 4])
+    if not is_image:
         raise ImageError("not_app_image", f"bad magic byte 0x{data[0]:02x}, expected 0xe9")
-    chip_id = struct.unpack_from("<H", data, 12)[0]
     if chip_id != onflash.CHIP_ID_ESP32:
         raise ImageError("wrong_chip", f"image is for chip id {chip_id}, not ESP32 (0)")
-    if struct.unpack_from("<I", data, onflash.APP_DESC_OFFSET)[0] != onflash.APP_DESC_MAGIC:
+    if not is_app:
         raise ImageError("not_app_image", "no app descriptor at offset 0x20 (bootloader image?)")
     if len(data) > slot_size:
         raise ImageError("too_big", f"image is {len(data)} bytes, the OTA slot holds {slot_size}")

@@ -423,6 +423,17 @@ def verify_image(flash, offset, part_size, chip_rev=301):
     return res
 
 
+def image_kind(head):
+    """What an image's first 0x24 bytes say: (an ESP image at all, the chip id it is for, an
+    app: it carries the app descriptor at 0x20, which a bootloader image has not). The host's
+    one reading of an image's head; the device reads the same three things itself
+    (firmware/installer.py check_app_header), in RAM it cannot spare for this module."""
+    if len(head) < APP_DESC_OFFSET + 4 or head[0] != IMAGE_MAGIC:
+        return False, None, False
+    chip_id, desc = struct.unpack_from("<H", head, 12)[0], struct.unpack_from("<I", head, APP_DESC_OFFSET)[0]
+    return True, chip_id, desc == APP_DESC_MAGIC
+
+
 def read_app_desc(flash, offset):
     """esp_ota_get_partition_description: the 256-byte descriptor at image offset 0x20."""
     raw = flash.read(offset + APP_DESC_OFFSET, 256)
