@@ -4,7 +4,7 @@
 
 import time
 
-_VALID_AFTER = 1704067200  # 2024-01-01 (unix): a clock earlier than this was never set
+_VALID_AFTER = 1704067200  # the first second of 2024 (unix): a clock earlier than this was never set
 _NTP_DELTA = 2208988800  # 1900-01-01 (NTP era 0) to 1970-01-01
 _EPOCH_2000 = 946684800
 

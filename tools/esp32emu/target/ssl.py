@@ -26,7 +26,7 @@ from tls import (  # noqa: F401 - re-exported API
 
 _ENOMEM = 12
 _BUDGET = int(os.getenv("ESP32EMU_TLS_BUDGET") or "2")
-_CLOCK_SET_AFTER = 1577836800  # 2020-01-01: before this the board's clock was never set
+_CLOCK_SET_AFTER = 1577836800  # the first second of 2020: before this the board's clock was never set
 _live = []  # [id(TLS socket), raw socket] of open TLS connections; ids keep nothing alive
 
 
