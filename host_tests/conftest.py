@@ -329,7 +329,7 @@ def mqtt_probe(site, services):
 TIERS = {
     "test_acl": "unit", "test_shadow": "unit", "test_espidf": "unit", "test_images": "unit",
     "test_rollout": "unit", "test_mqtt_wire": "unit", "test_passwd": "unit", "test_structure": "unit",
-    "test_status": "unit", "test_cli_errors": "unit", "test_ota": "unit",
+    "test_status": "unit", "test_cli_errors": "unit", "test_ota": "unit", "test_grants": "unit",
     "test_contract": "unit micropython", "test_device_files": "micropython", "test_emulator": "micropython",
     "test_mpy": "micropython", "test_fuzz_firmware": "micropython slow", "test_tls_trust": "micropython e2e",
     "test_link": "micropython e2e slow", "test_firmware": "micropython e2e slow",

@@ -11,11 +11,12 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 
 import pytest
 
-from conftest import REPO, MQTTProbe, https_get
+from conftest import REPO, MQTTProbe, https_get, wait_until
 from firmware import contract
 from tools.control import grants
 from tools.control.brokers import mosquitto
@@ -124,8 +125,10 @@ def test_a_will_may_publish_only_where_its_sender_may(site, services, mqtt_probe
 
 def test_a_refused_connect_under_another_clients_id_changes_nothing(site, services, device, releases):
     """CONNECTs with no or wrong credentials, under a device's client id (clean and persistent
-    session) and the services' fixed ids, are refused and leave every session as it was:
-    nobody is disconnected or stops receiving, and nobody's rights change."""
+    session) and the ids a reader of our source would guess for the services, are refused and
+    leave every session as it was, across the broker's next reload too: nobody is disconnected
+    or stops receiving, and nobody's rights change. (On mosquitto 2.0.11 an anonymous CONNECT
+    under the replica's id, then a reload, crashed the broker: service ids are not guessable.)"""
     ep = site.endpoints()
     victim = device("victim")
     keeper = device("keeper", clean_session=False)
@@ -142,8 +145,24 @@ def test_a_refused_connect_under_another_clients_id_changes_nothing(site, servic
     assert victim.drops == [] and keeper.drops == []
     if services.services.broker_kind == "amqtt":  # mosquitto grants any SUBACK and filters delivery
         assert keeper.subscribe("state/#") == [128]
+    # Another device's valid login under their client ids: refused (amqtt) or given a session
+    # named after its own login (mosquitto's devices' listener); theirs stay as they were.
+    thief_pw = site.creds.set("thief")
+    time.sleep(1)  # mosquitto's reload (the new login), after the refusals above
+    for client_id, clean in (("victim", True), ("keeper", False)):
+        thief = MQTTProbe(site, "thief", thief_pw, client_id, clean_session=clean)
+        thief.connected(5)
+        thief.close()
+    time.sleep(0.5)
+    assert victim.drops == [] and keeper.drops == []
     for dev, name in ((victim, "victim"), (keeper, "keeper")):  # the replica answers, and they hear it
-        outcome, _ = dev.ask(contract.topic(name, contract.GET), {})
+        try:
+            outcome, _ = dev.ask(contract.topic(name, contract.GET), {})
+        except AssertionError:
+            pid = services.services.broker._proc.proc.pid
+            print("POLL", services.services.broker._proc.proc.poll(), open(f"/proc/{pid}/status").read()[:300] if os.path.exists(f"/proc/{pid}") else "gone", flush=True)
+            import subprocess; print("SS", subprocess.run(["ss","-ltnp"],capture_output=True,text=True).stdout, flush=True)
+            raise
         assert outcome in ("accepted", "rejected")
     _legit_update(site, services, victim, "victim", releases["1.1.0"])
 
@@ -177,6 +196,16 @@ def test_a_device_cannot_target_itself(site, services, mqtt_probe, device, relea
     services.call(op.set_desired(site, "selfish", new, token=True))
     outcome, answer = write(earlier)
     assert (outcome, answer.get("code")) == ("rejected", 403) and "older" in answer["message"]
+    # ... nor after it removes its desired firmware first (which needs no grant)
+    outcome, _ = dev.ask(topic, {"state": {"desired": {"firmware": None}}})
+    assert outcome == "accepted"
+    outcome, answer = write(earlier)
+    assert (outcome, answer.get("code")) == ("rejected", 403) and "older" in answer["message"]
+    outcome, _ = dev.ask(topic, {"state": None})
+    assert outcome == "accepted"
+    outcome, answer = write(earlier)
+    assert (outcome, answer.get("code")) == ("rejected", 403) and "older" in answer["message"]
+    services.call(op.set_desired(site, "selfish", new, token=True))
 
     # The database's attacker: a desired firmware written past the replica gains nothing either.
     db = open_store(site.shadow_store)
@@ -227,14 +256,23 @@ def test_secret_files_are_made_private_before_a_byte_is_written(tmp_path, monkey
     from tools.esp32emu.provision import provision_emulated
     from tools.site import Endpoints, Site
 
-    modes = []
-    fdopen = os.fdopen
+    created: dict[int, int] = {}  # descriptor -> mode when the file was made
+    placed: dict[str, int] = {}  # final name -> the mode its file was made with
+    mkstemp, replace = tempfile.mkstemp, os.replace
+    last_fd: dict[str, int] = {}
 
-    def spy(fd, *args, **kw):  # every secret file is written through one open descriptor
-        modes.append(os.fstat(fd).st_mode & 0o777)
-        return fdopen(fd, *args, **kw)
+    def spy_mkstemp(*args, **kw):
+        fd, name = mkstemp(*args, **kw)
+        created[fd], last_fd[name] = os.fstat(fd).st_mode & 0o777, fd
+        return fd, name
 
-    monkeypatch.setattr(os, "fdopen", spy)
+    def spy_replace(src, dst):
+        if str(src) in last_fd:
+            placed[str(dst)] = created[last_fd.pop(str(src))]
+        return replace(src, dst)
+
+    monkeypatch.setattr(tempfile, "mkstemp", spy_mkstemp)
+    monkeypatch.setattr(os, "replace", spy_replace)
     old = os.umask(0)
     try:
         site = Site(tmp_path / "site")
@@ -247,7 +285,20 @@ def test_secret_files_are_made_private_before_a_byte_is_written(tmp_path, monkey
               site.root / "services.json", site.creds.path, site.creds.mosquitto_path, site.pki.server_key,
               site.pki.ca_key]
     assert {str(p): p.stat().st_mode & 0o777 for p in secret} == {str(p): 0o600 for p in secret}
-    assert len(modes) >= len(secret) and set(modes) == {0o600}
+    # each was written under another name, made 0600 before its first byte, and renamed into place
+    assert {str(p): placed.get(str(p)) for p in secret} == {str(p): 0o600 for p in secret}
+
+
+def test_a_service_client_id_is_stable_and_known_only_to_its_password():
+    """The same across restarts (the broker keeps a replica worker's session), a name no device
+    may take, and different under another password: no one without it can aim at the id."""
+    from tools.site.identities import reserved_id, service_client_id
+
+    ids = {service_client_id("replica", "pw-a", "replica"), service_client_id("replica", "pw-a", "replica")}
+    assert len(ids) == 1 and reserved_id(ids.pop())
+    others = {service_client_id("replica", "pw-b", "replica"), service_client_id("replica", "pw-a", "w1"),
+              service_client_id("operator", "pw-a", "replica"), "replica-replica"}
+    assert service_client_id("replica", "pw-a", "replica") not in others and len(others) == 4
 
 
 @pytest.mark.parametrize("name", ["operator", "replica", "replica-w0", "operator-renewer"])
@@ -264,3 +315,58 @@ def test_a_service_identity_cannot_be_provisioned_or_revoked_as_a_device(site, t
         assert out.returncode == 1 and "service identity" in out.stderr, out.stderr
         assert len(out.stderr.strip().splitlines()) == 1 and "Traceback" not in out.stderr
     assert site.creds.verify("operator", password)
+
+
+def test_nothing_is_retained_for_later_subscribers(site, services, mqtt_probe, device, releases):
+    """A retained message (a publish, or a will, on the sender's own request topic) would reach
+    every later subscriber; neither broker keeps one."""
+    evil = device("evil")
+    evil.c.publish(contract.topic("evil", contract.UPDATE), b'{"state": {"reported": {"x": 1}}}', qos=1,
+                   retain=True)
+    time.sleep(0.5)
+    dropper = MQTTProbe(site, "evil", evil.password, "evil",
+                        will=(contract.topic("evil", contract.UPDATE), b'{"state": {}}', True))
+    if dropper.connected(3) == 0:
+        dropper.drop()
+    dropper.close()
+    watch = _watch(mqtt_probe, site, "evil")  # subscribes only now
+    assert [t for t, _ in _quiet(watch)] == []
+
+
+def test_an_oversized_packet_costs_its_sender_the_connection_and_nothing_else(site, services, device, releases):
+    from tools.control.brokers import MAX_PACKET_BYTES
+
+    big = device("big")
+    other = device("other")
+    big.c.publish(contract.topic("big", contract.UPDATE), b"{" * (MAX_PACKET_BYTES + 1), qos=0)
+    wait_until(lambda: big.drops, 15, "the oversized sender to be cut off")
+    assert other.drops == []
+    _legit_update(site, services, other, "other", releases["1.1.0"])
+
+
+def test_a_will_is_not_sent_for_an_identity_revoked_since_its_connect(site, services, mqtt_probe, device):
+    from tools.board.provision import revoke
+
+    watch = _watch(mqtt_probe, site, "gone")
+    pw = site.creds.set("gone")
+    time.sleep(1)  # mosquitto's reload
+    dev = MQTTProbe(site, "gone", pw, will=(contract.topic("gone", contract.UPDATE),
+                                            b'{"state": {"reported": {"last": "will"}}}', False))
+    assert dev.connected(5) == 0
+    assert revoke(site, "gone")
+    time.sleep(1.5)
+    if dev.c.is_connected():  # amqtt keeps the connection, refusing all it does
+        dev.drop()
+    dev.close()
+    assert _quiet(watch) == []
+
+
+def test_no_request_a_device_sends_stops_the_renewer(site, services, device, releases):
+    """The renewer serves the whole fleet: thousands of nested brackets (past the JSON
+    decoder's recursion), bytes that are not UTF-8, or a request without a hash each cost it
+    that message alone."""
+    dev = device("hostile")
+    for payload in (b"[" * 5000, b"\xff\xfe{}", b"{}", b'{"sha256": 5}', b"[]"):
+        dev.publish(contract.topic("hostile", contract.CREDENTIALS), payload)
+    time.sleep(0.5)
+    _legit_update(site, services, dev, "hostile", releases["1.1.0"])

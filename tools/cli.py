@@ -116,7 +116,7 @@ def cmd_replica(args) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     site = _site(args)
     settings = MQTTSettings(args.mqtt_host, args.mqtt_port, "replica", site.service_password("replica"),
-                            Path(args.ca) if args.ca else site.pki.ca_cert, client_id=f"replica-{args.name}",
+                            Path(args.ca) if args.ca else site.pki.ca_cert, worker=args.name,
                             share_group=args.share_group)
     try:
         replica = Replica(settings, args.db or site.shadow_store, grant_key=site.grant_key)
@@ -468,7 +468,7 @@ def parser() -> argparse.ArgumentParser:
                     help="the broker's listener for services (mosquitto from `serve`: its --service-port)")
     sp.add_argument("--share-group", help="subscribe as $share/GROUP/... so workers split the stream (`serve` on "
                     "mosquitto joins the group replicas)")
-    sp.add_argument("--name", default="1", help="worker name (client id replica-NAME)")
+    sp.add_argument("--name", default="1", help="worker name (client id replica-NAME-<tag>)")
     sp.add_argument("--ca", help="CA of the broker's certificate (default: the site's)")
     sp.add_argument("--db", help="SQLite file or postgresql:// URL (default: <site>/shadows.url if present, "
                     "else <site>/replica.db)")

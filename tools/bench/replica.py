@@ -91,7 +91,7 @@ def _replica(site_root: str, port: int, store: str, name: str, group: str | None
     logging.disable(logging.WARNING)
     site = Site(Path(site_root))
     settings = MQTTSettings("127.0.0.1", port, "replica", site.service_password("replica"), site.pki.ca_cert,
-                            client_id=f"replica-{name}", share_group=group)
+                            worker=name, share_group=group)
 
     async def main():
         ev = asyncio.Event()

@@ -8,8 +8,8 @@ key, the device id, the image's sha256, size and version, the auth mode, allow_d
 operator tools, the replica and the renewer read it, and devices never see it.
 
 - The replica refuses (403) an update that leaves a device's desired firmware without a valid
-  grant for that device, or with a grant older than the one it replaces (a device replaying
-  an earlier targeting of its own).
+  grant for that device, or with a grant older than the newest it has accepted for it (a
+  device replaying an earlier targeting of its own, even after removing the desired firmware).
 - The renewer signs a URL and issues a download token only for a granted desired firmware,
   so a shadow edited in the database gains nothing either.
 - `status` and rollouts show a desired firmware without a valid grant as such.
@@ -30,6 +30,9 @@ import orjson
 from firmware import contract
 
 FIELD = contract.GRANT
+# The replica keeps, in each shadow document but outside its state, when the newest grant it
+# accepted for that device was issued: an older one is refused from then on.
+GRANTED = "granted"
 
 
 class GrantError(Exception):
@@ -67,7 +70,9 @@ def check(key: bytes, device: str, fw: dict) -> int:
     if not isinstance(grant, str):
         raise GrantError("desired firmware carries no operator grant")
     issued, _, mac = grant.partition(".")
-    if not issued.isdigit() or len(issued) > 12 or not hmac.compare_digest(mac, _mac(key, device, fw, int(issued))):
+    # ASCII only: str.isdigit() takes "²", which int() refuses; compare_digest refuses "é".
+    if not (issued.isascii() and issued.isdigit() and len(issued) <= 12 and mac.isascii() and len(mac) == 64) \
+            or not hmac.compare_digest(mac, _mac(key, device, fw, int(issued))):
         raise GrantError("desired firmware's operator grant does not match it or this device")
     return int(issued)
 
@@ -78,11 +83,3 @@ def issued(key: bytes, device: str, fw) -> int | None:
         return check(key, device, fw)
     except GrantError:
         return None
-
-
-def stated_issue(fw) -> int | None:
-    """The issue time a grant states, unchecked: for a grant that was checked when it was
-    stored (the replica's own document)."""
-    grant = fw.get(FIELD) if isinstance(fw, dict) else None
-    issued_at = grant.partition(".")[0] if isinstance(grant, str) else ""
-    return int(issued_at) if issued_at.isdigit() and len(issued_at) <= 12 else None

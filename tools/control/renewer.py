@@ -100,7 +100,7 @@ class Renewer:
         delay = 0.5
         while True:
             try:
-                async with service_client(self.site, OPERATOR, f"{OPERATOR}-renewer", self.host, self.port) as client:
+                async with service_client(self.site, OPERATOR, "renewer", self.host, self.port) as client:
                     await client.subscribe(f"{contract.ROOT}/+/{contract.UPDATE_ACCEPTED}", qos=1)
                     await client.subscribe(f"{contract.ROOT}/+/{contract.CREDENTIALS}", qos=1)
                     delay = 0.5
@@ -114,28 +114,33 @@ class Renewer:
 
     async def _serve(self, client: aiomqtt.Client) -> None:
         async for msg in client.messages:
-            parsed = contract.parse_topic(str(msg.topic))
-            if parsed is None:
-                continue
-            device, suffix = parsed
             try:
-                doc = json.loads(msg.payload)
-            except ValueError:
-                continue
-            if not isinstance(doc, dict):
-                continue
-            if suffix == contract.UPDATE_ACCEPTED and asks_for_url(doc):
-                request = None
-            elif suffix == contract.CREDENTIALS:
-                try:
-                    request = shadow.parse_request(bytes(msg.payload))  # the replica's rules for a request
-                except shadow.ShadowError:
-                    continue  # no clientToken we could answer to
-            else:
-                continue
-            # Sign what the shadow desires now (the replica's store), not what a message said.
-            read = await asyncio.to_thread(shadows.read, self.site.shadow_store, [device])
-            await self._answer(client, device, request, read[device].desired if device in read else {})
+                await self._one(client, str(msg.topic), bytes(msg.payload))
+            except aiomqtt.MqttError:
+                raise
+            except Exception:  # noqa: BLE001 - no message may stop the service for the fleet
+                log.exception("failed to handle %s", msg.topic)
+
+    async def _one(self, client: aiomqtt.Client, topic: str, payload: bytes) -> None:
+        parsed = contract.parse_topic(topic)
+        if parsed is None:
+            return
+        device, suffix = parsed
+        try:
+            # The replica's rules for a request (size, UTF-8, depth: thousands of nested
+            # brackets would exhaust the JSON decoder's recursion), an answer of its too.
+            doc = shadow.parse_request(payload)
+        except shadow.ShadowError:
+            return  # nothing we could answer to
+        if suffix == contract.UPDATE_ACCEPTED and asks_for_url(doc):
+            request = None
+        elif suffix == contract.CREDENTIALS:
+            request = doc
+        else:
+            return
+        # Sign what the shadow desires now (the replica's store), not what a message said.
+        read = await asyncio.to_thread(shadows.read, self.site.shadow_store, [device])
+        await self._answer(client, device, request, read[device].desired if device in read else {})
 
     async def _answer(self, client: aiomqtt.Client, device: str, request: dict | None, desired: dict) -> None:
         if request is None:

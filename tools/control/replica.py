@@ -24,6 +24,7 @@ from tools.control import grants
 from tools.control import mqtt_wire
 from tools.control import shadow
 from tools.control.shadowstore import open_store
+from tools.site.identities import service_client_id
 
 log = logging.getLogger("replica")
 
@@ -40,7 +41,7 @@ class MQTTSettings:
     username: str
     password: str
     ca_file: Path
-    client_id: str | None = None
+    worker: str = "replica"  # the client id's role (identities.service_client_id)
     # Several workers split one stream with an MQTT 5 / mosquitto shared subscription
     # ($share/<group>/...); amqtt has none, so the embedded setup runs one worker.
     share_group: str | None = None
@@ -119,7 +120,12 @@ class Replica:
 
     def _check_grant(self, device_id: str, req: dict, old: dict | None, new: dict) -> None:
         """403 unless the desired firmware this update leaves carries an operator's grant for
-        this device, no older than the one it replaces (tools.grants). Removing it is allowed."""
+        this device (tools.control.grants), no older than the newest this shadow has accepted.
+        That date is kept in the document outside its state (GRANTED), where no update
+        reaches: removing the desired firmware (which needs no grant) and then bringing back
+        an older grant the device once saw gains nothing."""
+        floor = (old or {}).get(grants.GRANTED, 0)
+        new[grants.GRANTED] = floor
         desired = (req["state"] or {}).get(contract.DESIRED)
         if not isinstance(desired, dict) or contract.FIRMWARE not in desired:
             return  # the desired firmware is not touched (or all of desired goes)
@@ -131,12 +137,10 @@ class Replica:
             issued = grants.check(self.grant_key, device_id, fw)
         except grants.GrantError as e:
             raise shadow.ShadowError(contract.R_FORBIDDEN, str(e), token) from None
-        # The grant it replaces was checked when it was stored (a forged date edited into the
-        # database could only make this refuse, which that database's holder can do anyway).
-        before = grants.stated_issue(contract.firmware_in(old, contract.DESIRED))
-        if before is not None and issued < before:
+        if issued < floor:
             raise shadow.ShadowError(contract.R_FORBIDDEN, "desired firmware's operator grant is older than "
-                                     "the one it would replace", token)
+                                     "one this shadow has already accepted", token)
+        new[grants.GRANTED] = issued
 
     def _read(self, device_id: str, fresh: bool = False) -> tuple:
         """(document or None, digest of the last request with a clientToken, its answer): from
@@ -178,7 +182,7 @@ class Replica:
         is tried again here, and one cut off by a lost connection or a crash is delivered again
         by a broker that keeps the session."""
         m = self.mqtt
-        client = mqtt_wire.Client(m.client_id or f"{m.username}-replica", m.username, m.password,
+        client = mqtt_wire.Client(service_client_id(m.username, m.password, m.worker), m.username, m.password,
                                   clean_session=False, max_inflight=1000)
         share = f"$share/{m.share_group}/" if m.share_group else ""
         delay = 0.5

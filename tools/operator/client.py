@@ -25,7 +25,7 @@ class OperatorError(Exception):
 
 
 def _client(site: Site, suffix: str) -> aiomqtt.Client:
-    return service_client(site, OPERATOR, f"{OPERATOR}-{suffix}-{secrets.token_hex(3)}")
+    return service_client(site, OPERATOR, f"{suffix}-{secrets.token_hex(3)}")
 
 
 def desired_firmware(site: Site, device: str, release: Release, ttl: int = presign.DEFAULT_TTL,

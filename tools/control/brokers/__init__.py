@@ -15,6 +15,11 @@ import importlib
 
 from tools.site import Site
 
+# A client that sends a larger packet is disconnected, so that a device cannot make the
+# broker and the replica hold payloads of any size: ~16x the largest message the replica
+# sends (update/documents of an 8 KiB document of one-character leaves: ~62 KB).
+MAX_PACKET_BYTES = 1 << 20
+
 KINDS = {"amqtt": "tools.control.brokers.amqtt:AmqttBroker",
          "mosquitto": "tools.control.brokers.mosquitto:MosquittoBroker"}
 

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import amqtt
 from amqtt.broker import Broker as _AmqttBroker
+from amqtt.adapters import StreamReaderAdapter, StreamWriterAdapter
 from amqtt.contexts import Action
 from amqtt.errors import AMQTTError, MQTTError, NoDataError
 from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
@@ -99,6 +100,21 @@ class RoleTopicPlugin(BaseTopicPlugin):
         return allowed
 
 
+class PacketTooLarge(Exception):
+    pass
+
+
+class _CappedReader(StreamReaderAdapter):
+    """A client's byte stream, refusing any one read beyond brokers.MAX_PACKET_BYTES: amqtt
+    reads a packet's payload with one read of the length the packet announces, so a client
+    announcing more is cut off before the broker holds it (mosquitto: max_packet_size)."""
+
+    async def read(self, n: int = -1) -> bytes:
+        if n > brokers.MAX_PACKET_BYTES:
+            raise PacketTooLarge(f"a packet of {n} bytes; at most {brokers.MAX_PACKET_BYTES}")
+        return await super().read(n)
+
+
 class GuardedBroker(_AmqttBroker):
     """amqtt's broker with its connect path in the right order.
 
@@ -161,6 +177,17 @@ class GuardedBroker(_AmqttBroker):
             if not await self._topic_filtering(session, session.will_topic, Action.PUBLISH):
                 return f"will on {session.will_topic!r}, where this identity may not publish"
         return None
+
+    async def stream_connected(self, reader, writer, listener_name) -> None:
+        await self._client_connected(listener_name, _CappedReader(reader), StreamWriterAdapter(writer))
+
+    async def _handle_disconnect(self, client_session, handler, disconnect_waiter) -> None:
+        """The will, checked once more as it is sent: an identity revoked since its CONNECT
+        publishes nothing."""
+        if client_session.will_flag and not await self._topic_filtering(
+                client_session, client_session.will_topic, Action.PUBLISH):
+            client_session.will_flag = False
+        await super()._handle_disconnect(client_session, handler, disconnect_waiter)
 
     async def retain_message(self, source_session, topic_name, data, qos=None) -> None:
         """Keep nothing: amqtt 0.12.1 sends every retained message that matches any client's

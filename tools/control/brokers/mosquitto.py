@@ -53,9 +53,6 @@ def available() -> bool:
     return shutil.which("mosquitto") is not None and shutil.which("mosquitto_passwd") is not None
 
 
-MAX_PACKET_BYTES = 1 << 20
-
-
 def _run_user() -> pwd.struct_passwd | None:
     """Whom mosquitto runs as: None for whoever starts it, the package's user under root."""
     if os.geteuid() != 0:
@@ -115,9 +112,7 @@ class Mosquitto:
     def _private(self, name: str, data: str | bytes) -> Path:
         """A file in the run directory only mosquitto's user can read."""
         path = self.run_dir / name
-        write_private(path, data)
-        if self.user is not None:
-            os.chown(path, self.user.pw_uid, self.user.pw_gid)
+        write_private(path, data, (self.user.pw_uid, self.user.pw_gid) if self.user is not None else None)
         return path
 
     def _write_passwords(self) -> None:
@@ -150,10 +145,10 @@ class Mosquitto:
             # devices at once lost requests on their way to the replica workers.
             "max_queued_messages 1000000\n"
             "max_inflight_messages 1000\n"
-            # A client that sends more is disconnected, so a device cannot make the broker and the
-            # replica hold payloads of any size; ~16x the largest message the replica sends
-            # (update/documents of an 8 KiB document of one-character leaves: ~62 KB).
-            f"max_packet_size {MAX_PACKET_BYTES}\n"
+            f"max_packet_size {brokers.MAX_PACKET_BYTES}\n"  # a client sending more is disconnected
+            # What may wait for one client that stops reading (a device subscribed to its
+            # answers, still sending requests): the default has no bound in bytes.
+            f"max_queued_bytes {64 << 20}\n"
             + (f"user {self.user.pw_name}\n" if self.user is not None else "") +
             "log_dest stdout\n"
             "log_type error\nlog_type warning\nlog_type notice\n"
@@ -183,9 +178,10 @@ class Mosquitto:
             raise MosquittoError("add at least one user before starting")
         self.dir.mkdir(parents=True, exist_ok=True)
         # Not under the workdir: its parents may be private to root (pytest's tmp_path is).
+        # Ours, 0711: mosquitto's user opens its files by name but can put nothing there.
         self.run_dir = Path(tempfile.mkdtemp(prefix="fleet-ota-mosquitto-"))
         if self.user is not None:
-            os.chown(self.run_dir, self.user.pw_uid, self.user.pw_gid)
+            self.run_dir.chmod(0o711)
         conf = self._write_config()
         log = open(self.dir / "mosquitto.log", "ab")
         self.proc = subprocess.Popen(["mosquitto", "-c", str(conf)], stdout=log, stderr=subprocess.STDOUT)
