@@ -167,8 +167,8 @@ async def run_demo(root: Path) -> int:
         except TimeoutError:
             raise RuntimeError(f"the device did not report {NEW} within {TIMEOUT_S}s") from None
         doc = await op.get_shadow(site, DEVICE)
-        if "delta" in doc["state"]:
-            raise RuntimeError(f"a delta is left: {doc['state']['delta']}")
+        if contract.DELTA in doc["state"]:
+            raise RuntimeError(f"a delta is left: {doc['state'][contract.DELTA]}")
         runner.stop()
         thread.join(10)
         info = flash_info(devdir / "flash.bin")
