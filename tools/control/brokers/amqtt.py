@@ -2,7 +2,7 @@
 
 amqtt's packaged ACL plugin has no `%u` substitution, so the rules are this module's
 RoleTopicPlugin. Devices must use their username as MQTT client id; service identities may
-use any client id that starts with their name (`replica-w0`, `operator-renewer`).
+use any client id that starts with their name and a dash (tools.site.identities.service_client_id).
 
 amqtt 0.12.1 acts on a CONNECT before it authenticates it, and publishes a client's will
 without its topic ACL. GuardedBroker fixes both in the connect path (see there); it also keeps
@@ -245,8 +245,8 @@ async def start_broker(host: str, port: int, pki: PKI, password_file: Path) -> B
 async def start_amqtt(config: dict, broker_class: type[Broker] = Broker) -> Broker:
     """Start an amqtt broker (GuardedBroker or a subclass) from a config, with our fixes applied."""
     if amqtt.__version__ != AMQTT_REVIEWED:
-        raise RuntimeError(f"amqtt {amqtt.__version__}: tools/broker.py's fixes were written for "
-                           f"{AMQTT_REVIEWED}; read GuardedBroker against the new release first")
+        raise RuntimeError(f"amqtt {amqtt.__version__}: tools/control/brokers/amqtt.py's fixes were "
+                           f"written for {AMQTT_REVIEWED}; read GuardedBroker against the new release first")
     broker = broker_class(config)
     broker._subscriptions = _SnapshotTable()  # see _SnapshotTable
     made = broker_class._create_ssl_context  # amqtt has no setting for the TLS 1.2 suites

@@ -18,8 +18,8 @@ still let one service identity hold several sessions (workers `replica-w0`, `rep
 
 Started as root, mosquitto runs as the unprivileged `mosquitto` user (the package's), which
 it turns into before it reads a certificate, key or password file (mosquitto.c, main: config,
-drop_privileges, then security init and listeners). So it reads copies of them in a private
-directory of its own, made afresh at each start and reload.
+drop_privileges, then security init and listeners). So it reads copies only that user can
+read, made afresh at each start and reload, in a directory root keeps (0711).
 
 On SIGHUP mosquitto re-reads the password files and disconnects every client whose login is
 no longer in them (`mosquitto_security_apply_default`): `revoke` cuts a device off at once.
