@@ -25,6 +25,9 @@ DEFAULTS = {
     "min_free_heap": 8192,  # below this (after parking MQTT) do not start a download
     "ntp_host": None,  # SNTP server for the clock; None: the frozen ntptime's default
     "ntp_port": 123,
+    # Digests (hex) of the keys whose signed releases this device installs, at most three
+    # (release.py; signing.json takes over once a release rotates them). Empty: unsigned.
+    "trusted_keys": [],
 }
 
 
@@ -64,6 +67,12 @@ def load(path="config.json", secrets="secrets.json"):
               "tls_slots", "max_attempts", "min_free_heap", "ntp_port"):
         if not isinstance(cfg[k], int) or cfg[k] < 0:
             raise ValueError("%s: must be a non-negative integer" % k)
+    keys = cfg["trusted_keys"]
+    if not isinstance(keys, list) or len(keys) > contract.MAX_TRUSTED_KEYS:
+        raise ValueError("trusted_keys: must list at most %d key digests" % contract.MAX_TRUSTED_KEYS)
+    for k in keys:
+        if not contract.is_sha256_hex(k):
+            raise ValueError("trusted_keys: each is 64 lowercase hex digits")
     cfg["tls_name"] = cfg["tls_name"] or cfg["broker_host"]
     # Checked here (a missing CA is a config error, not a TLS failure later) but not kept: it
     # is read for each TLS connection, which parses it, so the heap does not hold its ~0.9 KB.

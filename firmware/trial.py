@@ -58,6 +58,7 @@ def confirm(agent):
         agent.fail(contract.E_HASH)
         power.reset()
     slots.confirm()  # before saving: a reset in between re-runs the trial, harmlessly
-    st["images"][agent.run_label] = dict(target)
+    agent.commit(target)  # the counter and trust list of a signed release, as confirmed
+    st["images"][agent.run_label] = agent.image_record(target)
     agent.go("confirmed", target=None, slot=None, error=None, attempts=0, written=0, fetched=0)
     log("confirmed", target["version"], "in", agent.run_label)

@@ -6,6 +6,7 @@ background loop, emulated devices (runner thread + MicroPython process), recorde
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import threading
@@ -23,6 +24,9 @@ from tools.operator.client import Recorder
 from tools.esp32emu.provision import provision_emulated
 from tools.control.services import ServicesThread, start_ready, stop_task
 from tools.site import Site
+from tools.site.releases import Release
+from tools.site.signing import release_bundle
+from cryptography.hazmat.primitives.asymmetric import rsa
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -87,11 +91,25 @@ def images():
     }
 
 
+@functools.cache
+def signing_key(name: str = "release") -> rsa.RSAPrivateKey:
+    """An RSA-3072 release signing key per name, made once a session (each takes ~0.5 s)."""
+    return rsa.generate_private_key(public_exponent=65537, key_size=3072)
+
+
+def release(site: Site, image: bytes, version: str, secure_version: int = 0, key: rsa.RSAPrivateKey | None = None,
+            trust: list[str] | None = None) -> Release:
+    """Sign `image` (with the session's release key, or `key`) and register it: what `sign`
+    on the offline machine and `release --signature` on the server do."""
+    bundle = release_bundle(key or signing_key(), image, version, secure_version, trust)
+    return site.releases.add(image, version, signature=bundle)
+
+
 def device_on_a(site, services, devices, images, device: str, **cfg):
     """Release A (1.0.0) and B (1.1.0), power on `device` running A and wait for its first
     report. Returns (the device, release B)."""
-    site.releases.add(images["A"], "1.0.0")
-    rel = site.releases.add(images["B"], "1.1.0")
+    release(site, images["A"], "1.0.0")
+    rel = release(site, images["B"], "1.1.0")
     dev = devices(device, images["A"], "1.0.0", **cfg)
     wait_reported(services, site, device, lambda fw, d: fw.get("version") == "1.0.0", "first report")
     return dev, rel
@@ -99,7 +117,14 @@ def device_on_a(site, services, devices, images, device: str, **cfg):
 
 @pytest.fixture
 def site(tmp_path) -> Site:
-    return Site(tmp_path / "site")
+    return new_site(tmp_path / "site")
+
+
+def new_site(root: Path, **kw) -> Site:
+    """A new site (it installs signed releases only) trusting the session's release key."""
+    site = Site(root, **kw)
+    site.trust.add(signing_key().public_key())
+    return site
 
 
 @pytest.fixture
@@ -219,7 +244,7 @@ def last_json_line(out: str):
     raise AssertionError(f"no JSON line in output:\n{out}")
 
 
-__all__ = ["wait_until", "run_micropython", "chip_env", "last_json_line", "TARGET_DIR"]
+__all__ = ["wait_until", "run_micropython", "chip_env", "last_json_line", "TARGET_DIR", "release", "signing_key", "new_site"]
 
 
 class MQTTProbe:

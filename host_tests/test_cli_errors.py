@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, release, new_site
 from tools.espidf.images import build_app_image, build_combined_image
 from tools.site import Endpoints, Site
 
@@ -18,13 +18,13 @@ def world(tmp_path_factory):
     """A site whose services are not running (endpoints.json names closed ports), a release,
     and files of every wrong kind."""
     root = tmp_path_factory.mktemp("cli")
-    site = Site(root / "site")
+    site = new_site(root / "site")
     app = build_app_image("1.0.0", 64 * 1024)
     files = {"app": app, "combined": build_combined_image(app), "garbage": b"\x00" * 4096,
              "truncated": app[:-100], "big": build_app_image("9.9.9", 0x190000)}
     for name, data in files.items():
         (root / f"{name}.bin").write_bytes(data)
-    site.releases.add(app, "1.0.0")
+    release(site, app, "1.0.0")
     (site.root / "groups.json").write_text('{"bad": "not a list"}')
     with socket.socket() as s:  # a port nothing listens on
         s.bind(("127.0.0.1", 0))

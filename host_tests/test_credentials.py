@@ -8,7 +8,7 @@ import time
 import urllib.error
 import urllib.request
 
-from conftest import MQTTProbe, device_on_a, wait_reported
+from conftest import MQTTProbe, device_on_a, wait_reported, release
 from firmware import contract
 from tools.operator import client as op
 from tools.control import presign
@@ -44,9 +44,9 @@ def test_device_downloads_with_a_temporary_credential_and_resumes_with_a_new_one
 
 
 def test_credentials_are_issued_only_for_the_image_the_device_is_told_to_install(site, services, images):
-    site.releases.add(images["A"], "1.0.0")
-    rel = site.releases.add(images["B"], "1.1.0")
-    other = site.releases.add(build_app_image("2.0.0", 64 * 1024), "2.0.0")
+    release(site, images["A"], "1.0.0")
+    rel = release(site, images["B"], "1.1.0")
+    other = release(site, build_app_image("2.0.0", 64 * 1024), "2.0.0")
     device = MQTTProbe(site, "tok-2", site.creds.set("tok-2"))
     try:
         assert device.connected() == 0

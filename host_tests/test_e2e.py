@@ -9,7 +9,7 @@ import json
 import pytest
 from esptool.bin_image import LoadFirmwareImage
 
-from conftest import wait_reported, wait_until
+from conftest import wait_reported, wait_until, release
 from firmware import contract
 from tools.operator import client as op
 from tools.control import grants
@@ -44,7 +44,7 @@ def _fw(m, section):
 
 @pytest.fixture(params=[1, 2], ids=["one-tls-connection", "two-tls-connections"])
 def device_a(request, site, services, devices, images):
-    site.releases.add(images["A"], "1.0.0")
+    release(site, images["A"], "1.0.0")
     dev = devices(DEV, images["A"], "1.0.0", tls_slots=request.param)
     dev.tls_slots = request.param
     wait_reported(services, site, DEV, lambda fw, d: fw.get("version") == "1.0.0", "first report")
@@ -53,7 +53,7 @@ def device_a(request, site, services, devices, images):
 
 def test_device_updates_itself(site, services, recorder, images, device_a):
     rec = recorder(DEV)
-    rel = site.releases.add(images["B"], "1.1.0")
+    rel = release(site, images["B"], "1.1.0")
     services.call(op.set_desired(site, DEV, rel))
     fw, doc = wait_reported(services, site, DEV,
                             lambda fw, d: fw.get("version") == "1.1.0" and fw.get("state") == "idle",
@@ -102,8 +102,8 @@ def test_device_updates_itself(site, services, recorder, images, device_a):
 
 
 def test_wrong_bytes_are_refused_and_nothing_changes(site, services, images, device_a):
-    rel_b = site.releases.add(images["B"], "1.1.0")
-    imposter = site.releases.add(build_app_image("6.6.6", len(images["B"])), "6.6.6")
+    rel_b = release(site, images["B"], "1.1.0")
+    imposter = release(site, build_app_image("6.6.6", len(images["B"])), "6.6.6")
     otadata_before = device_a.flash.read_bytes()[0xD000:0xF000]
     # Desired names B's hash and size, but the URL serves another (valid) image.
     url = presign.sign(site.store_key, site.endpoints().store_url, imposter.sha256, DEV)
@@ -125,7 +125,7 @@ def device_a_sha(images):
 
 
 def test_image_that_never_confirms_is_rolled_back(site, services, images, device_a):
-    bad = site.releases.add(build_app_image("1.2.0", 150 * 1024, PANIC_ON_BOOT), "1.2.0")
+    bad = release(site, build_app_image("1.2.0", 150 * 1024, PANIC_ON_BOOT), "1.2.0")
     services.call(op.set_desired(site, DEV, bad))
     fw, doc = wait_reported(services, site, DEV,
                             lambda fw, d: fw.get("state") == "failed" and fw.get("error") == contract.E_ROLLED_BACK,

@@ -3,7 +3,7 @@
 import hashlib
 import json
 
-from conftest import chip_env, last_json_line, reported_firmware, run_micropython, wait_reported, wait_until
+from conftest import chip_env, last_json_line, reported_firmware, run_micropython, wait_reported, wait_until, release
 from firmware import contract
 from tools.control import grants
 from tools.operator import client as op
@@ -55,8 +55,8 @@ def test_whole_update_runs_in_an_80k_heap_with_one_tls_connection(site, services
     # 80 KiB of the unix port's 64-bit objects (up to twice an ESP32's 32-bit ones), in one
     # piece after the emulator's own modules (see _emuhw.pin_heap). The smallest heap in which
     # the whole update succeeds measured 78 KiB (77 fails; tools/bench/memory.py).
-    site.releases.add(images["A"], "1.0.0")
-    rel = site.releases.add(images["B"], "1.1.0")
+    release(site, images["A"], "1.0.0")
+    rel = release(site, images["B"], "1.1.0")
     dev = devices("tiny", images["A"], "1.0.0", heapsize="80k", tls_budget=1, tls_slots=1)
     wait_reported(services, site, "tiny", lambda fw, d: fw.get("version") == "1.0.0", "first report")
     services.call(op.set_desired(site, "tiny", rel))
@@ -70,8 +70,8 @@ def test_whole_update_runs_in_an_80k_heap_with_one_tls_connection(site, services
 def test_board_that_holds_one_tls_connection_reports_out_of_memory(site, services, devices, images):
     # Configured for two TLS connections on a board that holds one: the HTTPS connection
     # fails with ENOMEM while MQTT is up; the device says so and stays on its image.
-    site.releases.add(images["A"], "1.0.0")
-    rel = site.releases.add(images["B"], "1.1.0")
+    release(site, images["A"], "1.0.0")
+    rel = release(site, images["B"], "1.1.0")
     dev = devices("small", images["A"], "1.0.0", tls_budget=1, tls_slots=2, max_attempts=1)
     wait_reported(services, site, "small", lambda fw, d: fw.get("version") == "1.0.0", "first report")
     services.call(op.set_desired(site, "small", rel))
@@ -92,8 +92,8 @@ HOSTILE = [
 
 
 def test_hostile_deltas_and_desired_states_do_not_crash_the_device(site, services, devices, images, mqtt_probe):
-    site.releases.add(images["A"], "1.0.0")
-    rel = site.releases.add(images["B"], "1.1.0")
+    release(site, images["A"], "1.0.0")
+    rel = release(site, images["B"], "1.1.0")
     dev = devices("victim", images["A"], "1.0.0")
     wait_reported(services, site, "victim", lambda fw, d: fw.get("version") == "1.0.0", "first report")
     probe = mqtt_probe("operator", site.service_password("operator"), "operator-hostile")
@@ -119,7 +119,7 @@ def test_without_a_time_source_the_device_cannot_trust_the_broker(site, services
     # No NTP server configured and no frozen ntptime: the clock stays at 2000-01-01 and every
     # certificate is "not yet valid", so the device never connects; it says why. Once the
     # clock is set (a bench sets it; NTP would), it comes online by itself.
-    site.releases.add(images["A"], "1.0.0")
+    release(site, images["A"], "1.0.0")
     dev = devices("noclock", images["A"], "1.0.0", ntp_host=None)
     wait_until(lambda: "clock not set" in dev.output() and "validity starts in the future" in dev.output(),
                60, "the device to explain that its clock is unset")

@@ -19,7 +19,7 @@ import time
 
 import pytest
 
-from conftest import wait_reported, wait_until
+from conftest import wait_reported, wait_until, release, new_site
 from firmware import contract
 from tools.operator import client as op
 from tools.control import grants
@@ -47,7 +47,7 @@ def hil(request, tmp_path_factory):
     if _serial(port) and not opt("--wifi-ssid"):
         pytest.skip("a real board needs --wifi-ssid/--wifi-password (or $WIFI_SSID/$WIFI_PASSWORD)")
     tmp = tmp_path_factory.mktemp("hil")
-    site = Site(tmp / "site", names=(host, "127.0.0.1", "localhost"))
+    site = new_site(tmp / "site", names=(host, "127.0.0.1", "localhost"))
     runner = thread = None
     lines: list[str] = []
     with ServicesThread(site, host) as services:
@@ -140,7 +140,7 @@ def test_wrong_bytes_are_refused_and_the_board_stays_as_it_was(hil, deployed):
     before, _ = wait_reported(services, site, device, _settled, "the board's report")
     boots = len(runner.boots) if runner is not None else None
     claimed = build_app_image("9.0.0", 200 * 1024)
-    imposter = site.releases.add(build_app_image("6.6.6", len(claimed)), "6.6.6")
+    imposter = release(site, build_app_image("6.6.6", len(claimed)), "6.6.6")
     # Desired names one image's hash and size; the URL serves another, valid, image.
     url = presign.sign(site.store_key, site.endpoints().store_url, imposter.sha256, device)
     fw = grants.granted(site.grant_key, device, {"url": url, "version": "9.0.0",
@@ -165,7 +165,7 @@ def test_an_image_that_never_confirms_is_rolled_back(hil, deployed, request):
         pytest.skip("a real board needs --bad-image: a valid app image that does not run this firmware "
                     "(so it never confirms), e.g. a MicroPython build without it on the filesystem")
     before, _ = wait_reported(services, site, device, _settled, "the board's report")
-    bad = site.releases.add(bad_path.read_bytes() if bad_path else build_app_image("1.2.0", 150 * 1024, PANIC_ON_BOOT),
+    bad = release(site, bad_path.read_bytes() if bad_path else build_app_image("1.2.0", 150 * 1024, PANIC_ON_BOOT),
                             "1.2.0")
     services.call(op.set_desired(site, device, bad, 900))
     fw, doc = wait_reported(services, site, device,
@@ -185,7 +185,7 @@ def test_board_updates_itself_over_the_air(hil, deployed, request):
     if image_path is None and _serial(port):
         pytest.skip("a real board needs --ota-image: a MicroPython app image (micropython.bin) to update to")
     image = image_path.read_bytes() if image_path else build_app_image("1.1.0", 300 * 1024)
-    rel = site.releases.add(image, "1.1.0")
+    rel = release(site, image, "1.1.0")
     services.call(op.set_desired(site, device, rel, 900))
     fw, doc = wait_reported(services, site, device,
                             lambda fw, doc: fw.get("state") == "idle" and fw.get("sha256") == rel.sha256,

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import MQTTProbe, wait_until
+from conftest import MQTTProbe, wait_until, release, new_site
 from tools.control import brokers
 from tools.control.brokers import mosquitto
 from tools.control.replica import MQTTSettings, Replica
@@ -367,9 +367,9 @@ def test_services_on_mosquitto_serve_an_emulated_device_provisioned_while_they_r
     from tools.control.services import ServicesThread
     from tools.site import Site
 
-    site = Site(tmp_path / "site")
-    site.releases.add(images["A"], "1.0.0")
-    rel = site.releases.add(images["B"], "1.1.0")
+    site = new_site(tmp_path / "site")
+    release(site, images["A"], "1.0.0")
+    rel = release(site, images["B"], "1.1.0")
     with ServicesThread(site, broker="mosquitto") as svc:
         root = provision_emulated(site, "mq-1", images["A"], "1.0.0", directory=tmp_path / "mq-1")
         lines = []
@@ -401,7 +401,7 @@ def test_a_revoked_device_is_disconnected_at_once(tmp_path):
     from tools.control.services import ServicesThread
     from tools.site import Site
 
-    site = Site(tmp_path / "site")
+    site = new_site(tmp_path / "site")
     with ServicesThread(site, broker="mosquitto"):
         password = site.creds.set("rv-1", generated=True)
         time.sleep(1.5)  # the broker re-reads its password file
@@ -460,7 +460,7 @@ def test_workers_added_to_serve_split_the_stream_with_its_own(tmp_path):
     from tools.control.services import ServicesThread
     from tools.site import Site
 
-    site = Site(tmp_path / "site")
+    site = new_site(tmp_path / "site")
     with ServicesThread(site, broker="mosquitto") as svc:
         extra = Worker(site, svc.endpoints.service_mqtt_port, site.shadow_store, "extra", SHARE_GROUP)
         op = MQTTProbe(site, "operator", site.service_password("operator"), "operator-split")

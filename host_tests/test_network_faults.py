@@ -13,7 +13,7 @@ import time
 import pytest
 from aiohttp import web
 
-from conftest import device_on_a, wait_reported, wait_until
+from conftest import device_on_a, wait_reported, wait_until, release
 from firmware import contract
 from tools.operator import client as op
 from tools.control import grants
@@ -151,7 +151,7 @@ def test_desired_change_mid_download_is_followed(site, services, devices, images
     from tools.espidf.images import build_app_image
 
     dev, rel_b = _device(site, services, devices, images, tls_slots=tls_slots)
-    rel_c = site.releases.add(build_app_image("1.2.0", 150 * 1024), "1.2.0")
+    rel_c = release(site, build_app_image("1.2.0", 150 * 1024), "1.2.0")
     _desire(site, services, rel_b, faulty(chunk=8192, pause_s=0.1))  # ~4 s for 300 KiB
     wait_reported(services, site, DEV, lambda fw, d: fw.get("state") == "downloading", "download start")
     services.call(op.set_desired(site, DEV, rel_c))
@@ -230,7 +230,7 @@ def test_a_link_that_drops_right_after_connecting_backs_off(site, services, devi
     # Each connection works (CONNACK, subscriptions, the report) and is cut a second later.
     # Only a link that stayed up a while may reset the backoff; before, every round counted
     # as a success and the board reconnected every 0.5-1 s for as long as it lasted.
-    site.releases.add(images["A"], "1.0.0")
+    release(site, images["A"], "1.0.0")
     proxy = _CuttingProxy(site.endpoints().mqtt_port, after=1.0)
     try:
         dev = devices(DEV, images["A"], "1.0.0", broker_port=proxy.port)

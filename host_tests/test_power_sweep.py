@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from conftest import SUMMARY, reported_firmware, wait_until
+from conftest import SUMMARY, reported_firmware, wait_until, release
 from tools.operator import client as op
 from tools.esp32emu.flashinfo import flash_info
 from tools.espidf.images import build_app_image
@@ -89,8 +89,8 @@ def run_point(site, services, devices, images, image_b, rel, k, tear):
 
 def test_power_cut_anywhere_in_an_update(request, site, services, devices, images, image_b):
     mode = request.config.getoption("--sweep")
-    site.releases.add(images["A"], "1.0.0")
-    rel = site.releases.add(image_b, "1.1.0")
+    release(site, images["A"], "1.0.0")
+    rel = release(site, image_b, "1.1.0")
     points = cut_points(mode, (IMAGE_B_SIZE + 4095) // 4096)
     with ThreadPoolExecutor(request.config.getoption("--sweep-workers")) as pool:
         rows = list(pool.map(lambda p: run_point(site, services, devices, images, image_b, rel, *p), points))

@@ -9,7 +9,7 @@ import sys
 import pytest
 from cryptography import x509
 
-from conftest import REPO, wait_until
+from conftest import REPO, wait_until, release
 from tools.site.pki import cert_names
 from tools.board.provision import provision_board, revoke
 from tools.site import Site
@@ -54,7 +54,7 @@ def test_revoked_device_loses_the_broker_and_the_store_at_once(site, services, m
     assert op.connected() == 0
     op.publish("state/dev1/update/delta", b"1")
     assert live.next_message(5) == ("state/dev1/update/delta", b"1")
-    rel = site.releases.add(build_app_image("1.0.0", 50_000), "1.0.0")
+    rel = release(site, build_app_image("1.0.0", 50_000), "1.0.0")
     url = presign.sign(site.store_key, site.endpoints().store_url, rel.sha256, "dev1", 300)
 
     def download() -> int:

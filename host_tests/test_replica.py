@@ -6,6 +6,7 @@ import json
 import pytest
 
 from firmware import contract
+from conftest import new_site
 from tools.control import shadows
 from tools.site import Site
 
@@ -22,7 +23,7 @@ def _answer(probe, timeout=5, documents=False):
 @pytest.fixture(params=["sqlite", "postgresql"])
 def site(request, tmp_path):
     """Every case here runs against both stores (tools/shadowstore.py)."""
-    s = Site(tmp_path / "site")
+    s = new_site(tmp_path / "site")
     if request.param == "postgresql":
         s.use_shadow_store(request.getfixturevalue("postgres_url"))
     return s

@@ -8,7 +8,7 @@ for a fresh URL (reporting need_url) when the old one expired.
 
 from aiohttp import web
 
-from conftest import device_on_a, wait_reported
+from conftest import device_on_a, wait_reported, release
 from firmware import contract
 from tools.operator import client as op
 from tools.control import grants
@@ -91,7 +91,7 @@ def test_expired_url_is_reported_and_a_fresh_one_resumes(site, services, recorde
 
 def test_downgrade_needs_permission(site, services, devices, images):
     dev, _ = _start(site, services, devices, images)
-    old = site.releases.add(build_app_image("0.9.0", 120 * 1024), "0.9.0")
+    old = release(site, build_app_image("0.9.0", 120 * 1024), "0.9.0")
     services.call(op.set_desired(site, DEV, old))
     fw, _ = wait_reported(services, site, DEV, lambda fw, d: fw.get("error") == contract.E_DOWNGRADE, "refusal")
     assert fw["version"] == "1.0.0" and fw["state"] == "failed" and len(dev.runner.boots) == 1

@@ -11,7 +11,7 @@ import subprocess
 import sys
 import time
 
-from conftest import REPO, wait_until
+from conftest import REPO, wait_until, release
 from tools.control import shadow
 from tools.esp32emu.runner import PANIC_BELOW_REV
 from tools.espidf.images import build_app_image
@@ -28,8 +28,8 @@ def cli(site, *args, timeout=300):
 
 
 def test_rollout_aborts_at_the_threshold_rolls_back_and_leaves_the_rest_untouched(site, services, devices, images):
-    a = site.releases.add(images["A"], "1.0.0")
-    bad = site.releases.add(build_app_image("1.1.0", 160 * 1024, PANIC_BELOW_REV + "300"), "1.1.0")
+    a = release(site, images["A"], "1.0.0")
+    bad = release(site, build_app_image("1.1.0", 160 * 1024, PANIC_BELOW_REV + "300"), "1.1.0")
     ids = [f"dev-{i:02d}" for i in range(N)]
     fleet = {d: devices(d, images["A"], "1.0.0", chip_rev=100 if d in OLD_CHIPS else 301, max_boots=30)
              for d in ids}
@@ -88,8 +88,8 @@ def test_rollout_aborts_at_the_threshold_rolls_back_and_leaves_the_rest_untouche
 
 
 def test_detached_rollout_resumes_and_completes_with_temporary_credentials(site, services, devices, images):
-    site.releases.add(images["A"], "1.0.0")
-    rel = site.releases.add(images["B"], "1.1.0")
+    release(site, images["A"], "1.0.0")
+    rel = release(site, images["B"], "1.1.0")
     ids = ["tk-0", "tk-1", "tk-2"]
     for d in ids:
         devices(d, images["A"], "1.0.0")

@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from conftest import https_get
+from conftest import https_get, release
 from tools.control import presign
 from tools.espidf.images import build_app_image
 
@@ -14,7 +14,7 @@ from tools.espidf.images import build_app_image
 @pytest.fixture
 def store(site, services):
     image = build_app_image("1.0.0", 100_000)
-    rel = site.releases.add(image, "1.0.0")
+    rel = release(site, image, "1.0.0")
     creds = {"dev1": site.creds.set("dev1"), "dev2": site.creds.set("dev2")}
 
     def get(url, device="dev1", password=None, headers=None):
@@ -69,7 +69,7 @@ def test_refusals_are_403_with_a_reason(store, site, case, reason):
     elif case == "tampered signature":
         u = u[:-1] + ("0" if u[-1] != "0" else "1")
     elif case == "tampered path":
-        other = site.releases.add(build_app_image("2.0.0", 100_000), "2.0.0")
+        other = release(site, build_app_image("2.0.0", 100_000), "2.0.0")
         u = u.replace(rel.sha256, other.sha256)
     elif case == "tampered device":
         u = u.replace("device=dev1", "device=dev2")
@@ -108,7 +108,7 @@ def test_bearer_tokens(store, site, case, status, reason):
     elif case == "expired":
         token, _ = presign.issue_token(site.store_key, "dev1", rel.sha256, 60, now=time.time() - 120)
     elif case == "for another artifact":  # replayed: a token for 2.0.0 presented for 1.0.0
-        other = site.releases.add(build_app_image("2.0.0", 100_000), "2.0.0")
+        other = release(site, build_app_image("2.0.0", 100_000), "2.0.0")
         token, _ = presign.issue_token(site.store_key, "dev1", other.sha256, 60)
     elif case == "from another key":
         token, _ = presign.issue_token(b"k" * 32, "dev1", rel.sha256, 60)
@@ -137,7 +137,7 @@ def test_serve_in_a_child_process_serves_and_stops(site):
     from tools.control.services import ServicesProcess
 
     image = build_app_image("1.0.0", 50_000)
-    rel = site.releases.add(image, "1.0.0")
+    rel = release(site, image, "1.0.0")
     password = site.creds.set("dev1")
     with ServicesProcess(site, broker="amqtt") as svc:
         ep = svc.endpoints
@@ -158,7 +158,7 @@ def test_a_device_that_hangs_up_mid_download_costs_no_error(site, services, capl
     import socket
 
     image = build_app_image("1.0.0", 1_500_000)  # more than the socket buffers hold
-    rel = site.releases.add(image, "1.0.0")
+    rel = release(site, image, "1.0.0")
     ep = site.endpoints()
     url = presign.sign(site.store_key, ep.store_url, rel.sha256, "dev1", 60)
     path = url.split(str(ep.https_port), 1)[1]

@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from conftest import REPO, MQTTProbe, https_get, wait_until
+from conftest import REPO, MQTTProbe, https_get, wait_until, release, new_site
 from firmware import contract
 from tools.control import grants
 from tools.control.brokers import mosquitto
@@ -43,7 +43,7 @@ def services(request, site):
 def releases(site):
     """Two releases: {version: (release, image)}."""
     images = {v: build_app_image(v, 64 * 1024 + n) for n, v in enumerate(("1.0.0", "1.1.0"))}
-    return {v: (site.releases.add(img, v), img) for v, img in images.items()}
+    return {v: (release(site, img, v), img) for v, img in images.items()}
 
 
 @pytest.fixture
@@ -275,7 +275,7 @@ def test_secret_files_are_made_private_before_a_byte_is_written(tmp_path, monkey
     monkeypatch.setattr(os, "replace", spy_replace)
     old = os.umask(0)
     try:
-        site = Site(tmp_path / "site")
+        site = new_site(tmp_path / "site")
         site.write_endpoints(Endpoints("127.0.0.1", 1, 2, 3))
         root = provision_emulated(site, "dev1", build_app_image("1.0.0", 4096), "1.0.0", directory=tmp_path / "dev1")
         site.store_key, site.grant_key, site.service_password("operator")

@@ -53,19 +53,106 @@ def cmd_image_check(args) -> None:
 def cmd_release(args) -> None:
     from tools.espidf.images import ImageError
     from tools.site.releases import ReleaseError
+    from tools.site.signing import SigningError, read_bundle
 
     try:
-        rel = _site(args).releases.add(args.file.read_bytes(), args.version)
+        bundle = read_bundle(args.signature) if args.signature else None
+    except SigningError as e:
+        raise CommandError(str(e)) from None
+    try:
+        rel = _site(args).releases.add(args.file.read_bytes(), args.version, signature=bundle)
     except ImageError as e:
         raise CommandError(f"{args.file}: {e.code}: {e}") from None
+    except SigningError as e:
+        raise CommandError(f"{args.signature}: {e.code + ': ' if e.code else ''}{e}") from None
     except ReleaseError as e:
         raise CommandError(str(e)) from None
-    print(json.dumps(rel.__dict__, indent=1))
+    out = {k: v for k, v in rel.__dict__.items() if k != "signature"}
+    out.update(signer=rel.signer, secure_version=rel.secure_version)
+    print(json.dumps(out, indent=1))
 
 
 def cmd_releases(args) -> None:
-    for r in _site(args).releases.list():
-        print(f"{r.version:<12} {r.sha256} {r.size:>9} {r.date}")
+    site = _site(args)
+    if not site.trust.required:
+        print("(this site accepts unsigned releases)")
+    for r in site.releases.list():
+        signed = f"signed {r.signer} sv {r.secure_version}" if r.signature else "unsigned"
+        print(f"{r.version:<12} {r.sha256} {r.size:>9} {r.date} {signed}")
+
+
+def cmd_keygen(args) -> None:
+    from tools.site.signing import SigningError, generate_key
+
+    try:
+        digest = generate_key(args.keyfile)
+    except SigningError as e:
+        raise CommandError(str(e)) from None
+    print(f"{args.keyfile}: RSA-3072 release signing key (keep it offline)\nkey digest {digest}")
+
+
+def cmd_key_digest(args) -> None:
+    from tools.site.signing import SigningError, key_digest, load_public
+
+    try:
+        print(key_digest(load_public(args.keyfile)))
+    except SigningError as e:
+        raise CommandError(str(e)) from None
+
+
+def cmd_sign(args) -> None:
+    from firmware import contract
+    from tools.espidf.images import ImageError, check_app_image
+    from tools.site.signing import SigningError, load_private, load_public, sign
+
+    if bool(args.key) == bool(args.signer):
+        raise CommandError("sign with --key KEY.pem, or with --signer CMD and --pub-key PUB.pem")
+    if args.signer and not args.pub_key:
+        raise CommandError("--signer needs --pub-key: the public key the signature is checked with")
+    if args.output.exists():
+        raise CommandError(f"{args.output} exists")
+    try:
+        report = check_app_image(args.file.read_bytes())
+    except ImageError as e:
+        raise CommandError(f"{args.file}: {e.code}: {e}") from None
+    try:
+        manifest = contract.release_manifest(args.version, report.sha256, report.size, args.secure_version,
+                                             args.trust or None)
+        contract.check_manifest(json.loads(manifest))
+    except ValueError as e:
+        raise CommandError(str(e)) from None
+    try:
+        if args.key:
+            bundle = sign(manifest, load_private(args.key))
+        else:
+            bundle = sign(manifest, signer=args.signer, pub=load_public(args.pub_key))
+    except SigningError as e:
+        raise CommandError(str(e)) from None
+    args.output.write_text(json.dumps(bundle, indent=1) + "\n")
+    print(f"{args.output}: {args.version} (sha256 {report.sha256}, {report.size} bytes, secure_version "
+          f"{args.secure_version}{', trust ' + ' '.join(d[:16] for d in args.trust) if args.trust else ''})")
+
+
+def cmd_trust(args) -> None:
+    from tools.site.signing import SigningError, load_public
+
+    trust = _site(args).trust
+    if args.action in ("add", "remove") and not args.key:
+        raise CommandError(f"trust {args.action}: name the key")
+    try:
+        if args.action == "add":
+            print(f"trusted {trust.add(load_public(Path(args.key)))}")
+        elif args.action == "remove":
+            trust.remove(args.key)
+        elif args.action == "require":
+            trust.require(True)
+        elif args.action == "allow-unsigned":
+            trust.require(False)
+        print("releases must be signed" if trust.required else "releases may be unsigned")
+        for d in trust.keys():
+            print(f"  {d}")
+    except SigningError as e:
+        raise CommandError(str(e)) from None
 
 
 def cmd_serve(args) -> None:
@@ -444,9 +531,35 @@ def parser() -> argparse.ArgumentParser:
 
     sp = with_site(add("release", cmd_release, "validate an app image and add it to the store"))
     sp.add_argument("file", type=Path)
-    sp.add_argument("--version", required=True)
+    sp.add_argument("--version", help="release version (signed: the manifest's, by default)")
+    sp.add_argument("--signature", type=Path, help="the signature bundle `sign` made for this image")
 
     with_site(add("releases", cmd_releases, "list releases"))
+
+    sp = add("keygen", cmd_keygen, "make an RSA-3072 release signing key (on the machine that keeps it offline)")
+    sp.add_argument("keyfile", type=Path)
+
+    sp = add("key-digest", cmd_key_digest, "print a key's digest (what devices trust; espsecure "
+             "digest-sbv2-public-key writes the same bytes)")
+    sp.add_argument("keyfile", type=Path, help="PEM public or private key")
+
+    sp = add("sign", cmd_sign, "sign a release manifest for an image, with a key or an external signer (needs no site)")
+    sp.add_argument("file", type=Path, help="the app image")
+    sp.add_argument("--version", required=True)
+    sp.add_argument("--secure-version", type=int, default=0,
+                    help="security counter: devices refuse any release below the highest they confirmed")
+    sp.add_argument("--trust", nargs="+", metavar="DIGEST",
+                    help="key digests devices trust once this release is confirmed (rotation, revocation)")
+    sp.add_argument("--key", type=Path, help="PEM private key (keygen, or espsecure generate-signing-key)")
+    sp.add_argument("--signer", help="external signer command: SHA-256 of the manifest on stdin, "
+                    "the 384-byte PSS signature (raw or base64) on stdout")
+    sp.add_argument("--pub-key", type=Path, help="with --signer: its public key (PEM)")
+    sp.add_argument("-o", "--output", type=Path, required=True, help="signature bundle to write")
+
+    sp = with_site(add("trust", cmd_trust, "the signing keys new devices trust, and whether releases must be signed"))
+    sp.add_argument("action", choices=("list", "add", "remove", "require", "allow-unsigned"))
+    sp.add_argument("key", nargs="?", help="add: a PEM public (or private) key file; remove: a key digest or "
+                    "a unique prefix of one")
 
     sp = with_site(add("serve", cmd_serve, "run broker, replica and firmware store"))
     sp.add_argument("--host", default="127.0.0.1")

@@ -46,6 +46,18 @@ def copy_firmware(fs: Path, compiled: bool = True) -> None:
     shutil.copytree(compiled_umqtt / "umqtt", fs / "lib" / "umqtt", dirs_exist_ok=True)
 
 
+def trusted_keys(site: Site) -> list[str]:
+    """The key digests a new device trusts (config.json trusted_keys): the site's, if it
+    installs signed releases only; none (an unsigned device) otherwise."""
+    if not site.trust.required:
+        return []
+    keys = site.trust.keys()
+    if not keys:
+        raise ValueError("this site installs signed releases only but trusts no key yet: "
+                         "add the signing key's public half with `fleet-ota trust add KEY.pem` first")
+    return keys
+
+
 def provision_board(site: Site, device_id: str, out_dir: Path, wifi_ssid: str, wifi_password: str,
                     host: str | None = None, image: bytes | None = None, version: str | None = None,
                     allow_loopback: bool = False) -> Path:
@@ -63,11 +75,12 @@ def provision_board(site: Site, device_id: str, out_dir: Path, wifi_ssid: str, w
     if not allow_loopback and (host.startswith("127.") or host == "localhost"):
         raise ValueError(f"{host} is this computer's loopback address: a board cannot reach it; "
                          "run `serve --host <LAN address>` or pass the address the board should use")
+    keys = trusted_keys(site)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     password = site.creds.set(device_id)
     cfg = {"device_id": device_id, "broker_host": host, "broker_port": ep.mqtt_port,
-           "wifi_ssid": wifi_ssid, "ntp_host": host, "ntp_port": ep.ntp_port}
+           "wifi_ssid": wifi_ssid, "ntp_host": host, "ntp_port": ep.ntp_port, "trusted_keys": keys}
     (out / "config.json").write_text(json.dumps(cfg, indent=1))
     write_private(out / "secrets.json", json.dumps({"mqtt_password": password, "wifi_password": wifi_password}))
     shutil.copy2(site.pki.ca_der, out / "ca.der")

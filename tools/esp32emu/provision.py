@@ -8,7 +8,7 @@ import shutil
 from pathlib import Path
 
 from firmware import state
-from tools.board.provision import check_device_id, copy_firmware
+from tools.board.provision import check_device_id, copy_firmware, trusted_keys
 from tools.esp32emu.runner import make_flash
 from tools.espidf.images import check_app_image
 from tools.site import Site
@@ -24,6 +24,7 @@ def provision_emulated(site: Site, device_id: str, image: bytes, version: str,
     check_device_id(device_id)
     check_app_image(image)
     ep = site.endpoints()
+    keys = trusted_keys(site)
     root = Path(directory) if directory else site.devices_dir / device_id
     root.mkdir(parents=True, exist_ok=True)
     make_flash(root / "flash.bin", image)
@@ -33,7 +34,7 @@ def provision_emulated(site: Site, device_id: str, image: bytes, version: str,
     copy_firmware(fs, compiled)
     password = site.creds.set(device_id)
     cfg = {"device_id": device_id, "broker_host": ep.host, "broker_port": ep.mqtt_port,
-           "wifi_ssid": "emulated", "ntp_host": ep.host, "ntp_port": ep.ntp_port}
+           "wifi_ssid": "emulated", "ntp_host": ep.host, "ntp_port": ep.ntp_port, "trusted_keys": keys}
     cfg.update(config or {})
     (fs / "config.json").write_text(json.dumps(cfg, indent=1))
     write_private(fs / "secrets.json", json.dumps({"mqtt_password": password}))

@@ -6,6 +6,8 @@
     <root>/store.key       HMAC key for pre-signed URLs and download tokens (mode 0600)
     <root>/grant.key       HMAC key for operator grants on desired firmware (mode 0600, tools.grants)
     <root>/releases/       released images and their index
+    <root>/signing.json    public keys whose signed releases devices trust; whether releases
+                           must be signed (tools.site.signing; on for a new site)
     <root>/replica.db      shadow documents (SQLite; the default store)
     <root>/shadows.url     optional: a postgresql:// URL; then the shadows live there instead
     <root>/rollouts.db     rollouts and where each of their devices stands
@@ -25,6 +27,7 @@ from tools.site.credentials import Credentials
 from tools.site.secretfile import write_private
 from tools.site.pki import DEFAULT_NAMES, PKI, ensure_pki
 from tools.site.releases import Registry
+from tools.site.signing import Trust
 
 
 @dataclass(frozen=True)
@@ -49,9 +52,13 @@ class Site:
     def __init__(self, root: Path, names: tuple[str, ...] = DEFAULT_NAMES):
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
+        new = not (self.root / "pki").exists()
         self.pki: PKI = ensure_pki(self.root / "pki", names)
         self.creds = Credentials(self.root / "passwd")
-        self.releases = Registry(self.root / "releases")
+        self.trust = Trust(self.root / "signing.json")
+        if new:
+            self.trust.require(True)  # a new site installs signed releases only
+        self.releases = Registry(self.root / "releases", self.trust)
         self.db_path = self.root / "replica.db"
         self.rollouts_path = self.root / "rollouts.db"
         self.devices_dir = self.root / "devices"

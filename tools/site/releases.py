@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from tools.espidf.onflash import SLOT_SIZE
+from tools.site.signing import Trust, Verified, check_matches, signer_of, verify
 
 
 class ReleaseError(Exception):
@@ -21,13 +22,26 @@ class Release:
     sha256: str
     size: int
     date: str
+    signature: dict | None = None  # the bundle (tools.site.signing) for a signed release
+
+    @property
+    def signer(self) -> str | None:
+        """Key id of the signer; None if unsigned."""
+        return signer_of({"signature": self.signature}) if self.signature else None
+
+    @property
+    def secure_version(self) -> int | None:
+        return json.loads(self.signature["manifest"])["secure_version"] if self.signature else None
 
 
 class Registry:
-    """`<dir>/<sha256>.bin` plus `<dir>/index.json` ({version: release})."""
+    """`<dir>/<sha256>.bin` plus `<dir>/index.json` ({version: release}). With a `trust`
+    list, a signed release must be signed by one of its keys, and an unsigned one is refused
+    if the trust list requires signing."""
 
-    def __init__(self, directory: Path):
+    def __init__(self, directory: Path, trust: Trust | None = None):
         self.dir = Path(directory)
+        self.trust = trust
 
     def path_of(self, sha256: str) -> Path:
         return self.dir / f"{sha256}.bin"
@@ -51,28 +65,45 @@ class Registry:
                 return Release(**r)
         return None
 
-    def add(self, data: bytes, version: str, slot_size: int = SLOT_SIZE) -> Release:
-        """Validate and register an image. Raises ImageError (bad image) or ReleaseError."""
+    def add(self, data: bytes, version: str | None = None, slot_size: int = SLOT_SIZE,
+            signature: dict | None = None) -> Release:
+        """Validate and register an image, signed with the bundle `signature` (its manifest
+        names the version when `version` is None). Raises ImageError (bad image),
+        SigningError (bad signature) or ReleaseError."""
         from tools.espidf.images import check_app_image  # esptool: only for adding a release
 
+        report = check_app_image(data, slot_size)
+        if signature is not None:
+            verified = self._check_signature(signature)
+            version = version or verified.manifest["version"]
+            check_matches(verified, report.sha256, report.size, version)
+        elif self.trust is not None and self.trust.required:
+            raise ReleaseError("unsigned: this site installs signed releases only; sign the image where the key "
+                               "is (`fleet-ota sign`), then `release IMAGE --signature BUNDLE`")
         if not version or len(version) > 32 or "/" in version:
             raise ReleaseError("version must be 1-32 characters without '/'")
-        report = check_app_image(data, slot_size)
         index = self._index()
         old = index.get(version)
         if old:
-            if old["sha256"] == report.sha256:
+            if old["sha256"] == report.sha256 and old.get("signature") == signature:
                 return Release(**old)
-            raise ReleaseError(f"release {version} exists with another image; releases are immutable")
+            raise ReleaseError(f"release {version} exists with another image or signature; releases are immutable")
         self.dir.mkdir(parents=True, exist_ok=True)
         path = self.path_of(report.sha256)
         tmp = path.with_suffix(".tmp")
         tmp.write_bytes(data)
         os.chmod(tmp, 0o444)
         tmp.replace(path)
-        rel = Release(version, report.sha256, report.size, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+        rel = Release(version, report.sha256, report.size, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                      signature)
         index[version] = asdict(rel)
         itmp = self.dir / "index.tmp"
         itmp.write_text(json.dumps(index, indent=1, sort_keys=True))
         itmp.replace(self.dir / "index.json")
         return rel
+
+    def _check_signature(self, signature: dict) -> Verified:
+        trusted = self.trust.keys() if self.trust is not None else []
+        if not trusted:
+            raise ReleaseError("signed, but this site trusts no key: add the public key with `fleet-ota trust add`")
+        return verify(signature, trusted)
