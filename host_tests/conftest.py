@@ -362,7 +362,8 @@ TIERS = {
     "test_e2e": "e2e slow", "test_credentials": "e2e slow", "test_network_faults": "e2e slow",
     "test_resume": "e2e slow", "test_rollout_e2e": "e2e slow", "test_trust": "e2e slow",
     "test_mosquitto": "e2e slow", "test_broker": "e2e slow", "test_replica": "e2e slow", "test_store": "e2e slow",
-    "test_provision": "e2e slow",
+    "test_provision": "e2e slow", "test_signed_e2e": "e2e slow",
+    "test_signing": "unit micropython", "test_signing_agreement": "micropython slow",
     "test_hil": "hil slow", "test_mpremote": "hil slow", "test_flashing": "hil slow",
 }
 
