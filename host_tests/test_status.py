@@ -4,7 +4,8 @@ import json
 import subprocess
 import sys
 
-from conftest import REPO
+from conftest import REPO, signing_key
+from tools.site.signing import key_digest, release_bundle
 from tools.control import grants
 from tools.control.replica import Replica
 from tools.operator.status import fleet, table
@@ -30,11 +31,18 @@ def test_status_shows_what_each_device_runs_and_what_is_wanted(site, tmp_path):
     _feed(r, "a4", want("a4"))
     _feed(r, "a5", want("a5"))
     _feed(r, "a5", {"reported": fw("1.1.0", "bb", state="idle")})
+    key = signing_key()
+    signed = {"firmware": grants.granted(site.grant_key, "a7", dict(
+        fw("1.2.0", "dd", url="u", size=1)["firmware"], signature=release_bundle(key, b"x", "1.2.0", 4)))}
+    _feed(r, "a7", {"desired": signed})
+    _feed(r, "a7", {"reported": fw("1.1.0", "bb", state="idle", signer="0123456789abcdef", secure_version=3)})
     r.db.close()
     unchecked = Replica(None, site.shadow_store, grant_key=None)  # as if written into the database
     _feed(unchecked, "a6", {"desired": fw("0.9.0", "cc", url="u", size=1)})
     unchecked.db.close()
     rows = {x.device: x for x in fleet(site.shadow_store, site.grant_key)}
+    assert (rows["a7"].running_signer, rows["a7"].desired_signer) == ("0123456789abcdef", key_digest(key.public_key())[:16])
+    rows.pop("a7")
     assert (rows["a1"].running, rows["a1"].desired, rows["a1"].in_sync) == ("1.0.0", None, True)
     assert (rows["a2"].state, rows["a2"].progress, rows["a2"].in_sync) == ("downloading", 40, False)
     assert (rows["a3"].error, rows["a3"].attempts) == ("rolled_back", 3)
@@ -44,15 +52,17 @@ def test_status_shows_what_each_device_runs_and_what_is_wanted(site, tmp_path):
     text = table(list(rows.values()))
     assert ("6 devices: 2 in sync, 1 updating, 1 failed, 2 never reported, 1 desiring firmware no operator "
             "granted") in text
-    assert "0.9.0 (no grant)" in text
+    assert "0.9.0 [unsigned] (no grant)" in text
     assert "downloading 40%" in text and "rolled_back (x3)" in text
 
     out = subprocess.run([sys.executable, "-m", "tools", "status", "--site", str(site.root), "--json"],
                          cwd=REPO, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     doc = json.loads(out.stdout)
-    assert doc["summary"] == {"devices": 6, "in_sync": 2, "updating": 1, "failed": 1, "never_reported": 2,
+    assert doc["summary"] == {"devices": 7, "in_sync": 2, "updating": 2, "failed": 1, "never_reported": 2,
                               "ungranted": 1}
+    a7 = next(d for d in doc["devices"] if d["device"] == "a7")
+    assert (a7["running_signer"], a7["desired_signer"]) == ("0123456789abcdef", key_digest(key.public_key())[:16])
     out = subprocess.run([sys.executable, "-m", "tools", "status", "--site", str(site.root), "a3"],
                          cwd=REPO, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and "a3" in out.stdout and "a1" not in out.stdout

@@ -376,6 +376,10 @@ def cmd_status(args) -> None:
         finally:
             db.close()
 
+    def signer(info):
+        rel = site.releases.get(info.version)
+        return rel.signer if rel and rel.sha256 == info.sha256 else None
+
     while True:
         rows = fleet(site.shadow_store, site.grant_key)
         if args.device:
@@ -383,14 +387,14 @@ def cmd_status(args) -> None:
         runs = rollouts()
         if args.json:
             doc = as_json(rows)
-            doc["rollouts"] = [ro.summary(i, t, with_devices=False) for i, t in runs]
+            doc["rollouts"] = [dict(ro.summary(i, t, with_devices=False), signer=signer(i)) for i, t in runs]
             print(json.dumps(doc, indent=1))
         else:
             if args.watch:
                 print("\033[H\033[J", end="")  # redraw in place
             print(table(rows))
             for i, t in runs:
-                print(ro.progress_line(i, t))
+                print(ro.progress_line(i, t, signer=signer(i)))
         if not args.watch:
             return
         time.sleep(args.watch)
@@ -404,7 +408,7 @@ def _drive(site, engine) -> None:
     last = [""]
 
     def show(info, targets):
-        line = ro.progress_line(info, targets)
+        line = ro.progress_line(info, targets, signer=engine.release.signer)
         if line != last[0]:
             print(("\r\033[K" if tty else "") + line, end="" if tty else "\n", flush=True)
             last[0] = line

@@ -488,14 +488,15 @@ async def drive(engine: Engine, read_shadows: ShadowReader, publish: Publisher, 
             await asyncio.sleep(tick)
 
 
-def progress_line(info: RolloutInfo, targets: list[Target], width: int = 24) -> str:
-    """One line: id, release, batch, a bar of finished devices, the counts, the outcome."""
+def progress_line(info: RolloutInfo, targets: list[Target], width: int = 24, signer: str | None = None) -> str:
+    """One line: id, release (and the key that signed it), batch, a bar of finished devices,
+    the counts, the outcome."""
     c = counts(targets)
     n = len(targets)
     done = c[SUCCEEDED] + c[FAILED]
     filled = round(width * done / n) if n else width
     bar = "#" * filled + "." * (width - filled)
-    parts = [f"{info.id} {info.version}", f"batch {min(info.batch + 1, len(info.ends))}/{len(info.ends)}",
+    parts = [f"{info.id} {info.version}" + (f" [{signer[:8]}]" if signer else ""), f"batch {min(info.batch + 1, len(info.ends))}/{len(info.ends)}",
              f"[{bar}] {done}/{n}", f"{c[SUCCEEDED]} ok, {c[FAILED]} failed, {c[IN_PROGRESS]} updating,"
              f" {c[PENDING]} pending" + (f", {c[SKIPPED]} skipped" if c[SKIPPED] else "")
              + (f", {c[STOPPED]} stopped" if c[STOPPED] else "")]

@@ -13,13 +13,16 @@ from firmware import contract
 from tools.control import grants
 from tools.control import shadows
 from tools.control.shadows import Shadow
+from tools.site.signing import signer_of
 
 
 @dataclass
 class DeviceStatus:
     device: str
     running: str | None  # version the device reports it runs
+    running_signer: str | None  # key id (tools.site.signing) that signed it, as the device reports
     desired: str | None  # version the application asked for
+    desired_signer: str | None  # key id that signed the desired release; None: unsigned
     granted: bool | None  # the desired firmware carries an operator's grant (None: nothing desired)
     state: str | None  # the device's update phase (idle, downloading, ..., failed)
     in_sync: bool  # reported image is the desired one (or nothing is desired)
@@ -33,7 +36,8 @@ def device_status(shadow: Shadow, grant_key: bytes) -> DeviceStatus:
     rep, des = shadow.reported, shadow.desired
     in_sync = not des or (rep.get("sha256") == des.get("sha256") and rep.get("state") in (contract.ST_IDLE, None))
     return DeviceStatus(
-        device=shadow.device, running=rep.get("version"), desired=des.get("version"),
+        device=shadow.device, running=rep.get("version"), running_signer=signer_of(rep),
+        desired=des.get("version"), desired_signer=signer_of(des) if des else None,
         granted=grants.issued(grant_key, shadow.device, des) is not None if des else None, state=rep.get("state"),
         in_sync=in_sync, last_seen=shadow.last_seen,
         error=rep.get("error"), attempts=rep.get("attempts"), progress=rep.get("progress"),
@@ -62,6 +66,7 @@ def as_json(rows: list[DeviceStatus]) -> dict:
 
 
 def table(rows: list[DeviceStatus], now: float | None = None) -> str:
+    """The fleet as text; [abcd1234] after a version names the key that signed it."""
     now = time.time() if now is None else now
 
     def ago(t):
@@ -71,7 +76,11 @@ def table(rows: list[DeviceStatus], now: float | None = None) -> str:
         return f"{s}s ago" if s < 120 else f"{s // 60}m ago" if s < 7200 else f"{s // 3600}h ago"
 
     head = ("device", "running", "desired", "state", "last seen", "error")
-    lines = [[r.device, r.running or "-", (r.desired or "-") + (" (no grant)" if r.granted is False else ""),
+    def key(signer, version):
+        return f" [{signer[:8]}]" if signer else " [unsigned]" if version else ""
+
+    lines = [[r.device, (r.running or "-") + key(r.running_signer, r.running and r.running != "unknown"),
+              (r.desired or "-") + key(r.desired_signer, r.desired) + (" (no grant)" if r.granted is False else ""),
               (r.state or "-") + (f" {r.progress}%" if r.progress is not None else ""),
               ago(r.last_seen), (r.error or "") + (f" (x{r.attempts})" if r.attempts else "")] for r in rows]
     widths = [max(len(h), *(len(line[i]) for line in lines)) if lines else len(h) for i, h in enumerate(head)]
