@@ -264,7 +264,7 @@ class Agent:
                 self.report()  # (an install reports anyway)
             return action
         elif suffix == contract.UPDATE_REJECTED:
-            log("replica rejected a report")
+            log("replica rejected a report:", doc.get("code") if isinstance(doc, dict) else None)
         return None
 
     def _idle_ms(self):
