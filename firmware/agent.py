@@ -205,7 +205,9 @@ class Agent:
         from firmware import release
 
         try:
-            return release.check(self.cfg, fw)
+            rec = release.check(self.cfg, fw)
+            log("signature of", fw["version"], "verified: key", rec["signer"], "secure_version", rec["secure_version"])
+            return rec
         except ota.UpdateError as e:
             log("refusing", fw["version"], ":", e.code, e.detail)
             self.st["target"] = ota.record(fw)

@@ -59,7 +59,7 @@ def test_device_updates_itself(site, services, recorder, images, device_a):
                             lambda fw, d: fw.get("version") == "1.1.0" and fw.get("state") == "idle",
                             "the device to report 1.1.0")
     assert fw["sha256"] == rel.sha256 and fw["slot"] == "ota_1"
-    assert set(fw) == {"version", "sha256", "size", "url", "slot", "state"}  # nothing stale left
+    assert set(fw) == {"version", "sha256", "size", "url", "slot", "state", "signer", "secure_version"}  # nothing stale
     assert "delta" not in doc["state"]
     wait_until(lambda: any(m.topic.endswith("/update/accepted") and (_fw(m, "reported") or {}).get("version") == "1.1.0"
                            for m in rec.messages), 10, "accepted for the new version")

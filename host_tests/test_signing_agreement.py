@@ -2,13 +2,15 @@
 
 Proven here:
 
-* On ~300 generated cases (valid signatures by several keys; single bit flips in the
-  signature, the message hash and the key's modulus; signatures made with other salt lengths;
-  signatures of the wrong length or of a value outside 1..n-1; another signer's key; a key of
-  exponent 3, and its modulus in a block claiming 65537; RSA-2048 keys) the device accepts
-  exactly what an independent verifier accepts: OpenSSL through `cryptography`, with
-  RSASSA-PSS SHA-256 / MGF1-SHA-256 / salt 32, for an RSA-3072 key of exponent 65537. Every
-  category gets the verdict it should have, and each path of the device's code is reached.
+* On ~380 generated cases (valid signatures by several keys; bit flips in the signature, the
+  message hash and the key's modulus; signatures made with other salt lengths; signatures of
+  the wrong length, of a value outside 1..n-1, or s + n for a valid s; another signer's key;
+  encodings signed with raw RSA that are right but for one fault: a nonzero padding octet, a
+  wrong separator or trailer, EM's top bit set; a key of exponent 3, and its modulus in a block
+  claiming 65537; RSA-2048 keys) the device accepts exactly what an independent verifier
+  accepts: OpenSSL through `cryptography`, with RSASSA-PSS SHA-256 / MGF1-SHA-256 / salt 32,
+  for an RSA-3072 key of exponent 65537. Every category gets the verdict it should have, and
+  each of the device's refusals is reached.
 * The device's key digest (rsapss.key_digest of the Secure Boot V2 key block) is the one the
   host tools write (signing.key_digest) and the one `espsecure digest-sbv2-public-key` writes.
 * A few thousand fuzzed signature byte strings never make rsapss.verify raise and are never
@@ -28,6 +30,7 @@ import json
 import random
 import struct
 import subprocess
+import sys
 from collections import Counter, defaultdict
 from functools import cache
 from pathlib import Path
@@ -36,7 +39,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding, rsa, utils
 
-from conftest import REPO, run_micropython
+from conftest import run_micropython
 from tools.board.provision import copy_firmware
 from tools.site import signing
 
@@ -130,6 +133,35 @@ def flip(data: bytes, bit: int) -> bytes:
     return bytes(b)
 
 
+def mgf1(seed: bytes, length: int) -> bytes:
+    out = b"".join(hashlib.sha256(seed + c.to_bytes(4, "big")).digest() for c in range(-(-length // 32)))
+    return out[:length]
+
+
+def encoded(mhash: bytes, salt: bytes, fault: tuple = ()) -> bytes:
+    """EMSA-PSS-ENCODE (RFC 8017 9.1.1; emBits 3071, so EM is K octets with its top bit clear),
+    with one fault put in: ("ps", index, value), ("separator", value), ("trailer", value) or
+    ("top bit",). A signer makes no such encodings; raw RSA with the private key signs them,
+    so that the checks of the encoding's structure are reached with every other part right."""
+    h = hashlib.sha256(bytes(8) + mhash + salt).digest()
+    db = bytearray(K - len(salt) - 32 - 2) + b"\x01" + salt
+    if fault[:1] == ("ps",):
+        db[fault[1]] = fault[2]
+    if fault[:1] == ("separator",):
+        db[-len(salt) - 1] = fault[1]
+    masked = bytearray(a ^ b for a, b in zip(db, mgf1(h, len(db))))
+    masked[0] = masked[0] & 0x7F | (0x80 if fault == ("top bit",) else 0)
+    return bytes(masked) + h + bytes([fault[1] if fault[:1] == ("trailer",) else 0xBC])
+
+
+def raw_sign(k: rsa.RSAPrivateKey, em: bytes) -> bytes:
+    """EM^d mod n (by the CRT, as RSA private keys are used)."""
+    pn = k.private_numbers()
+    x = int.from_bytes(em, "big")
+    sp, sq = pow(x, pn.dmp1, pn.p), pow(x, pn.dmq1, pn.q)
+    return (sq + pn.q * (pn.iqmp * (sp - sq) % pn.p)).to_bytes(K, "big")
+
+
 def with_modulus(block: bytes, n: int) -> bytes:
     # R^2 and n' stay those of the old modulus: neither verifier reads them (they are the
     # ROM's Montgomery constants; the key digest, which covers them, is what is trusted)
@@ -206,6 +238,27 @@ def build_cases(rnd: random.Random) -> list[tuple[str, bytes, bytes, bytes]]:
             wrapped.append((blocks[i], s, m))
     cases += [("sig + n", block, s, m) for block, s, m in wrapped[:10]]
 
+    # encodings that are right but for one fault (the control: with none, OpenSSL accepts it)
+    for k in keys:
+        ps_len = K - 32 - 32 - 2
+        # a nonzero PS octet: the first (only its low 7 bits survive the mask), the last, others
+        faults = [(), (), ("ps", 0, 0x01), ("ps", 1, 0x80), ("ps", rnd.randrange(2, ps_len - 1), rnd.randrange(1, 256)),
+                  ("ps", ps_len - 1, 0x01), ("separator", 0x00), ("separator", 0x02), ("separator", 0x81),
+                  ("trailer", 0xBD), ("trailer", 0x00), ("trailer", 0xCC)]
+        block = signing.key_block(k.public_key())
+        for fault in faults:
+            m = message()
+            cat = "crafted " + (fault[0] if fault else "valid")
+            cases.append((cat, block, raw_sign(k, encoded(m, rnd.randbytes(32), fault)), m))
+        # with EM's top bit set, EM must stay below n to be signed: other salts until it does
+        n = k.public_key().public_numbers().n
+        m = message()
+        for _ in range(400):
+            em = encoded(m, rnd.randbytes(32), ("top bit",))
+            if int.from_bytes(em, "big") < n:
+                cases.append(("crafted top bit", block, raw_sign(k, em), m))
+                break
+
     # OpenSSL accepts this one (module docstring): a valid signature starting with 0, that 0 dropped
     for _ in range(5000):  # P(no leading zero in 5000 signatures) = (255/256)^5000 < 1e-8
         m = message()
@@ -239,12 +292,15 @@ EXPECTED = {
     "valid": (True, {"ok"}), "sig bit": (False, {"bad"}), "sig bits": (False, {"bad"}),
     "hash bit": (False, {"bad"}), "modulus bit": (False, {"bad", "key"}), "other key": (False, {"bad"}),
     "salt": (False, {"bad"}), "length": (False, {"bad"}), "range": (False, {"bad"}), "sig + n": (False, {"bad"}),
-    "short by a 0": (False, {"bad"}), "e=3": (False, {"key"}), "e=3 as 65537": (False, {"bad"}),
+    "crafted valid": (True, {"ok"}), "crafted ps": (False, {"bad"}), "crafted separator": (False, {"bad"}),
+    "crafted trailer": (False, {"bad"}), "crafted top bit": (False, {"bad"}), "short by a 0": (False, {"bad"}),
+    "e=3": (False, {"key"}), "e=3 as 65537": (False, {"bad"}),
     "rsa-2048 block": (False, {"key"}), "rsa-2048 in 3072 block": (False, {"key"}),
 }
 MIN_COUNT = {"valid": 60, "sig bit": 40, "sig bits": 20, "hash bit": 40, "modulus bit": 30, "other key": 20,
-             "salt": 18, "length": 42, "range": 36, "sig + n": 5, "short by a 0": 1, "e=3": 6, "e=3 as 65537": 6,
-             "rsa-2048 block": 4, "rsa-2048 in 3072 block": 4}
+             "salt": 18, "length": 42, "range": 36, "sig + n": 5, "crafted valid": 6, "crafted ps": 12,
+             "crafted separator": 9, "crafted trailer": 9, "crafted top bit": 2, "short by a 0": 1,
+             "e=3": 6, "e=3 as 65537": 6, "rsa-2048 block": 4, "rsa-2048 in 3072 block": 4}
 
 
 def run_device(tmp_path: Path, script: str, files: dict[str, str]):
@@ -300,8 +356,9 @@ def test_device_verifier_agrees_with_openssl(tmp_path):
         pem = tmp_path / f"key{i}.pem"
         pem.write_text(signing.public_pem(pub))
         out = tmp_path / f"digest{i}.bin"
-        subprocess.run([str(REPO / ".venv" / "bin" / "espsecure"), "digest-sbv2-public-key", "--keyfile", str(pem),
-                        "--output", str(out)], check=True, capture_output=True, timeout=60)
+        espsecure = Path(sys.executable).parent / "espsecure"  # esptool's, installed in the venv
+        subprocess.run([str(espsecure), "digest-sbv2-public-key", "--keyfile", str(pem), "--output", str(out)],
+                       check=True, capture_output=True, timeout=60)
         assert result["digests"][i] == signing.key_digest(pub) == out.read_bytes().hex()
 
 

@@ -24,6 +24,7 @@ from tools.operator.client import Recorded, Recorder
 from tools.esp32emu.provision import provision_emulated
 from tools.control.services import Services, start_ready, stop_task
 from tools.site import Site
+from tools.site.signing import generate_key, load_private, load_public, release_bundle
 
 DEVICE = "esp32-demo-1"
 OLD, NEW = "1.0.0", "1.1.0"
@@ -135,8 +136,17 @@ async def run_demo(root: Path) -> int:
     thread = None
     rec_task = None
     try:
+        # The release key, as kept on an offline machine (here: a folder beside the site);
+        # the site holds only its public half, which the device is provisioned to trust.
+        offline = root / "offline"
+        offline.mkdir()
+        key_path = offline / "release-key.pem"
+        digest = generate_key(key_path)
+        site.trust.add(load_public(key_path))
+        key = load_private(key_path)
+        print(f"signing key {key_path} (RSA-3072; the device trusts its digest {digest[:16]}…)")
         old = build_app_image(OLD, 600 * 1024)
-        site.releases.add(old, OLD)
+        site.releases.add(old, OLD, signature=release_bundle(key, old, OLD))
         # Two TLS connections at once, so MQTT stays up and progress is reported live.
         devdir = provision_emulated(site, DEVICE, old, OLD, directory=root / DEVICE,
                                     config={"tls_slots": 2})
@@ -157,9 +167,9 @@ async def run_demo(root: Path) -> int:
             await asyncio.sleep(0.1)
 
         new = build_app_image(NEW, 1200 * 1024)
-        rel = site.releases.add(new, NEW)
-        step("2", f"application builds {NEW} ({rel.size} bytes, esptool-valid app image) and "
-                  f"releases it into the store as {rel.sha256[:12]}…")
+        rel = site.releases.add(new, NEW, signature=release_bundle(key, new, NEW))
+        step("2", f"application builds {NEW} ({rel.size} bytes, esptool-valid app image), signs its "
+                  f"manifest with the offline key and releases it into the store as {rel.sha256[:12]}…")
         await op.set_desired(site, DEVICE, rel)
 
         try:

@@ -1,0 +1,191 @@
+"""Signed releases, piece by piece: keys and digests against espsecure, signing with a key and
+with an external signer, the site's checks at `release`, and the device's release check and
+commit under MicroPython (the whole path on emulated boards: test_signed_e2e.py; the verifier
+against `cryptography`: test_signing_agreement.py)."""
+
+import base64
+import hashlib
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO, new_site, run_micropython, signing_key
+from firmware import contract
+from tools.espidf.images import build_app_image
+from tools.site import Site
+from tools.site.signing import (SigningError, key_digest, load_public, public_pem, release_bundle, sign,
+                                verify)
+
+BIN = REPO / ".venv" / "bin"
+
+
+def cli(*argv, cwd=None):
+    return subprocess.run([sys.executable, "-m", "tools", *map(str, argv)], cwd=cwd or REPO, capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_a_key_digest_is_the_one_espsecure_writes(tmp_path):
+    """Both ways: an espsecure key read by us, our key read by espsecure."""
+    esp_key, our_key = tmp_path / "esp.pem", tmp_path / "ours.pem"
+    made = subprocess.run([BIN / "espsecure", "generate-signing-key", "--version", "2", "--scheme", "rsa3072",
+                           esp_key], capture_output=True, text=True, timeout=120)
+    assert made.returncode == 0, made.stderr
+    out = cli("keygen", our_key)
+    assert out.returncode == 0, out.stderr
+    assert our_key.stat().st_mode & 0o777 == 0o600
+    for key in (esp_key, our_key):
+        d = subprocess.run([BIN / "espsecure", "digest-sbv2-public-key", "--keyfile", key, "--output",
+                            tmp_path / "d.bin"], capture_output=True, text=True, timeout=120)
+        assert d.returncode == 0, d.stderr
+        ours = cli("key-digest", key)
+        assert ours.stdout.strip() == (tmp_path / "d.bin").read_bytes().hex()
+    assert cli("keygen", our_key).returncode == 1  # never overwritten
+
+
+def test_an_external_signer_signs_what_the_key_would(tmp_path):
+    key = tmp_path / "k.pem"
+    assert cli("keygen", key).returncode == 0
+    image = tmp_path / "app.bin"
+    image.write_bytes(build_app_image("2.0.0", 50_000))
+    openssl = (f"openssl pkeyutl -sign -inkey {key} -pkeyopt digest:sha256 -pkeyopt rsa_padding_mode:pss "
+               f"-pkeyopt rsa_pss_saltlen:32")
+    out = cli("sign", image, "--version", "2.0.0", "--secure-version", "3", "--signer", openssl, "--pub-key", key,
+              "-o", tmp_path / "b.json")
+    assert out.returncode == 0, out.stderr
+    v = verify(json.loads((tmp_path / "b.json").read_text()), [key_digest(load_public(key))])
+    assert (v.manifest["version"], v.manifest["secure_version"], v.manifest["size"]) == \
+        ("2.0.0", 3, image.stat().st_size)
+
+    other = tmp_path / "other.pem"
+    assert cli("keygen", other).returncode == 0
+    for signer, says in ((openssl.replace(str(key), str(other)), "does not verify"),
+                         ("false", "exited 1"), ("echo not-a-signature", "not a 384-byte signature"),
+                         ("/nonexistent/hsm-tool", "No such file")):
+        out = cli("sign", image, "--version", "2.0.0", "--signer", signer, "--pub-key", key, "-o", tmp_path / "x.json")
+        assert out.returncode == 1 and says in out.stderr and "Traceback" not in out.stderr, (signer, out.stderr)
+        assert not (tmp_path / "x.json").exists()
+
+
+def test_release_takes_only_what_the_devices_would_install(tmp_path):
+    site = new_site(tmp_path / "site")
+    image, other = build_app_image("1.0.0", 60_000), build_app_image("1.0.1", 60_000)
+    (tmp_path / "app.bin").write_bytes(image)
+
+    def release(bundle=None, *extra):
+        args = ["release", tmp_path / "app.bin", "--site", site.root, *extra]
+        if bundle is not None:
+            (tmp_path / "b.json").write_text(json.dumps(bundle))
+            args += ["--signature", tmp_path / "b.json"]
+        return cli(*args)
+
+    out = release(None, "--version", "1.0.0")
+    assert out.returncode == 1 and out.stderr.startswith("error: unsigned: this site installs signed releases only")
+    out = release(release_bundle(signing_key("stranger"), image, "1.0.0"))
+    assert out.returncode == 1 and f"{contract.E_UNTRUSTED_KEY}: signed by key" in out.stderr
+    out = release(release_bundle(signing_key(), other, "1.0.0"))
+    assert out.returncode == 1 and f"{contract.E_MANIFEST}: the signed manifest's sha256" in out.stderr
+    out = release(release_bundle(signing_key(), image, "1.0.0"), "--version", "1.0.9")
+    assert out.returncode == 1 and "version" in out.stderr
+    bundle = release_bundle(signing_key(), image, "1.0.0", 5)
+    forged = dict(bundle, manifest=bundle["manifest"].replace('"secure_version":5', '"secure_version":6'))
+    out = release(forged)
+    assert out.returncode == 1 and f"{contract.E_BAD_SIGNATURE}: the signature does not verify" in out.stderr
+    out = release(bundle)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["secure_version"] == 5
+    assert site.releases.get("1.0.0").signer == key_digest(signing_key().public_key())[:16]
+    assert "signed " + key_digest(signing_key().public_key())[:16] in cli("releases", "--site", site.root).stdout
+
+    # A site made before signed releases (no signing.json) takes unsigned images, and says so.
+    old = Site(tmp_path / "old")
+    (old.root / "signing.json").unlink()
+    out = cli("release", tmp_path / "app.bin", "--version", "1.0.0", "--site", old.root)
+    assert out.returncode == 0, out.stderr
+    listing = cli("releases", "--site", old.root).stdout
+    assert "accepts unsigned releases" in listing and "unsigned" in listing.splitlines()[-1]
+
+
+def test_the_site_trusts_at_most_what_a_device_holds(tmp_path):
+    site = Site(tmp_path / "site")
+    assert site.trust.required and site.trust.keys() == []
+    digests = [site.trust.add(signing_key(f"k{i}").public_key()) for i in range(3)]
+    with pytest.raises(SigningError, match="at most 3"):
+        site.trust.add(signing_key("k3").public_key())
+    out = cli("trust", "remove", digests[1][:10], "--site", site.root)
+    assert out.returncode == 0 and digests[1] not in out.stdout and digests[2] in out.stdout
+    assert cli("trust", "remove", "", "--site", site.root).returncode in (1, 2)
+    pem = tmp_path / "pub.pem"
+    pem.write_text(public_pem(signing_key("k3").public_key()))
+    out = cli("trust", "add", pem, "--site", site.root)
+    assert out.returncode == 0 and key_digest(signing_key("k3").public_key()) in out.stdout
+
+
+def test_a_manifest_text_is_canonical_json():
+    text = contract.release_manifest("1.2.0", "a" * 64, 1000, 7, ["b" * 64])
+    m = json.loads(text)
+    assert text == json.dumps(m, sort_keys=True, separators=(",", ":"))
+    assert contract.check_manifest(m)["trust"] == ["b" * 64]
+    for bad in (dict(m, format="other"), dict(m, size=True), dict(m, secure_version=-1), dict(m, trust=[]),
+                dict(m, trust=["b" * 64] * 4), dict(m, sha256="A" * 64), dict(m, chip="")):
+        with pytest.raises(ValueError):
+            contract.check_manifest(bad)
+
+
+DEVICE = """
+import json
+from firmware import release
+from firmware.ota import UpdateError
+cases = json.loads(open("cases.json").read())
+cfg = {"trusted_keys": cases["trusted"]}
+out = []
+for name, fw in cases["checks"]:
+    try:
+        rec = release.check(cfg, fw)
+        out.append([name, "ok", rec.get("signer"), rec.get("secure_version"), rec.get("trust"), "signature" in rec])
+    except UpdateError as e:
+        out.append([name, e.code])
+    if name == "commit":
+        release.commit(cfg, rec)
+    if name == "damage":
+        open("signing.json", "w").write("{not json")
+print(json.dumps(out))
+"""
+
+
+def test_the_device_checks_a_release_before_anything_else(tmp_path):
+    """release.check and release.commit under MicroPython, case by case."""
+    k1, k2 = signing_key(), signing_key("second")
+    d1, d2 = key_digest(k1.public_key()), key_digest(k2.public_key())
+    image = build_app_image("1.1.0", 40_000)
+    good = release_bundle(k1, image, "1.1.0", 4, trust=[d1, d2])
+    fw = {"url": "https://h/x", "version": "1.1.0", "sha256": hashlib.sha256(image).hexdigest(), "size": len(image)}
+    sig = base64.b64decode(good["sig"])
+    checks = [
+        ("good", dict(fw, signature=good)),
+        ("unsigned", fw),
+        ("untrusted", dict(fw, signature=release_bundle(signing_key("stranger"), image, "1.1.0", 4))),
+        ("flipped", dict(fw, signature=dict(good, sig=base64.b64encode(bytes([sig[0] ^ 0x40]) + sig[1:]).decode()))),
+        ("version", dict(fw, version="1.1.1", signature=good)),
+        ("size", dict(fw, size=len(image) - 16, signature=good)),
+        ("chip", dict(fw, signature=sign(contract.release_manifest("1.1.0", fw["sha256"], fw["size"], 4,
+                                                                   chip="esp32s3"), k1))),
+        ("commit", dict(fw, signature=good)),  # the device confirms it: counter 4, trust [d1, d2]
+        ("below", dict(fw, signature=release_bundle(k2, image, "1.1.0", 3))),
+        ("same", dict(fw, signature=release_bundle(k2, image, "1.1.0", 4))),
+        ("damage", dict(fw, signature=good)),
+        ("damaged", dict(fw, signature=good)),
+    ]
+    (tmp_path / "cases.json").write_text(json.dumps({"trusted": [d1], "checks": checks}))
+    proc = run_micropython(DEVICE, tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    got = {r[0]: r[1:] for r in json.loads(proc.stdout.strip().splitlines()[-1])}
+    assert got["good"] == ["ok", d1[:16], 4, [d1, d2], False]
+    assert got["unsigned"] == [contract.E_UNSIGNED]
+    assert got["untrusted"] == [contract.E_UNTRUSTED_KEY]
+    assert got["flipped"] == [contract.E_BAD_SIGNATURE]
+    assert got["version"] == got["size"] == got["chip"] == [contract.E_MANIFEST]
+    assert got["below"] == [contract.E_ROLLBACK]  # k2 is trusted now, but 3 < 4
+    assert got["same"][:3] == ["ok", d2[:16], 4]
+    assert got["damaged"] == [contract.E_UNTRUSTED_KEY]  # a damaged trust file trusts nothing
