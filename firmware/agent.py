@@ -107,6 +107,7 @@ class Agent:
         extra["target"] = pending["version"] if pending else None
         extra["attempts"] = st["attempts"] if failed else None
         extra["need_url"] = True if st["error"] == contract.E_URL_EXPIRED and pending else None
+        extra["signer"], extra["secure_version"] = st["signers"].get(self.run_label) or (None, None)
         return contract.reported_firmware(rec, extra)
 
     def ask(self):
@@ -169,68 +170,27 @@ class Agent:
             log("ignoring desired firmware:", fw)
             self.fail(contract.E_BAD_DESIRED)
             self.report(detail=fw)
+        elif action == ota.ADOPT:
+            st["images"][self.run_label] = dict(fw)
+            self.go("adopt", target=None, slot=None, error=None, attempts=0, written=0, fetched=0)
+            self.report()
         elif action == ota.REFUSE:
             log("refusing downgrade to", fw["version"])
-            st["target"] = ota.record(fw)
+            st["target"] = fw
             self.fail(contract.E_DOWNGRADE)
             self.report()
-        elif action == ota.ADOPT or action == ota.INSTALL:
-            fw = self.checked(fw)  # a signed release, before anything is erased or relabelled
-            if fw is None:
-                return None
-            if action == ota.ADOPT:
-                st["images"][self.run_label] = self.image_record(fw)
-                self.commit(fw)
-                self.go("adopt", target=None, slot=None, error=None, attempts=0, written=0, fetched=0)
-                self.report()
-                return None
+        elif action == ota.INSTALL:
             # A change to the desired document (a fresh URL, allow_downgrade, a new version
             # label) is a new request with a fresh set of attempts; the same image resumes
             # where its download stopped.
             same_target = st["target"] is not None and st["target"]["sha256"] == fw["sha256"]
-            if not ota.same(st["target"], fw):
+            if st["target"] != fw:
                 st["attempts"] = 0
                 self.retry_at = None
                 if not same_target:
                     st["fetched"] = 0
             return fw, same_target
         return None
-
-    def checked(self, fw):
-        """What the device keeps of the desired `fw` (ota.record), once it has passed the
-        release check if this device trusts signing keys (release.py); None, with the
-        refusal recorded and reported, if it did not."""
-        if not self.cfg["trusted_keys"]:
-            return ota.record(fw)
-        from firmware import release
-
-        try:
-            rec = release.check(self.cfg, fw)
-            log("signature of", fw["version"], "verified: key", rec["signer"], "secure_version", rec["secure_version"])
-            return rec
-        except ota.UpdateError as e:
-            log("refusing", fw["version"], ":", e.code, e.detail)
-            self.st["target"] = ota.record(fw)
-            self.fail(e.code)
-            self.report(detail=e.detail)
-            return None
-        finally:
-            release = None
-            unload("firmware.release", "firmware.rsapss")
-
-    def commit(self, rec):
-        """The image `rec` runs confirmed: take its manifest's counter and trust list."""
-        if self.cfg["trusted_keys"]:
-            from firmware import release
-
-            release.commit(self.cfg, rec)
-            release = None
-            unload("firmware.release", "firmware.rsapss")
-
-    @staticmethod
-    def image_record(rec):
-        # the trust list is kept in signing.json once committed, not per image
-        return {k: rec[k] for k in rec if k != "trust"}
 
     def install(self, fw, resume):
         self._progress_at = (0, time.ticks_ms())

@@ -50,26 +50,15 @@ AUTH_TOKEN = "token"
 # (tools/control/grants.py), for the replica and the renewer. A device neither needs nor
 # reports it, so it is left out of the delta (NOT_REPORTED).
 GRANT = "grant"
+NOT_REPORTED = ((FIRMWARE, GRANT),)  # desired leaves a device never reports: never in a delta
 
-# desired.firmware.signature: a release signed offline (docs/signing.md), as
-# {"manifest": <the signed text>, "sig": <base64 RSA-3072-PSS signature>, "key": <base64
-# public-key block>}. The manifest is a JSON object naming one image (MANIFEST_FIELDS); the
-# signature is RSASSA-PSS with SHA-256, MGF1-SHA-256 and a 32-byte salt over its UTF-8 bytes,
-# as ESP32 Secure Boot V2 signs an image's digest; the key block is Secure Boot V2's public
-# key (n, e, R^2 mod n, -1/n mod 2^32, little-endian: KEY_BLOCK bytes), and its SHA-256 is the
-# digest `espsecure digest-sbv2-public-key` prints, the one a device trusts. A device that
-# trusts keys installs nothing else; it reports which key signed what runs (signer: the
-# first SIGNER_CHARS hex digits of that digest) and its security counter.
-SIGNATURE = "signature"
-NOT_REPORTED = ((FIRMWARE, GRANT), (FIRMWARE, SIGNATURE))  # never in a delta: a device never reports them
-MANIFEST_FORMAT = "fleet-ota-release-1"
-MANIFEST_FIELDS = ("format", "chip", "version", "sha256", "size", "secure_version")  # + optional "trust"
-CHIP = "esp32"  # the chip a manifest must name (image header chip id 0)
-RSA_BYTES = 384  # RSA-3072
-KEY_BLOCK = 2 * RSA_BYTES + 8
-MAX_MANIFEST = 1024
-MAX_TRUSTED_KEYS = 3  # as ESP32-S3/C3 eFuses hold up to three Secure Boot V2 key digests
-MAX_SECURE_VERSION = 65535
+# Signed releases (docs/signing.md; the format and checks: firmware/release.py, loaded only to
+# check one). The store serves a release's signature bundle beside its image: at the image's
+# URL, under the same authorization, with .sig for .bin and the release version added
+# (release.signature_url). A device that trusts keys fetches and checks it before anything is
+# erased, installs nothing else, and reports which key signed what runs (signer: the first
+# SIGNER_CHARS hex digits of the key's digest) and that release's security counter.
+MAX_TRUSTED_KEYS = 3  # key digests a device trusts, as ESP32-S3 eFuses hold three Secure Boot V2 digests
 SIGNER_CHARS = 16
 
 MAX_DEVICE_ID = 64
@@ -130,7 +119,7 @@ E_TOKEN_EXPIRED = "token_expired"  # the temporary credential expired mid-downlo
 E_NO_CREDENTIAL = "no_credential"  # the broker refused a temporary credential (permanent)
 # Signed releases (a device that trusts keys); all permanent, and all found before anything
 # is erased.
-E_UNSIGNED = "unsigned"  # the desired firmware carries no signature
+E_UNSIGNED = "unsigned"  # the store has no signature for the desired release
 E_BAD_SIGNATURE = "bad_signature"  # the signature does not verify with the key it names
 E_UNTRUSTED_KEY = "untrusted_key"  # signed by a key this device does not (or no longer) trust
 E_ROLLBACK = "rollback_refused"  # the manifest's secure_version is below the device's counter
@@ -210,72 +199,7 @@ def check_firmware(fw):
         raise ValueError("auth: must be \"%s\" or absent" % AUTH_TOKEN)
     if auth:
         out["auth"] = auth
-    sig = fw.get(SIGNATURE)
-    if sig is not None:
-        out[SIGNATURE] = check_signature(sig)
     return out
-
-
-def check_signature(sig):
-    """The shape of desired.firmware.signature (not whether it verifies: firmware/release.py)."""
-    if not isinstance(sig, dict):
-        raise ValueError("signature: must be an object")
-    man, s, key = sig.get("manifest"), sig.get("sig"), sig.get("key")
-    if not isinstance(man, str) or not 0 < len(man) <= MAX_MANIFEST:
-        raise ValueError("signature.manifest: must be a string of 1 to %d characters" % MAX_MANIFEST)
-    if not isinstance(s, str) or len(s) != _b64_len(RSA_BYTES):
-        raise ValueError("signature.sig: must be %d bytes in base64" % RSA_BYTES)
-    if not isinstance(key, str) or len(key) != _b64_len(KEY_BLOCK):
-        raise ValueError("signature.key: must be %d bytes in base64" % KEY_BLOCK)
-    return {"manifest": man, "sig": s, "key": key}
-
-
-def _b64_len(n):
-    return (n + 2) // 3 * 4
-
-
-def release_manifest(version, sha256, size, secure_version, trust=None, chip=CHIP):
-    """The text a release signature covers (what `sign` signs; a device parses it back with
-    json.loads). Keys sorted, no spaces: one text for one release."""
-    m = {"format": MANIFEST_FORMAT, "chip": chip, "version": version, "sha256": sha256, "size": size,
-         "secure_version": secure_version}
-    if trust is not None:
-        m["trust"] = list(trust)
-    keys = sorted(m)
-    parts = []
-    for k in keys:
-        v = m[k]
-        if isinstance(v, list):
-            v = "[" + ",".join('"%s"' % x for x in v) + "]"
-        elif isinstance(v, str):
-            v = '"%s"' % v
-        else:
-            v = str(v)
-        parts.append('"%s":%s' % (k, v))
-    return "{" + ",".join(parts) + "}"
-
-
-def check_manifest(m):
-    """A parsed manifest's fields (MANIFEST_FIELDS, optional trust), checked; ValueError."""
-    if not isinstance(m, dict) or m.get("format") != MANIFEST_FORMAT:
-        raise ValueError("manifest: not a %s manifest" % MANIFEST_FORMAT)
-    for k in ("chip", "version"):
-        if not isinstance(m.get(k), str) or not 0 < len(m[k]) <= MAX_VERSION:
-            raise ValueError("manifest.%s: must be a short string" % k)
-    if not is_sha256_hex(m.get("sha256")):
-        raise ValueError("manifest.sha256: must be 64 lowercase hex digits")
-    for k, top in (("size", MAX_IMAGE_SIZE), ("secure_version", MAX_SECURE_VERSION)):
-        v = m.get(k)
-        if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v <= top:
-            raise ValueError("manifest.%s: must be an integer from 0 to %d" % (k, top))
-    trust = m.get("trust")
-    if trust is not None:
-        if not isinstance(trust, list) or not 0 < len(trust) <= MAX_TRUSTED_KEYS:
-            raise ValueError("manifest.trust: must list 1 to %d key digests" % MAX_TRUSTED_KEYS)
-        for d in trust:
-            if not is_sha256_hex(d):
-                raise ValueError("manifest.trust: each key digest is 64 lowercase hex digits")
-    return m
 
 
 def firmware_update(section, firmware, token=None):

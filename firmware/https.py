@@ -9,6 +9,7 @@
 import socket
 
 from firmware import contract
+from firmware.ota import UpdateError
 
 _MAX_HEADERS = 32
 _MAX_LINE = 1024
@@ -73,3 +74,19 @@ def get(ctx, url, headers=None, timeout_s=15, server_hostname=None):
     except BaseException:
         sock.close()
         raise
+
+
+def refusal(resp):
+    """An UpdateError for a refused request, with a code that says what to do next."""
+    status = resp.status
+    if status == 403:
+        try:
+            reason = resp.stream.read(120)
+        except OSError:
+            reason = b""
+        if b"expired" in reason:
+            return UpdateError(contract.E_URL_EXPIRED, "pre-signed URL expired")
+        return UpdateError(contract.E_FORBIDDEN, reason.decode())
+    if status == 404:
+        return UpdateError(contract.E_NOT_FOUND, "no such artifact")
+    return UpdateError(contract.E_HTTP, str(status))

@@ -1,6 +1,7 @@
 # install.py Installing one desired firmware: a temporary credential when it needs one, the
-# download (or its resumption) into the inactive slot, the checks, a last look that it is
-# still the desired one, set_boot() on that slot, reset.
+# release's signature (a device that trusts keys), the download (or its resumption) into the
+# inactive slot, the checks, a last look that it is still the desired one, set_boot() on that
+# slot, reset.
 #
 # Loaded only while installing, with the download code, and dropped afterwards: RAM is tight
 # on an ESP32 without PSRAM. It works through the agent's own interface (agent.py): `st`,
@@ -33,7 +34,8 @@ def run(agent, fw, resume):
     if not verify_only:
         if not written:
             st["images"].pop(label, None)  # its contents are about to be erased
-        agent.go("install", target=fw, slot=label, error=None, written=written)
+            st["signers"].pop(label, None)
+        agent.go("install", target=fw, slot=label, error=None, written=written, verified=None)
     if st["fetched"] > contract.BYTE_BUDGET * fw["size"]:
         log("byte budget spent on", fw["version"])
         agent.fail(contract.E_BUDGET)
@@ -62,6 +64,9 @@ def run(agent, fw, resume):
     gc.collect()
     inst = None
     try:
+        if agent.cfg["trusted_keys"]:
+            st["verified"] = _check_release(agent, fw, headers)  # before a byte is written
+            state.save(st)
         from firmware.installer import BLOCK, Installer
 
         inst = Installer(part, headers, agent.cfg["net_timeout_s"], agent.cfg["ca_file"])
@@ -130,6 +135,19 @@ def run(agent, fw, resume):
     if agent.link is None:
         agent.reconnect()
     agent.report()
+
+
+def _check_release(agent, fw, headers):
+    """release.fetch_and_check, with its code in RAM for this only."""
+    from firmware import release
+
+    try:
+        seal = release.fetch_and_check(agent.cfg, fw, headers)
+    finally:
+        release = None
+        unload("firmware.release", "firmware.rsapss")
+    log("signature of", fw["version"], "verified: key", seal["signer"], "secure_version", seal["secure_version"])
+    return seal
 
 
 def _basic(cfg):

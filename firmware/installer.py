@@ -4,10 +4,12 @@
 # 4096-byte buffer (a flash sector: writeblocks erases per call), allocated then and reused
 # for every block; the loop allocates nothing per block. The install (install.py) ends in
 # set_boot() on that same slot, once this module's code and buffer have been given back.
-# Order of trust: the first block must be an ESP32 app image before anything is erased; the
-# SHA-256 of the received bytes must equal the desired sha256 (from the shadow, not from the
-# store); the slot is read back and hashed again; only then does the install call
-# set_boot(), which runs the bootloader's own image check.
+# Order of trust: a device that trusts signing keys has checked the release's signature
+# (install.py) before anything is written; the first block must be an ESP32
+# app image before anything is erased; the SHA-256 of the received bytes must equal the
+# desired sha256 (from the shadow, not from the store; the signed manifest's, when signed);
+# the slot is read back and hashed again; only then does the install call set_boot(), which
+# runs the bootloader's own image check.
 #
 # Resume: a download interrupted after `written` bytes (a multiple of 4096, checkpointed by
 # the caller) continues with Range: bytes=written-; the prefix already in flash is hashed
@@ -35,22 +37,6 @@ def check_app_header(buf):
     # ESP_APP_DESC_MAGIC_WORD 0xABCD5432, little-endian; compared bytewise to allocate nothing
     if buf[0x20] != 0x32 or buf[0x21] != 0x54 or buf[0x22] != 0xCD or buf[0x23] != 0xAB:
         raise UpdateError(contract.E_NOT_APP, "no app descriptor (bootloader or combined image?)")
-
-
-def _http_error(resp):
-    """Turn a refused download into an UpdateError with a code that says what to do next."""
-    status = resp.status
-    if status == 403:
-        try:
-            reason = resp.stream.read(120)
-        except OSError:
-            reason = b""
-        if b"expired" in reason:
-            return UpdateError(contract.E_URL_EXPIRED, "pre-signed URL expired")
-        return UpdateError(contract.E_FORBIDDEN, reason.decode())
-    if status == 404:
-        return UpdateError(contract.E_NOT_FOUND, "no such artifact")
-    return UpdateError(contract.E_HTTP, str(status))
 
 
 class Installer:
@@ -97,7 +83,7 @@ class Installer:
                     written = 0
                     h = hashlib.sha256()
             else:
-                raise _http_error(resp)
+                raise https.refusal(resp)
             if resp.length != size - written:
                 raise UpdateError(contract.E_SIZE, "Content-Length %s, want %d" % (resp.length, size - written))
             self.stream_to(part, resp.stream, size, written, h, checkpoint, progress)

@@ -13,37 +13,6 @@ class UpdateError(Exception):
         self.detail = detail
 
 
-_KEPT = ("url", "version", "sha256", "size", "allow_downgrade", "auth")
-
-
-def record(fw):
-    """What the device keeps of a desired firmware (its target, its images): everything but
-    the signature bundle (2 KiB), of which the first characters stay as "sig"."""
-    out = {}
-    for k in fw:
-        if k != contract.SIGNATURE:
-            out[k] = fw[k]
-    if contract.SIGNATURE in fw:
-        out["sig"] = _sig(fw)
-    return out
-
-
-def same(rec, fw):
-    """Whether `rec`, what the device keeps of a firmware (a target or the running image),
-    is the desired `fw` (as checked, or kept)."""
-    if rec is None:
-        return False
-    for k in _KEPT:
-        if rec.get(k) != fw.get(k):
-            return False
-    return _sig(rec) == _sig(fw)
-
-
-def _sig(fw):
-    bundle = fw.get(contract.SIGNATURE)
-    return bundle["sig"][:contract.SIGNER_CHARS] if bundle else fw.get("sig")
-
-
 # Actions decide() returns, as (action, firmware or the reason it is refused).
 NOTHING = 0  # no desired firmware, or nothing to do about it now
 BAD = 1  # the desired firmware is malformed (the reason: ValueError text)
@@ -65,15 +34,15 @@ def decide(doc, st, running, max_attempts, backing_off):
         return (NOTHING, None) if st["error"] == contract.E_BAD_DESIRED else (BAD, str(e))
     if running["sha256"] == fw["sha256"]:
         # The same image under a new URL, name or flags, or an update left half way: adopt.
-        kept = same(running, fw) and st["phase"] == phases.IDLE
-        return (NOTHING, None) if kept else (ADOPT, fw)
+        same = running == fw and st["phase"] == phases.IDLE
+        return (NOTHING, None) if same else (ADOPT, fw)
     order = contract.compare_versions(fw["version"], running["version"])
     if order is not None and order < 0 and not fw.get("allow_downgrade"):
-        told = st["error"] == contract.E_DOWNGRADE and same(st["target"], fw)
+        told = st["error"] == contract.E_DOWNGRADE and st["target"] == fw
         return (NOTHING, None) if told else (REFUSE, fw)
     # The same target after a failure waits: for the backoff, for a new URL, or (after
     # max_attempts or a permanent error) for a change to the desired document.
-    if same(st["target"], fw) and st["phase"] == phases.FAILED:
+    if st["target"] == fw and st["phase"] == phases.FAILED:
         if st["attempts"] >= max_attempts or st["error"] == contract.E_URL_EXPIRED or backing_off:
             return NOTHING, None
     return INSTALL, fw

@@ -4,23 +4,39 @@
 # Trust starts with config.json's trusted_keys (written at provisioning, as eFuses hold key
 # digests) and then lives in signing.json: {"keys": [digest hex, ...], "secure_version": n},
 # replaced when an image whose manifest names a new trust list, or a higher counter, is
-# confirmed (trial.confirm), as ESP-IDF raises the secure_version eFuse in
-# esp_ota_mark_app_valid_cancel_rollback. A signing.json that cannot be read refuses every
-# release (fail closed): losing it must not widen what the device accepts.
+# confirmed (trial.confirm). A signing.json that cannot be read refuses every release (fail
+# closed): losing it must not widen what the device accepts.
 #
-# Loaded only to check or confirm a release, then dropped (agent.py).
+# Loaded only to check a release (install.py, with no TLS connection open) or to confirm one
+# (trial.py), then dropped.
 
 import binascii
+import gc
 import hashlib
 import json
 import os
 
 from firmware import contract, rsapss
-from firmware import ota
 from firmware.ota import UpdateError
 
 PATH = "signing.json"
 _MAX_BYTES = 1024
+_MAX_BUNDLE = 4096  # a signature bundle is ~2 KiB
+
+# The signed-release format (docs/signing.md), for this device and the host's signing tools.
+# The store serves a bundle beside each signed image (signature_url): {"manifest":
+# <the signed text>, "sig": <base64 signature>, "key": <base64 public-key block>}. The
+# manifest is a JSON object naming one image (format, chip, version, sha256, size,
+# secure_version, optionally trust: check_manifest); the signature is RSASSA-PSS (SHA-256,
+# MGF1-SHA-256, 32-byte salt) over its UTF-8 bytes, as ESP32 Secure Boot V2 signs an image
+# digest; the key block is Secure Boot V2's public key (rsapss.py), whose SHA-256
+# `espsecure digest-sbv2-public-key` prints: the digest a device trusts.
+MANIFEST_FORMAT = "fleet-ota-release-1"
+CHIP = "esp32"  # the chip a manifest must name (image header chip id 0)
+RSA_BYTES = rsapss.N_BYTES  # RSA-3072
+KEY_BLOCK = 2 * RSA_BYTES + 8
+MAX_MANIFEST = 1024
+MAX_SECURE_VERSION = 65535
 
 
 def load(cfg, path=PATH):
@@ -45,20 +61,64 @@ def load(cfg, path=PATH):
     return keys, counter
 
 
-def check(cfg, fw):
-    """Whether the desired firmware `fw` (contract.check_firmware) is a release this device
-    may install: signed by a trusted key, matching its manifest, not below the counter.
-    Returns what the device keeps of it: fw without the signature bundle, plus signer,
-    secure_version and (if the manifest names one) trust. Raises UpdateError."""
-    keys, counter = load(cfg)
-    bundle = fw.get(contract.SIGNATURE)
-    if bundle is None:
-        raise UpdateError(contract.E_UNSIGNED, "this device installs signed releases only")
+def fetch_and_check(cfg, fw, headers):
+    """The release's signature bundle, fetched from the store (signature_url, with the
+    download's `headers`), then check()ed. Called before the download's own buffer and TLS
+    context exist, and checking after the connection is closed: the RSA arithmetic gets the
+    heap the download will use. Returns the seal; raises UpdateError, or OSError/ValueError
+    for the network."""
+    from firmware import https, trust
+
+    resp = https.get(trust.load(cfg["ca_file"]), signature_url(fw["url"], fw["version"]), headers,
+                     cfg["net_timeout_s"])
+    body = None
     try:
+        if resp.status != 404:
+            if resp.status != 200:
+                raise https.refusal(resp)
+            if resp.length is None or not 0 < resp.length <= _MAX_BUNDLE:
+                raise UpdateError(contract.E_HTTP, "a signature of %s bytes" % resp.length)
+            body = resp.stream.read(resp.length)
+            if len(body) != resp.length:
+                raise UpdateError(contract.E_SIZE, "the signature was cut short")
+    finally:
+        resp.close()
+    resp = None
+    gc.collect()
+    return check(cfg, fw, body)
+
+
+def signature_url(url, version):
+    """Where the store serves the signature bundle of release `version`, whose image is at
+    `url` (under the same authorization): https://h/fw/<sha256>.bin?q ->
+    https://h/fw/<sha256>.sig?q&version=<version>."""
+    i = url.find("?")
+    path, query = (url, "") if i < 0 else (url[:i], url[i + 1:])
+    if not path.endswith(".bin"):
+        raise UpdateError(contract.E_BAD_DESIRED, "url: not an image URL")
+    v = ""
+    for b in version.encode():  # percent-encode all but unreserved characters
+        c = chr(b)
+        v += c if 48 <= b <= 57 or 65 <= b <= 90 or 97 <= b <= 122 or c in "-._~" else "%%%02X" % b
+    return path[:-4] + ".sig?" + (query + "&" if query else "") + "version=" + v
+
+
+def check(cfg, fw, body):
+    """Whether the desired firmware `fw` (contract.check_firmware) is a release this device
+    may install, given `body`, the signature bundle the store served for it (None: it has
+    none): signed by a trusted key, matching its manifest, not below the counter. Returns
+    the seal kept with the target until it is confirmed: {signer, secure_version, trust?}.
+    Raises UpdateError."""
+    keys, counter = load(cfg)
+    if body is None:
+        raise UpdateError(contract.E_UNSIGNED, "no signature for %s in the store" % fw["version"])
+    try:
+        bundle = check_bundle(json.loads(body))
         block = binascii.a2b_base64(bundle["key"])
         sig = binascii.a2b_base64(bundle["sig"])
-    except ValueError:
-        raise UpdateError(contract.E_BAD_SIGNATURE, "signature or key is not base64")
+    except ValueError as err:  # (binascii.Error is one; so is a UnicodeError)
+        raise UpdateError(contract.E_BAD_SIGNATURE, "bundle: " + str(err))
+    body = None
     digest = binascii.hexlify(rsapss.key_digest(block)).decode()
     if digest not in keys:
         raise UpdateError(contract.E_UNTRUSTED_KEY, "key " + digest[:contract.SIGNER_CHARS] + " is not trusted")
@@ -71,31 +131,31 @@ def check(cfg, fw):
     if not rsapss.verify(n, e, sig, hashlib.sha256(text).digest()):
         raise UpdateError(contract.E_BAD_SIGNATURE, "the signature does not verify")
     try:
-        m = contract.check_manifest(json.loads(text))
+        m = check_manifest(json.loads(text))
     except ValueError as err:
         raise UpdateError(contract.E_MANIFEST, str(err))
     for k in ("sha256", "size", "version"):
         if m[k] != fw[k]:
             raise UpdateError(contract.E_MANIFEST, "%s differs from the signed manifest" % k)
-    if m["chip"] != contract.CHIP:
-        raise UpdateError(contract.E_MANIFEST, "signed for %s, not %s" % (m["chip"], contract.CHIP))
+    if m["chip"] != CHIP:
+        raise UpdateError(contract.E_MANIFEST, "signed for %s, not %s" % (m["chip"], CHIP))
     if m["secure_version"] < counter:
         raise UpdateError(contract.E_ROLLBACK, "secure_version %d is below this device's %d"
                           % (m["secure_version"], counter))
-    out = ota.record(fw)
-    out["signer"] = digest[:contract.SIGNER_CHARS]
-    out["secure_version"] = m["secure_version"]
+    seal = {"signer": digest[:contract.SIGNER_CHARS], "secure_version": m["secure_version"]}
     if "trust" in m:
-        out["trust"] = m["trust"]
-    return out
+        seal["trust"] = m["trust"]
+    return seal
 
 
-def commit(cfg, target, path=PATH):
-    """After the image `target` (a check() record) is confirmed: raise the counter to its
-    secure_version and take its trust list, if it names one. Atomic (temp file, rename)."""
+def commit(cfg, seal, path=PATH):
+    """After an image with this seal (check()) is confirmed: raise the counter to its
+    secure_version and take its trust list, if it names one, as ESP-IDF raises the
+    secure_version eFuse in esp_ota_mark_app_valid_cancel_rollback. Atomic (temp file,
+    rename)."""
     keys, counter = load(cfg, path)
-    new_keys = target.get("trust", keys)
-    new_counter = max(counter, target.get("secure_version", 0))
+    new_keys = seal.get("trust", keys)
+    new_counter = max(counter, seal["secure_version"])
     if new_keys == keys and new_counter == counter and _exists(path):
         return
     tmp = path + ".tmp"
@@ -110,3 +170,44 @@ def _exists(path):
         return True
     except OSError:
         return False
+
+
+def check_manifest(m):
+    """A parsed manifest (contract.MANIFEST_FIELDS, optional trust), checked: the one check of
+    its fields, for the device and the host (tools/site/signing.py). Raises ValueError."""
+    if not isinstance(m, dict) or m.get("format") != MANIFEST_FORMAT:
+        raise ValueError("manifest: not a %s manifest" % MANIFEST_FORMAT)
+    for k in ("chip", "version"):
+        if not isinstance(m.get(k), str) or not 0 < len(m[k]) <= contract.MAX_VERSION:
+            raise ValueError("manifest.%s: must be a short string" % k)
+    if not contract.is_sha256_hex(m.get("sha256")):
+        raise ValueError("manifest.sha256: must be 64 lowercase hex digits")
+    for k, top in (("size", contract.MAX_IMAGE_SIZE), ("secure_version", MAX_SECURE_VERSION)):
+        v = m.get(k)
+        if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v <= top:
+            raise ValueError("manifest.%s: must be an integer from 0 to %d" % (k, top))
+    trust = m.get("trust")
+    if trust is not None:
+        if not isinstance(trust, list) or not 0 < len(trust) <= contract.MAX_TRUSTED_KEYS:
+            raise ValueError("manifest.trust: must list 1 to %d key digests" % contract.MAX_TRUSTED_KEYS)
+        for d in trust:
+            if not contract.is_sha256_hex(d):
+                raise ValueError("manifest.trust: each key digest is 64 lowercase hex digits")
+    return m
+
+
+def check_bundle(b):
+    """The shape of a signature bundle: {manifest, sig, key} strings of the right lengths
+    (whether it verifies: check()). Raises ValueError."""
+    if not isinstance(b, dict):
+        raise ValueError("signature: must be an object")
+    for k, lo, hi in (("manifest", 1, MAX_MANIFEST), ("sig", _b64(RSA_BYTES), 0),
+                      ("key", _b64(KEY_BLOCK), 0)):
+        v = b.get(k)
+        if not isinstance(v, str) or not lo <= len(v) <= (hi or lo):
+            raise ValueError("signature.%s: must be a string of %d%s characters" % (k, lo, " to %d" % hi if hi else ""))
+    return b
+
+
+def _b64(n):
+    return (n + 2) // 3 * 4

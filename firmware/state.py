@@ -4,7 +4,8 @@
 # slot it goes into), written (bytes of it safely in flash, a multiple of 4096), error
 # (contract E_*), attempts (failed tries at this target that made no progress), fetched
 # (bytes downloaded for this target, all tries), images ({slot label: {version, sha256, size,
-# url}} for images whose identity we know).
+# url}} for images whose identity we know), signers ({slot label: [key id, secure_version]}
+# for signed images), verified (the target's checked signature, release.check, or None).
 
 import json
 import os
@@ -18,7 +19,7 @@ _MAX_BYTES = 8192
 def fresh():
     """Nothing in progress, no image known (provisioning adds the factory image to images)."""
     return {"phase": "idle", "target": None, "slot": None, "written": 0, "error": None,
-            "attempts": 0, "fetched": 0, "images": {}}
+            "attempts": 0, "fetched": 0, "images": {}, "signers": {}, "verified": None}
 
 
 def load(path=PATH):
@@ -32,14 +33,15 @@ def load(path=PATH):
         return new
     # Keep only well-typed fields; anything else falls back to the fresh value.
     for k, ok in (("phase", str), ("attempts", int), ("written", int), ("fetched", int),
-                  ("images", dict)):
+                  ("images", dict), ("signers", dict)):
         if not isinstance(st.get(k), ok):
             st[k] = new[k]
-    for k in ("target", "slot", "error"):
+    for k in ("target", "slot", "error", "verified"):
         if k not in st:
             st[k] = None
-    if st["target"] is not None and not isinstance(st["target"], dict):
-        st["target"] = None
+    for k in ("target", "verified"):
+        if st[k] is not None and not isinstance(st[k], dict):
+            st[k] = None
     return st
 
 

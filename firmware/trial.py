@@ -6,7 +6,7 @@
 # bootloader goes back to the old image, which then reports `failed: rolled_back`. Identity
 # is the SHA-256 of the running image, never a claim.
 
-from firmware import contract, log, phases, power, slots
+from firmware import contract, log, phases, power, slots, unload
 
 
 def boot_check(agent):
@@ -58,7 +58,14 @@ def confirm(agent):
         agent.fail(contract.E_HASH)
         power.reset()
     slots.confirm()  # before saving: a reset in between re-runs the trial, harmlessly
-    agent.commit(target)  # the counter and trust list of a signed release, as confirmed
-    st["images"][agent.run_label] = agent.image_record(target)
-    agent.go("confirmed", target=None, slot=None, error=None, attempts=0, written=0, fetched=0)
+    seal = st["verified"]
+    if seal is not None:  # a signed release: its counter and trust list take effect now
+        from firmware import release
+
+        release.commit(agent.cfg, seal)
+        release = None
+        unload("firmware.release", "firmware.rsapss")
+        st["signers"][agent.run_label] = [seal["signer"], seal["secure_version"]]
+    st["images"][agent.run_label] = dict(target)
+    agent.go("confirmed", target=None, slot=None, error=None, attempts=0, written=0, fetched=0, verified=None)
     log("confirmed", target["version"], "in", agent.run_label)

@@ -79,7 +79,7 @@ class Link:
     def close(self):
         pass
 
-cfg = {"device_id": "fuzz", "mqtt_password": "x", "ca": b"", "net_timeout_s": 1, "tls_slots": 2,
+cfg = {"device_id": "fuzz", "mqtt_password": "x", "ca": b"", "trusted_keys": [], "net_timeout_s": 1, "tls_slots": 2,
        "max_attempts": 3, "health_deadline_s": 1, "min_free_heap": 0}
 agent = device.Agent(cfg)
 agent.link = Link()

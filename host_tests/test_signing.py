@@ -15,8 +15,9 @@ from conftest import REPO, new_site, run_micropython, signing_key
 from firmware import contract
 from tools.espidf.images import build_app_image
 from tools.site import Site
-from tools.site.signing import (SigningError, key_digest, load_public, public_pem, release_bundle, sign,
-                                verify)
+from firmware.release import check_manifest
+from tools.site.signing import (SigningError, key_digest, load_public, manifest_text, public_pem, release_bundle,
+                                sign, verify)
 
 BIN = REPO / ".venv" / "bin"
 
@@ -123,14 +124,14 @@ def test_the_site_trusts_at_most_what_a_device_holds(tmp_path):
 
 
 def test_a_manifest_text_is_canonical_json():
-    text = contract.release_manifest("1.2.0", "a" * 64, 1000, 7, ["b" * 64])
+    text = manifest_text("1.2.0", "a" * 64, 1000, 7, ["b" * 64])
     m = json.loads(text)
     assert text == json.dumps(m, sort_keys=True, separators=(",", ":"))
-    assert contract.check_manifest(m)["trust"] == ["b" * 64]
+    assert check_manifest(m)["trust"] == ["b" * 64]
     for bad in (dict(m, format="other"), dict(m, size=True), dict(m, secure_version=-1), dict(m, trust=[]),
                 dict(m, trust=["b" * 64] * 4), dict(m, sha256="A" * 64), dict(m, chip="")):
         with pytest.raises(ValueError):
-            contract.check_manifest(bad)
+            check_manifest(bad)
 
 
 DEVICE = """
@@ -140,14 +141,15 @@ from firmware.ota import UpdateError
 cases = json.loads(open("cases.json").read())
 cfg = {"trusted_keys": cases["trusted"]}
 out = []
-for name, fw in cases["checks"]:
+for name, fw, bundle in cases["checks"]:
+    body = None if bundle is None else (bundle if isinstance(bundle, str) else json.dumps(bundle)).encode()
     try:
-        rec = release.check(cfg, fw)
-        out.append([name, "ok", rec.get("signer"), rec.get("secure_version"), rec.get("trust"), "signature" in rec])
+        seal = release.check(cfg, fw, body)
+        out.append([name, "ok", seal["signer"], seal["secure_version"], seal.get("trust")])
     except UpdateError as e:
         out.append([name, e.code])
     if name == "commit":
-        release.commit(cfg, rec)
+        release.commit(cfg, seal)
     if name == "damage":
         open("signing.json", "w").write("{not json")
 print(json.dumps(out))
@@ -163,26 +165,28 @@ def test_the_device_checks_a_release_before_anything_else(tmp_path):
     fw = {"url": "https://h/x", "version": "1.1.0", "sha256": hashlib.sha256(image).hexdigest(), "size": len(image)}
     sig = base64.b64decode(good["sig"])
     checks = [
-        ("good", dict(fw, signature=good)),
-        ("unsigned", fw),
-        ("untrusted", dict(fw, signature=release_bundle(signing_key("stranger"), image, "1.1.0", 4))),
-        ("flipped", dict(fw, signature=dict(good, sig=base64.b64encode(bytes([sig[0] ^ 0x40]) + sig[1:]).decode()))),
-        ("version", dict(fw, version="1.1.1", signature=good)),
-        ("size", dict(fw, size=len(image) - 16, signature=good)),
-        ("chip", dict(fw, signature=sign(contract.release_manifest("1.1.0", fw["sha256"], fw["size"], 4,
-                                                                   chip="esp32s3"), k1))),
-        ("commit", dict(fw, signature=good)),  # the device confirms it: counter 4, trust [d1, d2]
-        ("below", dict(fw, signature=release_bundle(k2, image, "1.1.0", 3))),
-        ("same", dict(fw, signature=release_bundle(k2, image, "1.1.0", 4))),
-        ("damage", dict(fw, signature=good)),
-        ("damaged", dict(fw, signature=good)),
+        ("good", fw, good),
+        ("unsigned", fw, None),
+        ("not json", fw, "<html>404</html>"),
+        ("short key", fw, dict(good, key=good["key"][:-4])),
+        ("untrusted", fw, release_bundle(signing_key("stranger"), image, "1.1.0", 4)),
+        ("flipped", fw, dict(good, sig=base64.b64encode(bytes([sig[0] ^ 0x40]) + sig[1:]).decode())),
+        ("version", dict(fw, version="1.1.1"), good),
+        ("size", dict(fw, size=len(image) - 16), good),
+        ("chip", fw, sign(manifest_text("1.1.0", fw["sha256"], fw["size"], 4, chip="esp32s3"), k1)),
+        ("commit", fw, good),  # the device confirms it: counter 4, trust [d1, d2]
+        ("below", fw, release_bundle(k2, image, "1.1.0", 3)),
+        ("same", fw, release_bundle(k2, image, "1.1.0", 4)),
+        ("damage", fw, good),
+        ("damaged", fw, good),
     ]
     (tmp_path / "cases.json").write_text(json.dumps({"trusted": [d1], "checks": checks}))
     proc = run_micropython(DEVICE, tmp_path)
     assert proc.returncode == 0, proc.stderr
     got = {r[0]: r[1:] for r in json.loads(proc.stdout.strip().splitlines()[-1])}
-    assert got["good"] == ["ok", d1[:16], 4, [d1, d2], False]
+    assert got["good"] == ["ok", d1[:16], 4, [d1, d2]]
     assert got["unsigned"] == [contract.E_UNSIGNED]
+    assert got["not json"] == got["short key"] == [contract.E_BAD_SIGNATURE]
     assert got["untrusted"] == [contract.E_UNTRUSTED_KEY]
     assert got["flipped"] == [contract.E_BAD_SIGNATURE]
     assert got["version"] == got["size"] == got["chip"] == [contract.E_MANIFEST]

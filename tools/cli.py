@@ -101,9 +101,8 @@ def cmd_key_digest(args) -> None:
 
 
 def cmd_sign(args) -> None:
-    from firmware import contract
     from tools.espidf.images import ImageError, check_app_image
-    from tools.site.signing import SigningError, load_private, load_public, sign
+    from tools.site.signing import SigningError, load_private, load_public, manifest_text, sign
 
     if bool(args.key) == bool(args.signer):
         raise CommandError("sign with --key KEY.pem, or with --signer CMD and --pub-key PUB.pem")
@@ -116,9 +115,7 @@ def cmd_sign(args) -> None:
     except ImageError as e:
         raise CommandError(f"{args.file}: {e.code}: {e}") from None
     try:
-        manifest = contract.release_manifest(args.version, report.sha256, report.size, args.secure_version,
-                                             args.trust or None)
-        contract.check_manifest(json.loads(manifest))
+        manifest = manifest_text(args.version, report.sha256, report.size, args.secure_version, args.trust or None)
     except ValueError as e:
         raise CommandError(str(e)) from None
     try:
@@ -381,7 +378,7 @@ def cmd_status(args) -> None:
         return rel.signer if rel and rel.sha256 == info.sha256 else None
 
     while True:
-        rows = fleet(site.shadow_store, site.grant_key)
+        rows = fleet(site.shadow_store, site.grant_key, site.releases)
         if args.device:
             rows = [r for r in rows if r.device in args.device]
         runs = rollouts()

@@ -33,6 +33,8 @@ from tools.board.provision import copy_firmware
 from tools.esp32emu.provision import provision_emulated
 from tools.control.services import ServicesThread
 from tools.site import Site
+from tools.site.signing import release_bundle
+from cryptography.hazmat.primitives.asymmetric import rsa
 
 _PER_BLOCK = """
 import gc, io, json
@@ -120,15 +122,29 @@ def update_succeeds(site: Site, svc: ServicesThread, rel, image_a: bytes, heap_k
     return ok and not any("MemoryError" in s for s in lines), time.monotonic() - t0
 
 
-def peak_heap(work: Path, heap_kib: int = 112) -> dict:
+def _releases(work: Path, signed: bool):
+    """A site with releases A (1.0.0, 200 KiB) and B (1.1.0, 300 KiB): signed, as a new
+    site requires; or unsigned, on a site that allows it (its devices check no signature)."""
+    site = Site(work / "site")
+    image_a, image_b = build_app_image("1.0.0", 200 * 1024), build_app_image("1.1.0", 300 * 1024)
+    if signed:
+        key = rsa.generate_private_key(public_exponent=65537, key_size=3072)
+        site.trust.add(key.public_key())
+        site.releases.add(image_a, "1.0.0", signature=release_bundle(key, image_a, "1.0.0"))
+        rel = site.releases.add(image_b, "1.1.0", signature=release_bundle(key, image_b, "1.1.0"))
+    else:
+        site.trust.require(False)
+        site.releases.add(image_a, "1.0.0")
+        rel = site.releases.add(image_b, "1.1.0")
+    return site, image_a, rel
+
+
+def peak_heap(work: Path, heap_kib: int = 112, signed: bool = True) -> dict:
     """The firmware's peak live heap in each boot of an update (download boot, then the boot
     that confirms the new image), sampled after a collection at every emulated hardware call:
     every flash block, watchdog feed and TLS handshake. A sample cannot see a transient
     between two such calls, so this is a lower bound; the smallest heap is the upper one."""
-    site = Site(work / "site")
-    image_a = build_app_image("1.0.0", 200 * 1024)
-    site.releases.add(image_a, "1.0.0")
-    rel = site.releases.add(build_app_image("1.1.0", 300 * 1024), "1.1.0")
+    site, image_a, rel = _releases(work, signed)
     probe = work / "heap_peaks.txt"
     with ServicesThread(site) as svc:
         ok, _ = update_succeeds(site, svc, rel, image_a, heap_kib, work, probe=probe)
@@ -142,11 +158,8 @@ def peak_heap(work: Path, heap_kib: int = 112) -> dict:
             "peak_bytes": max(max(b) for b in boots)}
 
 
-def smallest_heap(work: Path, lo: int, hi: int) -> dict:
-    site = Site(work / "site")
-    image_a = build_app_image("1.0.0", 200 * 1024)
-    site.releases.add(image_a, "1.0.0")
-    rel = site.releases.add(build_app_image("1.1.0", 300 * 1024), "1.1.0")
+def smallest_heap(work: Path, lo: int, hi: int, signed: bool = True) -> dict:
+    site, image_a, rel = _releases(work, signed)
     probes = {}
     with ServicesThread(site) as svc:
         ref_ok, ref_s = update_succeeds(site, svc, rel, image_a, 112, work)

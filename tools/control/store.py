@@ -1,5 +1,9 @@
 """The HTTPS firmware store: serves released images to the one device each URL names.
 
+`/fw/<sha256>.bin` is the image; `/fw/<sha256>.sig?version=V` the signature bundle of release V
+of that image (firmware/release.py signature_url), under the same authorization as the image (a URL
+pre-signed for the image serves both); 404 for a release that is not signed.
+
 Every request needs either (1) a valid pre-signed URL (tools.control.presign: artifact, device, expiry,
 HMAC) and the device's own credential (HTTP Basic, the same one it uses for MQTT) for the device
 the URL was issued to, or (2) a temporary credential (`Authorization: Bearer`, tools.control.presign
@@ -25,7 +29,7 @@ from tools.site.releases import Registry
 
 log = logging.getLogger("store")
 
-_ARTIFACT = re.compile(r"^[0-9a-f]{64}\.bin$")
+_ARTIFACT = re.compile(r"^[0-9a-f]{64}\.(bin|sig)$")
 # Bytes read from the file per write: what each download in flight holds (aiohttp's default
 # is 256 KiB; thousands of boards may be downloading at once).
 _CHUNK = 64 * 1024
@@ -63,17 +67,18 @@ def make_app(registry: Registry, key: bytes, creds: Credentials) -> web.Applicat
         name = request.match_info["name"]
         if not _ARTIFACT.match(name):
             return _deny(request, "no such artifact", 404)
+        sha = name[:-4]
         header = request.headers.get("Authorization") or ""
         if header.startswith("Bearer "):  # a temporary credential for this one artifact
             try:
-                device = presign.verify_token(key, header[7:].strip(), name[:-4])
+                device = presign.verify_token(key, header[7:].strip(), sha)
             except presign.PresignError as e:
                 return _deny(request, str(e))
             if not creds.known(device):
                 return _deny(request, "device revoked")
         else:
             try:
-                device = presign.verify(key, request.path, dict(request.query))
+                device = presign.verify(key, presign.artifact_path(sha), dict(request.query))
             except presign.PresignError as e:
                 return _deny(request, str(e))
             auth = _basic_auth(header)
@@ -83,7 +88,12 @@ def make_app(registry: Registry, key: bytes, creds: Credentials) -> web.Applicat
                 return _deny(request, "URL was issued to another device")
             if not await asyncio.to_thread(creds.verify, auth[0], auth[1]):
                 return _deny(request, "bad device credential")
-        path = registry.path_of(name[:-4])
+        if name.endswith(".sig"):
+            rel = registry.get(request.query.get("version", ""))
+            if rel is None or rel.sha256 != sha or rel.signature is None:
+                return _deny(request, "no signature for this release", 404)
+            return web.json_response(rel.signature)
+        path = registry.path_of(sha)
         if not path.is_file():
             return _deny(request, "no such artifact", 404)
         log.info("serving %s to %s (Range: %s)", name[:12], device, request.headers.get("Range", "-"))

@@ -27,7 +27,7 @@ class Release:
     @property
     def signer(self) -> str | None:
         """Key id of the signer; None if unsigned."""
-        return signer_of({"signature": self.signature}) if self.signature else None
+        return signer_of(self.signature) if self.signature else None
 
     @property
     def secure_version(self) -> int | None:

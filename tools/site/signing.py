@@ -1,11 +1,11 @@
 """Signed releases on the host: keys, manifests, signatures, and the site's trust list.
 
 A release signature (docs/signing.md) is RSASSA-PSS (SHA-256, MGF1-SHA-256, 32-byte salt) by
-an RSA-3072 key of exponent 65537 over a release manifest (contract.release_manifest): the
+an RSA-3072 key of exponent 65537 over a release manifest (manifest_text): the
 scheme and the keys of ESP32 Secure Boot V2, so a key from `espsecure generate-signing-key
 --version 2 --scheme rsa3072` serves as well as one from `keygen`, and a key's digest here is
 the one `espsecure digest-sbv2-public-key` writes. The bundle that travels with a release and
-in desired.firmware.signature is {"manifest", "sig", "key"} (contract.check_signature).
+in desired.firmware.signature is {"manifest", "sig", "key"} (firmware/release.py check_bundle).
 
 Signing needs only the private key or an external signer, never the site: `sign` runs on an
 offline machine. The site keeps public keys only (signing.json): which keys new devices are
@@ -28,6 +28,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa, utils
 
 from firmware import contract
+from firmware import release
+from firmware.release import check_bundle, check_manifest
 from tools.site.secretfile import write_private
 
 PSS = padding.PSS(mgf=padding.MGF1(hashes.SHA256()), salt_length=32)
@@ -52,7 +54,7 @@ def generate_key(path: Path) -> str:
     path = Path(path)
     if path.exists():
         raise SigningError(f"{path} exists; a signing key is never overwritten")
-    key = rsa.generate_private_key(public_exponent=E, key_size=8 * contract.RSA_BYTES)
+    key = rsa.generate_private_key(public_exponent=E, key_size=8 * release.RSA_BYTES)
     write_private(path, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL,
                                           serialization.NoEncryption()))
     return key_digest(key.public_key())
@@ -62,7 +64,7 @@ def _check_rsa(pub, where: str):
     if not isinstance(pub, rsa.RSAPublicKey):
         raise SigningError(f"{where}: not an RSA key")
     nums = pub.public_numbers()
-    if pub.key_size != 8 * contract.RSA_BYTES or nums.e != E:
+    if pub.key_size != 8 * release.RSA_BYTES or nums.e != E:
         raise SigningError(f"{where}: an RSA-{pub.key_size} key of exponent {nums.e}; "
                            f"release keys are RSA-3072 with exponent 65537")
     return pub
@@ -101,7 +103,7 @@ def public_pem(pub: rsa.RSAPublicKey) -> str:
 def key_block(pub: rsa.RSAPublicKey) -> bytes:
     """The Secure Boot V2 public-key block: n, e, R^2 mod n (R = 2^3072), -1/n mod 2^32."""
     n, e = pub.public_numbers().n, pub.public_numbers().e
-    nb = contract.RSA_BYTES
+    nb = release.RSA_BYTES
     rinv = pow(2, 2 * 8 * nb, n)
     m = -pow(n, -1, 1 << 32) & 0xFFFFFFFF
     return struct.pack(f"<{nb}sI{nb}sI", n.to_bytes(nb, "little"), e, rinv.to_bytes(nb, "little"), m)
@@ -112,8 +114,8 @@ def key_digest(pub: rsa.RSAPublicKey) -> str:
 
 
 def _key_from_block(block: bytes) -> rsa.RSAPublicKey:
-    nb = contract.RSA_BYTES
-    if len(block) != contract.KEY_BLOCK:
+    nb = release.RSA_BYTES
+    if len(block) != release.KEY_BLOCK:
         raise SigningError("key: not a public-key block", contract.E_BAD_SIGNATURE)
     n = int.from_bytes(block[:nb], "little")
     e = int.from_bytes(block[nb:nb + 4], "little")
@@ -126,6 +128,18 @@ def _key_from_block(block: bytes) -> rsa.RSAPublicKey:
 
 
 # -- signing and checking ------------------------------------------------------------------
+
+def manifest_text(version: str, sha256: str, size: int, secure_version: int, trust: list[str] | None = None,
+                  chip: str = release.CHIP) -> str:
+    """The text a release signature covers: the manifest's fields as JSON, keys sorted, no
+    spaces, one text for one release. Checked as the device checks it (firmware/release.py)."""
+    m = {"format": release.MANIFEST_FORMAT, "chip": chip, "version": version, "sha256": sha256, "size": size,
+         "secure_version": secure_version}
+    if trust is not None:
+        m["trust"] = list(trust)
+    check_manifest(m)
+    return json.dumps(m, sort_keys=True, separators=(",", ":"))
+
 
 def sign(manifest: str, key: rsa.RSAPrivateKey | None = None, signer: str | None = None,
          pub: rsa.RSAPublicKey | None = None) -> dict:
@@ -152,7 +166,7 @@ def release_bundle(key: rsa.RSAPrivateKey, image: bytes, version: str, secure_ve
                    trust: list[str] | None = None) -> dict:
     """The bundle for an image, signed with `key` (the demo, benchmarks and tests sign this
     way; `sign` adds the image check and the external signer)."""
-    manifest = contract.release_manifest(version, hashlib.sha256(image).hexdigest(), len(image), secure_version, trust)
+    manifest = manifest_text(version, hashlib.sha256(image).hexdigest(), len(image), secure_version, trust)
     return sign(manifest, key)
 
 
@@ -168,14 +182,14 @@ def _external(signer: str, digest: bytes) -> bytes:
         err = proc.stderr.decode(errors="replace").strip().splitlines()
         raise SigningError(f"signer {argv[0]} exited {proc.returncode}: {err[-1] if err else ''}")
     out = proc.stdout
-    if len(out) != contract.RSA_BYTES:
+    if len(out) != release.RSA_BYTES:
         try:
             out = base64.b64decode(out.strip(), validate=True)
         except ValueError:
             out = b""
-    if len(out) != contract.RSA_BYTES:
+    if len(out) != release.RSA_BYTES:
         raise SigningError(f"signer {argv[0]}: wrote {len(proc.stdout)} bytes, not a "
-                           f"{contract.RSA_BYTES}-byte signature (raw or base64)")
+                           f"{release.RSA_BYTES}-byte signature (raw or base64)")
     return out
 
 
@@ -194,7 +208,7 @@ def verify(bundle: object, trusted: list[str] | None = None) -> Verified:
     shape, the signature under the key it carries, the manifest's fields and (given
     `trusted`) the key's digest. Raises SigningError with the device's code."""
     try:
-        b = contract.check_signature(bundle)
+        b = check_bundle(bundle)
     except ValueError as e:
         raise SigningError(str(e), contract.E_BAD_SIGNATURE) from None
     try:
@@ -213,7 +227,7 @@ def verify(bundle: object, trusted: list[str] | None = None) -> Verified:
     except InvalidSignature:
         raise SigningError("the signature does not verify", contract.E_BAD_SIGNATURE) from None
     try:
-        manifest = contract.check_manifest(json.loads(text))
+        manifest = check_manifest(json.loads(text))
     except ValueError as e:
         raise SigningError(str(e), contract.E_MANIFEST) from None
     return Verified(manifest, digest)
@@ -224,8 +238,8 @@ def check_matches(v: Verified, sha256: str, size: int, version: str | None) -> N
     for name, want in (("sha256", sha256), ("size", size), ("version", version)):
         if want is not None and m[name] != want:
             raise SigningError(f"the signed manifest's {name} is {m[name]!r}, the image's {want!r}", contract.E_MANIFEST)
-    if m["chip"] != contract.CHIP:
-        raise SigningError(f"signed for {m['chip']}, not {contract.CHIP}", contract.E_MANIFEST)
+    if m["chip"] != release.CHIP:
+        raise SigningError(f"signed for {m['chip']}, not {release.CHIP}", contract.E_MANIFEST)
 
 
 def read_bundle(path: Path) -> dict:
@@ -237,19 +251,12 @@ def read_bundle(path: Path) -> dict:
         raise SigningError(f"{path}: not a signature bundle (JSON: {e})") from None
 
 
-def signer_of(fw: dict | None) -> str | None:
-    """The key id (first hex digits of its digest) a firmware object names: its signature
-    bundle's key (desired), or its signer field (reported); None if unsigned."""
-    if not isinstance(fw, dict):
-        return None
-    b = fw.get(contract.SIGNATURE)
-    if isinstance(b, dict) and isinstance(b.get("key"), str):
-        try:
-            return hashlib.sha256(base64.b64decode(b["key"], validate=True)).hexdigest()[:contract.SIGNER_CHARS]
-        except ValueError:
-            return "(bad key)"
-    s = fw.get("signer")
-    return s if isinstance(s, str) else None
+def signer_of(bundle: dict) -> str:
+    """The key id (the first hex digits of its digest) of the key a bundle carries."""
+    try:
+        return hashlib.sha256(base64.b64decode(bundle["key"], validate=True)).hexdigest()[:contract.SIGNER_CHARS]
+    except (KeyError, TypeError, ValueError):
+        return "(bad key)"
 
 
 # -- the site's trust list -------------------------------------------------------------------
