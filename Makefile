@@ -57,6 +57,7 @@ bench: venv system-deps
 	$(BIN)/python -m tools.bench.ota_throughput
 	$(BIN)/python -m tools.bench.ota_throughput --flash-mb 16 --size 8000000 --runs 11 --json build/bench/ota_throughput_8mb.json
 	$(BIN)/python -m tools.bench.memory
+	$(BIN)/python -m tools.bench.signing
 	$(BIN)/python -m tools.bench.emulator_cost --devices 1,10,50
 	$(BIN)/python -m tools.bench.replica --runs 3
 	$(BIN)/python -m tools.bench.control_plane --devices 10000 --workers 2

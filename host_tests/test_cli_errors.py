@@ -10,7 +10,8 @@ import pytest
 
 from conftest import REPO, release, new_site
 from tools.espidf.images import build_app_image, build_combined_image
-from tools.site import Endpoints, Site
+from tools.site import Endpoints
+from tools.site.signing import generate_key, load_private, release_bundle
 
 
 @pytest.fixture(scope="module")
@@ -25,6 +26,8 @@ def world(tmp_path_factory):
     for name, data in files.items():
         (root / f"{name}.bin").write_bytes(data)
     release(site, app, "1.0.0")
+    generate_key(root / "key.pem")  # a key the site does not trust
+    (root / "stranger.json").write_text(json.dumps(release_bundle(load_private(root / "key.pem"), app, "3.0.0")))
     (site.root / "groups.json").write_text('{"bad": "not a list"}')
     with socket.socket() as s:  # a port nothing listens on
         s.bind(("127.0.0.1", 0))
@@ -48,6 +51,24 @@ CASES = [
     ("release: combined", "release {root}/combined.bin --version 2 --site {site}"),
     ("release: too big", "release {root}/big.bin --version 9.9.9 --site {site}"),
     ("release: version taken by other bytes", "release {root}/truncated.bin --version 1.0.0 --site {site}"),
+    ("release: unsigned, on a site that signs", "release {root}/app.bin --version 3.0.0 --site {site}"),
+    ("release: no such signature", "release {root}/app.bin --signature {root}/missing.json --site {site}"),
+    ("release: signature not JSON", "release {root}/app.bin --signature {root}/garbage.bin --site {site}"),
+    ("release: signed by a key the site does not trust", "release {root}/app.bin --signature {root}/stranger.json "
+     "--site {site}"),
+    ("keygen: the file exists", "keygen {root}/key.pem"),
+    ("key-digest: not a key", "key-digest {root}/garbage.bin"),
+    ("key-digest: no such file", "key-digest {root}/missing.pem"),
+    ("sign: neither key nor signer", "sign {root}/app.bin --version 1 -o {root}/s1.json"),
+    ("sign: not an app image", "sign {root}/combined.bin --version 1 --key {root}/key.pem -o {root}/s2.json"),
+    ("sign: the key is not a key", "sign {root}/app.bin --version 1 --key {root}/garbage.bin -o {root}/s3.json"),
+    ("sign: the signer fails", "sign {root}/app.bin --version 1 --signer false --pub-key {root}/key.pem "
+     "-o {root}/s4.json"),
+    ("sign: a trust digest that is not one", "sign {root}/app.bin --version 1 --key {root}/key.pem --trust abc "
+     "-o {root}/s5.json"),
+    ("trust add: not a key", "trust add {root}/garbage.bin --site {site}"),
+    ("trust add: no key named", "trust add --site {site}"),
+    ("trust remove: no such key", "trust remove ffff --site {site}"),
     ("provision: combined image", "provision d1 --image {root}/combined.bin --version 1 --site {site}"),
     ("provision: garbage image", "provision d1 --image {root}/garbage.bin --version 1 --site {site}"),
     ("provision: no such image", "provision d1 --image {root}/missing.bin --version 1 --site {site}"),

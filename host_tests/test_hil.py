@@ -30,7 +30,6 @@ from tools.esp32emu.runner import PANIC_ON_BOOT, Runner, make_fresh_board
 from tools.espidf.images import build_app_image
 from tools.board.provision import provision_board
 from tools.control.services import ServicesThread
-from tools.site import Site
 
 FACTORY = build_app_image("1.0.0", 120 * 1024)
 

@@ -365,8 +365,6 @@ def test_services_on_mosquitto_serve_an_emulated_device_provisioned_while_they_r
     from tools.board.provision import revoke
     from tools.esp32emu.provision import provision_emulated
     from tools.control.services import ServicesThread
-    from tools.site import Site
-
     site = new_site(tmp_path / "site")
     release(site, images["A"], "1.0.0")
     rel = release(site, images["B"], "1.1.0")
@@ -399,8 +397,6 @@ def test_a_revoked_device_is_disconnected_at_once(tmp_path):
     the device's next CONNECT is refused."""
     from tools.board.provision import revoke
     from tools.control.services import ServicesThread
-    from tools.site import Site
-
     site = new_site(tmp_path / "site")
     with ServicesThread(site, broker="mosquitto"):
         password = site.creds.set("rv-1", generated=True)
@@ -458,8 +454,6 @@ def test_workers_added_to_serve_split_the_stream_with_its_own(tmp_path):
     apply every request a second time (no clientToken here: nothing to recognise it by)."""
     from tools.control.replica import SHARE_GROUP
     from tools.control.services import ServicesThread
-    from tools.site import Site
-
     site = new_site(tmp_path / "site")
     with ServicesThread(site, broker="mosquitto") as svc:
         extra = Worker(site, svc.endpoints.service_mqtt_port, site.shadow_store, "extra", SHARE_GROUP)

@@ -8,7 +8,6 @@ import pytest
 from firmware import contract
 from conftest import new_site
 from tools.control import shadows
-from tools.site import Site
 
 
 def _answer(probe, timeout=5, documents=False):

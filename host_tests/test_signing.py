@@ -16,8 +16,10 @@ from firmware import contract
 from tools.espidf.images import build_app_image
 from tools.site import Site
 from firmware.release import check_manifest
-from tools.site.signing import (SigningError, key_digest, load_public, manifest_text, public_pem, release_bundle,
-                                sign, verify)
+from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
+from cryptography.hazmat.primitives.hashes import SHA256
+from tools.site.signing import (PSS, SigningError, check_matches, key_block, key_digest, load_public, manifest_text, public_pem,
+                                release_bundle, sign, verify)
 
 BIN = REPO / ".venv" / "bin"
 
@@ -193,3 +195,103 @@ def test_the_device_checks_a_release_before_anything_else(tmp_path):
     assert got["below"] == [contract.E_ROLLBACK]  # k2 is trusted now, but 3 < 4
     assert got["same"][:3] == ["ok", d2[:16], 4]
     assert got["damaged"] == [contract.E_UNTRUSTED_KEY]  # a damaged trust file trusts nothing
+
+
+BODIES = """
+import json
+from firmware import release
+from firmware.ota import UpdateError
+case = json.loads(open("case.json").read())
+cfg = {"trusted_keys": case["trusted"]}
+codes = {}
+accepted = []
+escaped = 0
+i = 0
+with open("bodies.bin", "rb") as f:
+    data = f.read()
+at = 0
+while at < len(data):
+    n = int.from_bytes(data[at:at + 4], "little")
+    body = data[at + 4:at + 4 + n]
+    at += 4 + n
+    i += 1
+    try:
+        release.check(cfg, case["fw"], body)
+        accepted.append(i - 1)
+    except UpdateError as e:
+        codes[e.code] = codes.get(e.code, 0) + 1
+    except Exception as e:
+        escaped += 1
+        print("ESCAPED", repr(e), body[:80])
+print(json.dumps({"accepted": accepted, "escaped": escaped, "codes": codes}))
+"""
+
+
+def _raw_bundle(key, text: str) -> dict:
+    """A bundle signing `text` as it is (sign() would refuse a manifest that is not valid)."""
+    sig = key.sign(hashlib.sha256(text.encode()).digest(), PSS, Prehashed(SHA256()))
+    return {"manifest": text, "sig": base64.b64encode(sig).decode(),
+            "key": base64.b64encode(key_block(key.public_key())).decode()}
+
+
+def test_any_bundle_the_store_serves_is_refused_with_a_code_or_accepted_only_if_genuine(tmp_path):
+    """Whatever bytes come back as a signature bundle (a hostile store), the device's check
+    raises nothing but its refusal, and accepts only the genuine bundle (the control)."""
+    import random
+
+    rnd = random.Random(21)
+    k = signing_key()
+    image = build_app_image("1.1.0", 30_000)
+    fw = {"url": "https://h/fw/x.bin", "version": "1.1.0", "sha256": hashlib.sha256(image).hexdigest(),
+          "size": len(image)}
+    good = json.dumps(release_bundle(k, image, "1.1.0", 2)).encode()
+    bodies = [good]
+    values = [None, True, 0, -1, 2**70, "", "x" * 600, [], {}, [1, 2], {"a": 1}, 1.5]
+    for _ in range(600):
+        kind = rnd.randrange(6)
+        if kind == 0:  # random bytes
+            bodies.append(bytes(rnd.randrange(256) for _ in range(rnd.randrange(0, 3000))))
+        elif kind == 1:  # the genuine bundle, cut or with bytes flipped
+            b = bytearray(good)
+            for _ in range(rnd.randrange(1, 6)):
+                i = rnd.randrange(len(b))
+                b[i] ^= 1 << rnd.randrange(8)
+            bodies.append(bytes(b[:rnd.randrange(len(b) + 1)] if rnd.random() < 0.3 else b))
+        elif kind == 2:  # a field replaced by a value of another type
+            d = json.loads(good)
+            d[rnd.choice(["manifest", "sig", "key", "extra"])] = rnd.choice(values)
+            bodies.append(json.dumps(d).encode())
+        elif kind == 3:  # a manifest field replaced, the signature kept
+            d = json.loads(good)
+            m = json.loads(d["manifest"])
+            m[rnd.choice(["format", "chip", "version", "sha256", "size", "secure_version", "trust"])] = rnd.choice(values)
+            d["manifest"] = json.dumps(m)
+            bodies.append(json.dumps(d).encode())
+        elif kind == 4:  # a manifest that is signed but wrong: fields of other types or values
+            m = json.loads(json.loads(good)["manifest"])
+            m[rnd.choice(["format", "chip", "version", "sha256", "size", "secure_version", "trust"])] = rnd.choice(
+                values + ["esp32s3", "1.1.1", "0" * 64, 29_999])
+            bodies.append(json.dumps(_raw_bundle(k, json.dumps(m))).encode())
+        else:  # JSON that is not an object, or not UTF-8
+            bodies.append(rnd.choice([b"[]", b"null", b"\"x\"", b"{\"manifest\": \"\\ud800\"}", b"\xff\xfe{}",
+                                      b"{" * 500]))
+    (tmp_path / "bodies.bin").write_bytes(b"".join(len(b).to_bytes(4, "little") + b for b in bodies))
+    (tmp_path / "case.json").write_text(json.dumps({"fw": fw, "trusted": [key_digest(k.public_key())]}))
+    proc = run_micropython(BODIES, tmp_path, heapsize="4m", timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["escaped"] == 0, proc.stdout[-3000:]
+    # Accepted: exactly what the host's check (cryptography) accepts for this image: the
+    # control, mutations that left its fields as they were, and manifests validly signed.
+    trusted = [key_digest(k.public_key())]
+
+    def host_accepts(body):
+        try:
+            check_matches(verify(json.loads(body), trusted), fw["sha256"], fw["size"], fw["version"])
+        except (ValueError, SigningError):
+            return False
+        return True
+
+    assert out["accepted"] == [i for i, b in enumerate(bodies) if host_accepts(b)] and out["accepted"][0] == 0
+    assert sum(out["codes"].values()) == len(bodies) - len(out["accepted"])
+    assert {contract.E_BAD_SIGNATURE, contract.E_MANIFEST} <= set(out["codes"])

@@ -254,7 +254,7 @@ def test_secret_files_are_made_private_before_a_byte_is_written(tmp_path, monkey
     """Keys, passwords and a device's secrets.json: mode 0600 from the moment they exist, even
     under a umask that would leave them readable by everyone."""
     from tools.esp32emu.provision import provision_emulated
-    from tools.site import Endpoints, Site
+    from tools.site import Endpoints
 
     created: dict[int, int] = {}  # descriptor -> mode when the file was made
     placed: dict[str, int] = {}  # final name -> the mode its file was made with

@@ -25,7 +25,7 @@ from tools.operator.client import Recorder
 from tools.espidf.images import build_app_image
 from tools.esp32emu.provision import provision_emulated
 from tools.control.services import ServicesThread, start_ready, stop_task
-from tools.site import Site
+from tools.bench.signed import SignedSite
 
 
 def _rss_kib(pid: int) -> int:
@@ -40,9 +40,10 @@ def _rss_kib(pid: int) -> int:
 
 
 def measure(n: int, workdir: Path, timeout: float = 300) -> dict:
-    site = Site(workdir / f"site{n}")
+    signed = SignedSite(workdir / f"site{n}")
+    site = signed.site
     image = build_app_image("1.0.0", 256 * 1024)
-    site.releases.add(image, "1.0.0")
+    signed.release(image, "1.0.0")
     with ServicesThread(site) as svc:
         runners = []
         for i in range(n):

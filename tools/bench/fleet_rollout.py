@@ -27,6 +27,7 @@ from tools.esp32emu.provision import provision_emulated
 from tools.control.services import ServicesProcess
 from firmware import contract
 from tools.control import shadows
+from tools.bench.signed import SignedSite
 from tools.site import Site
 
 
@@ -65,9 +66,10 @@ def _wait_all(site: Site, ids: list[str], sha256: str, timeout: float) -> float 
 
 def measure(n: int, size: int, workdir: Path, timeout: float, broker: str = "mosquitto",
             batches: list[str] | None = None, boot_wave: int = 0) -> dict:
-    site = Site(workdir / "site")
-    old = site.releases.add(build_app_image("1.0.0", 256 * 1024), "1.0.0")
-    new = site.releases.add(build_app_image("2.0.0", size), "2.0.0")
+    signed = SignedSite(workdir / "site")
+    site = signed.site
+    old = signed.release(build_app_image("1.0.0", 256 * 1024), "1.0.0")
+    new = signed.release(build_app_image("2.0.0", size), "2.0.0")
     ids = [f"fleet{i:03d}" for i in range(n)]
     with ServicesProcess(site, broker=broker):
         runners = [Runner(provision_emulated(site, d, site.releases.path_of(old.sha256).read_bytes(), "1.0.0",

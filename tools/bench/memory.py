@@ -10,7 +10,8 @@ connection at a time) still succeeds.
   live heap after a collection at every emulated hardware call (_emuhw.heap_probe).
 - smallest heap: bisection over `-X heapsize` (1 KiB steps) of a full update on an emulated
   board; each probe is a fresh board and must end on the new image with nothing failed.
-  The reference point is the default 112 KiB board doing the same update.
+  The reference point is the default 112 KiB board doing the same update. Signed (the
+  default: the board fetches and checks the release's signature), and the same unsigned.
 
     python -m tools.bench.memory [--lo 64] [--hi 96] [--json build/bench/memory.json]
 """
@@ -33,8 +34,7 @@ from tools.board.provision import copy_firmware
 from tools.esp32emu.provision import provision_emulated
 from tools.control.services import ServicesThread
 from tools.site import Site
-from tools.site.signing import release_bundle
-from cryptography.hazmat.primitives.asymmetric import rsa
+from tools.bench.signed import SignedSite
 
 _PER_BLOCK = """
 import gc, io, json
@@ -125,18 +125,15 @@ def update_succeeds(site: Site, svc: ServicesThread, rel, image_a: bytes, heap_k
 def _releases(work: Path, signed: bool):
     """A site with releases A (1.0.0, 200 KiB) and B (1.1.0, 300 KiB): signed, as a new
     site requires; or unsigned, on a site that allows it (its devices check no signature)."""
-    site = Site(work / "site")
     image_a, image_b = build_app_image("1.0.0", 200 * 1024), build_app_image("1.1.0", 300 * 1024)
     if signed:
-        key = rsa.generate_private_key(public_exponent=65537, key_size=3072)
-        site.trust.add(key.public_key())
-        site.releases.add(image_a, "1.0.0", signature=release_bundle(key, image_a, "1.0.0"))
-        rel = site.releases.add(image_b, "1.1.0", signature=release_bundle(key, image_b, "1.1.0"))
-    else:
-        site.trust.require(False)
-        site.releases.add(image_a, "1.0.0")
-        rel = site.releases.add(image_b, "1.1.0")
-    return site, image_a, rel
+        s = SignedSite(work / "site")
+        s.release(image_a, "1.0.0")
+        return s.site, image_a, s.release(image_b, "1.1.0")
+    site = Site(work / "site")
+    site.trust.require(False)
+    site.releases.add(image_a, "1.0.0")
+    return site, image_a, site.releases.add(image_b, "1.1.0")
 
 
 def peak_heap(work: Path, heap_kib: int = 112, signed: bool = True) -> dict:
@@ -186,17 +183,20 @@ def main(argv=None) -> int:
         blocks = per_block(Path(tmp) / "blocks")
         peak = peak_heap(Path(tmp) / "peak")
         heap = smallest_heap(Path(tmp) / "heap", args.lo, args.hi)
+        unsigned = smallest_heap(Path(tmp) / "unsigned", args.lo, args.hi, signed=False)
     print(f"download loop: {blocks['firmware_bytes_per_block']:.1f} bytes allocated per 4 KiB block by the firmware "
           f"(target 0; the emulated flash driver adds {blocks['emulated_flash_bytes_per_block']:.0f}, "
           f"a naive loop {blocks['naive_bytes_per_block']:.0f}), {blocks['blocks']} blocks")
-    print(f"smallest GC heap for a whole update (MQTT + shadow + OTA, .mpy, one TLS connection): "
-          f"{heap['smallest_kib']} KiB (target <= 64; reference 112 KiB board ok: {heap['reference_112k_ok']})")
-    print(f"probes: {heap.get('probes')}")
+    print(f"smallest GC heap for a whole signed update (MQTT + shadow + signature + OTA, .mpy, one TLS connection): "
+          f"{heap['smallest_kib']} KiB (target <= 64; reference 112 KiB board ok: {heap['reference_112k_ok']}); "
+          f"the same update unsigned: {unsigned['smallest_kib']} KiB")
+    print(f"probes: signed {heap.get('probes')}, unsigned {unsigned.get('probes')}")
     print(f"peak live GC heap of the firmware during the same update on a {peak['heap_kib']} KiB board "
           f"(sampled at every emulated hardware call, a lower bound): {peak['peak_bytes'] / 1024:.1f} KiB; "
           f"per boot {[round(b / 1024, 1) for b in peak['peak_bytes_per_boot']]} KiB (update ok: {peak['update_ok']})")
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({"per_block": blocks, "heap": heap, "peak": peak}, indent=1))
+    args.json.write_text(json.dumps({"per_block": blocks, "heap": heap, "heap_unsigned": unsigned, "peak": peak},
+                                    indent=1))
     return 0
 
 
