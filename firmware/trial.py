@@ -61,8 +61,12 @@ def confirm(agent):
     seal = st["verified"]
     if seal is not None:  # a signed release: its counter and trust list take effect now
         from firmware import release
+        from firmware.ota import UpdateError
 
-        release.commit(agent.cfg, seal)
+        try:
+            release.commit(agent.cfg, seal)
+        except UpdateError as e:  # signing.json is damaged: it stays so, and refuses every release
+            log("trust file:", e.detail)
         release = None
         unload("firmware.release", "firmware.rsapss")
         st["signers"][agent.run_label] = [seal["signer"], seal["secure_version"]]

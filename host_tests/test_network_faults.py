@@ -30,15 +30,18 @@ def _range_start(request, size):
 
 
 def _faulty_store(site, chunk, pause_s=0.0, drop_after=None, stall_after=None, release=None):
-    """An artifact server with pre-signed URLs and Range, which sends `chunk` bytes per write
-    (pausing between) and closes the connection after `drop_after` bytes, or goes silent
-    without closing it (a link that died) after `stall_after` bytes, if given."""
+    """An artifact server with pre-signed URLs and Range, which sends an image `chunk` bytes
+    per write (pausing between) and closes the connection after `drop_after` bytes, or goes
+    silent without closing it (a link that died) after `stall_after` bytes, if given."""
     async def artifact(request):
-        sha = request.match_info["name"][:-4]
+        name = request.match_info["name"]
+        sha = name[:-4]
         try:
-            presign.verify(site.store_key, request.path, dict(request.query))
+            presign.verify(site.store_key, presign.artifact_path(sha), dict(request.query))
         except presign.PresignError as e:
             return web.json_response({"error": str(e)}, status=403)
+        if name.endswith(".sig"):  # the release's signature, served whole as the store does
+            return web.json_response(site.releases.get(request.query["version"]).signature)
         data = site.releases.path_of(sha).read_bytes()
         start = _range_start(request, len(data))
         headers = {"Content-Length": str(len(data) - start)}

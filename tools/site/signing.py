@@ -1,11 +1,12 @@
 """Signed releases on the host: keys, manifests, signatures, and the site's trust list.
 
 A release signature (docs/signing.md) is RSASSA-PSS (SHA-256, MGF1-SHA-256, 32-byte salt) by
-an RSA-3072 key of exponent 65537 over a release manifest (manifest_text): the
-scheme and the keys of ESP32 Secure Boot V2, so a key from `espsecure generate-signing-key
---version 2 --scheme rsa3072` serves as well as one from `keygen`, and a key's digest here is
-the one `espsecure digest-sbv2-public-key` writes. The bundle that travels with a release and
-in desired.firmware.signature is {"manifest", "sig", "key"} (firmware/release.py check_bundle).
+an RSA-3072 key of exponent 65537 over a release manifest (manifest_text): the scheme and
+the keys of ESP32 Secure Boot V2, so a key from `espsecure generate-signing-key --version 2
+--scheme rsa3072` serves as well as one from `keygen`, and a key's digest here is the one
+`espsecure digest-sbv2-public-key` writes. The bundle that travels with a release (kept by
+the registry, served by the store beside the image) is {"manifest", "sig", "key"}
+(firmware/release.py check_bundle: the device's checks, which verify() shares).
 
 Signing needs only the private key or an external signer, never the site: `sign` runs on an
 offline machine. The site keeps public keys only (signing.json): which keys new devices are
