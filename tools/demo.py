@@ -83,10 +83,12 @@ class Narrator:
             elif st == contract.ST_DOWNLOADING:
                 step("7", f"device streams the image into the inactive slot: {fw.get('progress', 0)}%", m.topic)
             elif st == contract.ST_REBOOTING:
-                step("7", "device verified SHA-256, switched the boot partition and reboots", m.topic)
+                step("7", "device checked the release's signature before writing, verified SHA-256, switched the "
+                          "boot partition and reboots", m.topic)
             elif st == contract.ST_IDLE:
                 step("8", f"device confirmed itself and reports it runs {fw.get('version')} "
-                          f"(sha256 {str(fw.get('sha256'))[:12]}…) from {fw.get('slot')}", m.topic)
+                          f"(sha256 {str(fw.get('sha256'))[:12]}…, signed by key {fw.get('signer')}) from "
+                          f"{fw.get('slot')}", m.topic)
             elif st == contract.ST_FAILED:
                 step("!", f"device reports failure: {fw.get('error')}", m.topic)
         elif suffix == contract.UPDATE_ACCEPTED:
