@@ -50,7 +50,6 @@ AUTH_TOKEN = "token"
 # (tools/control/grants.py), for the replica and the renewer. A device neither needs nor
 # reports it, so it is left out of the delta (NOT_REPORTED).
 GRANT = "grant"
-NOT_REPORTED = ((FIRMWARE, GRANT),)  # desired leaves a device never reports: never in a delta
 
 # Signed releases (docs/signing.md; the format and checks: firmware/release.py, loaded only to
 # check one). The store serves a release's signature bundle beside its image: at the image's
@@ -58,6 +57,11 @@ NOT_REPORTED = ((FIRMWARE, GRANT),)  # desired leaves a device never reports: ne
 # (release.signature_url). A device that trusts keys fetches and checks it before anything is
 # erased, installs nothing else, and reports which key signed what runs (signer: the first
 # SIGNER_CHARS hex digits of the key's digest) and that release's security counter.
+# desired.firmware.signer names the key that signed the desired release, for people and
+# tools reading the shadow; a device does not read it (it checks the signature itself), and
+# it is never in a delta: a device that checks no signature reports none.
+SIGNER = "signer"
+NOT_REPORTED = ((FIRMWARE, GRANT), (FIRMWARE, SIGNER))  # desired leaves never in a delta
 MAX_TRUSTED_KEYS = 3  # key digests a device trusts, as ESP32-S3 eFuses hold three Secure Boot V2 digests
 SIGNER_CHARS = 16
 

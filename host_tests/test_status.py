@@ -34,14 +34,15 @@ def test_status_shows_what_each_device_runs_and_what_is_wanted(site, tmp_path):
     _feed(r, "a5", {"reported": fw("1.1.0", "bb", state="idle")})
     key = signing_key()
     rel = release(site, build_app_image("1.2.0", 20_000), "1.2.0", 4)
-    signed = {"firmware": grants.granted(site.grant_key, "a7", fw("1.2.0", rel.sha256, url="u", size=rel.size)["firmware"])}
+    signed = {"firmware": grants.granted(site.grant_key, "a7", fw("1.2.0", rel.sha256, url="u", size=rel.size,
+                                                                  signer=rel.signer)["firmware"])}
     _feed(r, "a7", {"desired": signed})
     _feed(r, "a7", {"reported": fw("1.1.0", "bb", state="idle", signer="0123456789abcdef", secure_version=3)})
     r.db.close()
     unchecked = Replica(None, site.shadow_store, grant_key=None)  # as if written into the database
     _feed(unchecked, "a6", {"desired": fw("0.9.0", "cc", url="u", size=1)})
     unchecked.db.close()
-    rows = {x.device: x for x in fleet(site.shadow_store, site.grant_key, site.releases)}
+    rows = {x.device: x for x in fleet(site.shadow_store, site.grant_key)}
     assert (rows["a7"].running_signer, rows["a7"].desired_signer) == ("0123456789abcdef", key_digest(key.public_key())[:16])
     rows.pop("a7")
     assert (rows["a1"].running, rows["a1"].desired, rows["a1"].in_sync) == ("1.0.0", None, True)

@@ -378,7 +378,7 @@ def cmd_status(args) -> None:
         return rel.signer if rel and rel.sha256 == info.sha256 else None
 
     while True:
-        rows = fleet(site.shadow_store, site.grant_key, site.releases)
+        rows = fleet(site.shadow_store, site.grant_key)
         if args.device:
             rows = [r for r in rows if r.device in args.device]
         runs = rollouts()
@@ -390,6 +390,8 @@ def cmd_status(args) -> None:
             if args.watch:
                 print("\033[H\033[J", end="")  # redraw in place
             print(table(rows))
+            if not site.trust.required:
+                print("(this site accepts unsigned releases: `trust require` to stop)")
             for i, t in runs:
                 print(ro.progress_line(i, t, signer=signer(i)))
         if not args.watch:

@@ -33,14 +33,16 @@ def desired_firmware(site: Site, device: str, release: Release, ttl: int = presi
     """The `firmware` desired-state object for one device: with a URL pre-signed for it now,
     or (token) the bare URL, for which the device asks a temporary credential itself; and the
     operator's grant for it (tools.control.grants), without which the replica refuses it. A
-    signed release's signature is fetched by the device from the store, beside the image."""
+    signed release names its signer, for whoever reads the shadow; the device fetches the
+    signature itself, from the store beside the image."""
     store = site.endpoints().store_url
     url = store + presign.artifact_path(release.sha256) if token else \
         presign.sign(site.store_key, store, release.sha256, device, ttl)
     # The optional fields are always sent: null deletes what an earlier desired left (objects
     # merge). Checked as the device will check what is stored.
     fw = {"url": url, "version": release.version, "sha256": release.sha256, "size": release.size,
-          "allow_downgrade": True if allow_downgrade else None, "auth": contract.AUTH_TOKEN if token else None}
+          "allow_downgrade": True if allow_downgrade else None, "auth": contract.AUTH_TOKEN if token else None,
+          contract.SIGNER: release.signer}
     contract.check_firmware({k: v for k, v in fw.items() if v is not None})
     return grants.granted(site.grant_key, device, fw)
 

@@ -13,16 +13,15 @@ from firmware import contract
 from tools.control import grants
 from tools.control import shadows
 from tools.control.shadows import Shadow
-from tools.site.releases import Registry
 
 
 @dataclass
 class DeviceStatus:
     device: str
     running: str | None  # version the device reports it runs
-    running_signer: str | None  # key id (tools.site.signing) that signed it, as the device reports
+    running_signer: str | None  # key id (tools.site.signing) that signed it, as the device reports it
     desired: str | None  # version the application asked for
-    desired_signer: str | None  # key id that signed the desired release (the site's registry); None: unsigned
+    desired_signer: str | None  # key id that signed the desired release, as the desired firmware names it
     granted: bool | None  # the desired firmware carries an operator's grant (None: nothing desired)
     state: str | None  # the device's update phase (idle, downloading, ..., failed)
     in_sync: bool  # reported image is the desired one (or nothing is desired)
@@ -32,25 +31,22 @@ class DeviceStatus:
     progress: int | None
 
 
-def device_status(shadow: Shadow, grant_key: bytes, signers: dict | None = None) -> DeviceStatus:
-    """One device's row; `signers` maps (version, sha256) of each signed release to its key id."""
+def device_status(shadow: Shadow, grant_key: bytes) -> DeviceStatus:
     rep, des = shadow.reported, shadow.desired
     in_sync = not des or (rep.get("sha256") == des.get("sha256") and rep.get("state") in (contract.ST_IDLE, None))
     return DeviceStatus(
-        device=shadow.device, running=rep.get("version"), running_signer=rep.get("signer"),
-        desired=des.get("version"), desired_signer=(signers or {}).get((des.get("version"), des.get("sha256"))),
+        device=shadow.device, running=rep.get("version"), running_signer=rep.get(contract.SIGNER),
+        desired=des.get("version"), desired_signer=des.get(contract.SIGNER),
         granted=grants.issued(grant_key, shadow.device, des) is not None if des else None, state=rep.get("state"),
         in_sync=in_sync, last_seen=shadow.last_seen,
         error=rep.get("error"), attempts=rep.get("attempts"), progress=rep.get("progress"),
     )
 
 
-def fleet(store, grant_key: bytes, releases: Registry | None = None) -> list[DeviceStatus]:
+def fleet(store, grant_key: bytes) -> list[DeviceStatus]:
     """Every device in the replica's store (an SQLite file or a postgresql:// URL); `grant_key`
-    the site's, to tell desired firmware an operator granted from any other (tools.control.grants);
-    `releases`, the site's, to name the key that signed each desired release."""
-    signers = {(r.version, r.sha256): r.signer for r in releases.list() if r.signer} if releases else {}
-    return [device_status(s, grant_key, signers) for s in shadows.read(store).values()]
+    the site's, to tell desired firmware an operator granted from any other (tools.control.grants)."""
+    return [device_status(s, grant_key) for s in shadows.read(store).values()]
 
 
 def summary(rows: list[DeviceStatus]) -> dict:
