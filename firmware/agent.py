@@ -172,7 +172,7 @@ class Agent:
             self.report(detail=fw)
         elif action == ota.ADOPT:
             st["images"][self.run_label] = dict(fw)
-            self.go("adopt", target=None, slot=None, error=None, attempts=0, written=0, fetched=0)
+            self.go("adopt", target=None, slot=None, error=None, attempts=0, written=0, fetched=0, verified=None)
             self.report()
         elif action == ota.REFUSE:
             log("refusing downgrade to", fw["version"])

@@ -41,11 +41,13 @@ MAX_SECURE_VERSION = 65535
 
 def load(cfg, path=PATH):
     """(trusted key digests as hex, security counter). Raises UpdateError(untrusted_key) if
-    the trust file is there but damaged."""
+    the trust file is there but cannot be read."""
     try:
         f = open(path)
-    except OSError:
-        return list(cfg["trusted_keys"]), 0  # as provisioned
+    except OSError as e:
+        if e.args and e.args[0] == 2:  # ENOENT: no signed release confirmed yet
+            return list(cfg["trusted_keys"]), 0  # as provisioned
+        raise UpdateError(contract.E_UNTRUSTED_KEY, PATH + ": %r: no release is trusted" % e)
     try:
         with f:
             st = json.loads(f.read(_MAX_BYTES))
@@ -56,7 +58,7 @@ def load(cfg, path=PATH):
         for k in keys:
             if not contract.is_sha256_hex(k):
                 raise ValueError()
-    except (ValueError, TypeError, KeyError):
+    except (OSError, ValueError, TypeError, KeyError):
         raise UpdateError(contract.E_UNTRUSTED_KEY, PATH + " is damaged: no release is trusted")
     return keys, counter
 
@@ -143,7 +145,11 @@ def check(cfg, fw, body):
         raise UpdateError(contract.E_ROLLBACK, "secure_version %d is below this device's %d"
                           % (m["secure_version"], counter))
     seal = {"signer": digest[:contract.SIGNER_CHARS], "secure_version": m["secure_version"]}
-    if "trust" in m:
+    if "trust" in m and m["trust"] != keys:
+        # A trust change must raise the counter: else an older release at the same counter,
+        # still validly signed, could bring back the keys a later one revoked.
+        if m["secure_version"] <= counter:
+            raise UpdateError(contract.E_ROLLBACK, "a new trust list needs a secure_version above %d" % counter)
         seal["trust"] = m["trust"]
     return seal
 
@@ -154,8 +160,10 @@ def commit(cfg, seal, path=PATH):
     secure_version eFuse in esp_ota_mark_app_valid_cancel_rollback. Atomic (temp file,
     rename)."""
     keys, counter = load(cfg, path)
-    new_keys = seal.get("trust", keys)
     new_counter = max(counter, seal["secure_version"])
+    # (check() gives a trust list only with a higher counter; a reset since then may have
+    # confirmed another release: the list still takes effect only above the counter.)
+    new_keys = seal["trust"] if "trust" in seal and seal["secure_version"] > counter else keys
     if new_keys == keys and new_counter == counter and _exists(path):
         return
     tmp = path + ".tmp"

@@ -59,13 +59,18 @@ CASES = [
     ("keygen: the file exists", "keygen {root}/key.pem"),
     ("key-digest: not a key", "key-digest {root}/garbage.bin"),
     ("key-digest: no such file", "key-digest {root}/missing.pem"),
-    ("sign: neither key nor signer", "sign {root}/app.bin --version 1 -o {root}/s1.json"),
-    ("sign: not an app image", "sign {root}/combined.bin --version 1 --key {root}/key.pem -o {root}/s2.json"),
-    ("sign: the key is not a key", "sign {root}/app.bin --version 1 --key {root}/garbage.bin -o {root}/s3.json"),
-    ("sign: the signer fails", "sign {root}/app.bin --version 1 --signer false --pub-key {root}/key.pem "
+    ("sign: neither key nor signer", "sign {root}/app.bin --version 1 --secure-version 0 -o {root}/s1.json"),
+    ("sign: not an app image", "sign {root}/combined.bin --version 1 --secure-version 0 --key {root}/key.pem -o {root}/s2.json"),
+    ("sign: the key is not a key", "sign {root}/app.bin --version 1 --secure-version 0 --key {root}/garbage.bin -o {root}/s3.json"),
+    ("sign: the signer fails", "sign {root}/app.bin --version 1 --secure-version 0 --signer false --pub-key {root}/key.pem "
      "-o {root}/s4.json"),
-    ("sign: a trust digest that is not one", "sign {root}/app.bin --version 1 --key {root}/key.pem --trust abc "
+    ("sign: a trust digest that is not one", "sign {root}/app.bin --version 1 --secure-version 1 --key {root}/key.pem --trust abc "
      "-o {root}/s5.json"),
+    ("sign: a version a release cannot have", "sign {root}/app.bin --version a/b --secure-version 0 --key "
+     "{root}/key.pem -o {root}/s6.json"),
+    ("sign: an unquoted signer", "sign {root}/app.bin --version 1 --secure-version 0 --signer ' --pub-key "
+     "{root}/key.pem -o {root}/s7.json"),
+    ("keygen: no such folder", "keygen {root}/no/such/dir/k.pem"),
     ("trust add: not a key", "trust add {root}/garbage.bin --site {site}"),
     ("trust add: no key named", "trust add --site {site}"),
     ("trust remove: no such key", "trust remove ffff --site {site}"),

@@ -143,26 +143,32 @@ def test_keys_rotate_and_revoke_over_the_air(site, services, devices, images):
     d1, d2 = key_digest(k1.public_key()), key_digest(k2.public_key())
     release(site, images["A"], "1.0.0")
     dev = devices(DEV, images["A"], "1.0.0")
-    # B, signed with the old key, tells the boards to trust only the new one from now on.
-    b = release(site, images["B"], "1.1.0", trust=[d2])
+    # B, signed with the old key and a higher counter, tells the boards to trust only the new
+    # one from now on (the site knows the new key: `release` refuses a trust list naming others).
+    site.trust.add(k2.public_key())
+    b = release(site, images["B"], "1.1.0", secure_version=1, trust=[d2])
     _send(services, site, DEV, b)
     fw = _idle_on(services, site, "1.1.0", "B installed")
     assert fw["signer"] == d1[:16]
-    assert json.loads((dev.root / "fs" / "signing.json").read_text())["keys"] == [d2]
+    assert json.loads((dev.root / "fs" / "signing.json").read_text()) == {"keys": [d2], "secure_version": 1}
+    flash = dev.flash.read_bytes()
 
     # The old key is revoked: a release it signs is refused, whatever the server says.
     c_image = build_app_image("1.2.0", 150 * 1024)
-    c_old = release(site, c_image, "1.2.0")
-    flash = dev.flash.read_bytes()
+    c_old = release(site, c_image, "1.2.0", secure_version=1)
     _send(services, site, DEV, c_old)
-    fw, _ = wait_reported(services, site, DEV, lambda fw, d: fw.get("error") == contract.E_UNTRUSTED_KEY,
-                          "the revoked key refused")
-    assert fw["version"] == "1.1.0" and dev.flash.read_bytes() == flash
+    _refused(services, site, contract.E_UNTRUSTED_KEY)
+    # Nor can a release at the same counter, validly signed by the new key, bring the old key
+    # back: a trust list changes only with a higher counter.
+    back = release(site, build_app_image("1.2.5", 150 * 1024), "1.2.5", secure_version=1, key=k2, trust=[d1, d2])
+    _send(services, site, DEV, back)
+    _refused(services, site, contract.E_ROLLBACK)
+    assert dev.flash.read_bytes() == flash
 
     # The new key's signature of the same image is installed.
-    site.trust.add(k2.public_key())
-    c_new = release(site, c_image, "1.2.1", key=k2)
+    c_new = release(site, c_image, "1.2.1", secure_version=1, key=k2)
     assert c_new.sha256 == c_old.sha256
     _send(services, site, DEV, c_new)
     fw = _idle_on(services, site, "1.2.1", "C signed with the new key installed")
-    assert fw["signer"] == d2[:16]
+    assert (fw["signer"], fw["slot"]) == (d2[:16], "ota_0")
+    assert json.loads((dev.root / "fs" / "signing.json").read_text()) == {"keys": [d2], "secure_version": 1}

@@ -66,7 +66,8 @@ def test_an_external_signer_signs_what_the_key_would(tmp_path):
     for signer, says in ((openssl.replace(str(key), str(other)), "does not verify"),
                          ("false", "exited 1"), ("echo not-a-signature", "not a 384-byte signature"),
                          ("/nonexistent/hsm-tool", "No such file")):
-        out = cli("sign", image, "--version", "2.0.0", "--signer", signer, "--pub-key", key, "-o", tmp_path / "x.json")
+        out = cli("sign", image, "--version", "2.0.0", "--secure-version", "0", "--signer", signer, "--pub-key", key,
+                  "-o", tmp_path / "x.json")
         assert out.returncode == 1 and says in out.stderr and "Traceback" not in out.stderr, (signer, out.stderr)
         assert not (tmp_path / "x.json").exists()
 
@@ -91,6 +92,8 @@ def test_release_takes_only_what_the_devices_would_install(tmp_path):
     assert out.returncode == 1 and f"{contract.E_MANIFEST}: the signed manifest's sha256" in out.stderr
     out = release(release_bundle(signing_key(), image, "1.0.0"), "--version", "1.0.9")
     assert out.returncode == 1 and "version" in out.stderr
+    out = release(release_bundle(signing_key(), image, "1.0.0", 5, trust=[key_digest(signing_key("stranger").public_key())]))
+    assert out.returncode == 1 and "trust list names keys this site does not trust" in out.stderr
     bundle = release_bundle(signing_key(), image, "1.0.0", 5)
     forged = dict(bundle, manifest=bundle["manifest"].replace('"secure_version":5', '"secure_version":6'))
     out = release(forged)
@@ -154,6 +157,10 @@ for name, fw, bundle in cases["checks"]:
         release.commit(cfg, seal)
     if name == "damage":
         open("signing.json", "w").write("{not json")
+    if name == "damaged":  # a trust file that cannot even be opened
+        import os
+        os.remove("signing.json")
+        os.mkdir("signing.json")
 print(json.dumps(out))
 """
 
@@ -179,8 +186,11 @@ def test_the_device_checks_a_release_before_anything_else(tmp_path):
         ("commit", fw, good),  # the device confirms it: counter 4, trust [d1, d2]
         ("below", fw, release_bundle(k2, image, "1.1.0", 3)),
         ("same", fw, release_bundle(k2, image, "1.1.0", 4)),
+        ("old trust", fw, release_bundle(k2, image, "1.1.0", 4, trust=[d1])),  # a trust change, same counter
+        ("new trust", fw, release_bundle(k2, image, "1.1.0", 5, trust=[d2])),
         ("damage", fw, good),
         ("damaged", fw, good),
+        ("unopenable", fw, good),
     ]
     (tmp_path / "cases.json").write_text(json.dumps({"trusted": [d1], "checks": checks}))
     proc = run_micropython(DEVICE, tmp_path)
@@ -193,8 +203,10 @@ def test_the_device_checks_a_release_before_anything_else(tmp_path):
     assert got["flipped"] == [contract.E_BAD_SIGNATURE]
     assert got["version"] == got["size"] == got["chip"] == [contract.E_MANIFEST]
     assert got["below"] == [contract.E_ROLLBACK]  # k2 is trusted now, but 3 < 4
-    assert got["same"][:3] == ["ok", d2[:16], 4]
-    assert got["damaged"] == [contract.E_UNTRUSTED_KEY]  # a damaged trust file trusts nothing
+    assert got["same"] == ["ok", d2[:16], 4, None]
+    assert got["old trust"] == [contract.E_ROLLBACK]
+    assert got["new trust"] == ["ok", d2[:16], 5, [d2]]
+    assert got["damaged"] == got["unopenable"] == [contract.E_UNTRUSTED_KEY]  # fail closed: trust nothing
 
 
 BODIES = """

@@ -102,6 +102,7 @@ def cmd_key_digest(args) -> None:
 
 def cmd_sign(args) -> None:
     from tools.espidf.images import ImageError, check_app_image
+    from tools.site.releases import ReleaseError, check_version
     from tools.site.signing import SigningError, load_private, load_public, manifest_text, sign
 
     if bool(args.key) == bool(args.signer):
@@ -115,8 +116,9 @@ def cmd_sign(args) -> None:
     except ImageError as e:
         raise CommandError(f"{args.file}: {e.code}: {e}") from None
     try:
+        check_version(args.version)
         manifest = manifest_text(args.version, report.sha256, report.size, args.secure_version, args.trust or None)
-    except ValueError as e:
+    except (ValueError, ReleaseError) as e:
         raise CommandError(str(e)) from None
     try:
         if args.key:
@@ -549,10 +551,12 @@ def parser() -> argparse.ArgumentParser:
     sp = add("sign", cmd_sign, "sign a release manifest for an image, with a key or an external signer (needs no site)")
     sp.add_argument("file", type=Path, help="the app image")
     sp.add_argument("--version", required=True)
-    sp.add_argument("--secure-version", type=int, default=0,
-                    help="security counter: devices refuse any release below the highest they confirmed")
+    sp.add_argument("--secure-version", type=int, required=True,
+                    help="security counter: devices refuse any release below the highest they confirmed; "
+                         "raise it for a release that fixes a vulnerability or changes --trust")
     sp.add_argument("--trust", nargs="+", metavar="DIGEST",
-                    help="key digests devices trust once this release is confirmed (rotation, revocation)")
+                    help="key digests devices trust once this release is confirmed (rotation, revocation; needs a "
+                         "--secure-version above the devices' counter)")
     sp.add_argument("--key", type=Path, help="PEM private key (keygen, or espsecure generate-signing-key)")
     sp.add_argument("--signer", help="external signer command: SHA-256 of the manifest on stdin, "
                     "the 384-byte PSS signature (raw or base64) on stdout")

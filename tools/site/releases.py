@@ -34,6 +34,12 @@ class Release:
         return json.loads(self.signature["manifest"])["secure_version"] if self.signature else None
 
 
+def check_version(version: str | None) -> None:
+    """A release version: 1-32 characters (as a device takes them), no '/'."""
+    if not version or len(version) > 32 or "/" in version:
+        raise ReleaseError("version must be 1-32 characters without '/'")
+
+
 class Registry:
     """`<dir>/<sha256>.bin` plus `<dir>/index.json` ({version: release}). With a `trust`
     list, a signed release must be signed by one of its keys, and an unsigned one is refused
@@ -80,8 +86,7 @@ class Registry:
         elif self.trust is not None and self.trust.required:
             raise ReleaseError("unsigned: this site installs signed releases only; sign the image where the key "
                                "is (`fleet-ota sign`), then `release IMAGE --signature BUNDLE`")
-        if not version or len(version) > 32 or "/" in version:
-            raise ReleaseError("version must be 1-32 characters without '/'")
+        check_version(version)
         index = self._index()
         old = index.get(version)
         if old:
@@ -106,4 +111,9 @@ class Registry:
         trusted = self.trust.keys() if self.trust is not None else []
         if not trusted:
             raise ReleaseError("signed, but this site trusts no key: add the public key with `fleet-ota trust add`")
-        return verify(signature, trusted)
+        verified = verify(signature, trusted)
+        unknown = [d[:16] for d in verified.manifest.get("trust") or () if d not in trusted]
+        if unknown:  # a typo here, once confirmed, would leave the fleet trusting no key it can use
+            raise ReleaseError(f"the manifest's trust list names keys this site does not trust ({', '.join(unknown)}): "
+                               "add their public halves with `fleet-ota trust add` first")
+        return verified

@@ -18,6 +18,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import os
 import shlex
 import struct
 import subprocess
@@ -31,7 +32,6 @@ from cryptography.hazmat.primitives.asymmetric import padding, rsa, utils
 from firmware import contract
 from firmware import release
 from firmware.release import check_bundle, check_manifest
-from tools.site.secretfile import write_private
 
 PSS = padding.PSS(mgf=padding.MGF1(hashes.SHA256()), salt_length=32)
 E = 65537  # the exponent espsecure makes; the device refuses any other (firmware/rsapss.py)
@@ -53,11 +53,15 @@ def generate_key(path: Path) -> str:
     """A new RSA-3072 signing key (PEM, mode 0600) at `path`, which must not exist; returns
     its digest (hex)."""
     path = Path(path)
-    if path.exists():
-        raise SigningError(f"{path} exists; a signing key is never overwritten")
     key = rsa.generate_private_key(public_exponent=E, key_size=8 * release.RSA_BYTES)
-    write_private(path, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL,
-                                          serialization.NoEncryption()))
+    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL,
+                            serialization.NoEncryption())
+    try:  # made 0600 and only if nothing has that name (O_EXCL): a key is never overwritten
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        raise SigningError(f"{path} exists; a signing key is never overwritten") from None
+    with os.fdopen(fd, "wb") as f:
+        f.write(pem)
     return key_digest(key.public_key())
 
 
@@ -172,11 +176,16 @@ def release_bundle(key: rsa.RSAPrivateKey, image: bytes, version: str, secure_ve
 
 
 def _external(signer: str, digest: bytes) -> bytes:
-    argv = shlex.split(signer)
+    try:
+        argv = shlex.split(signer)
+    except ValueError as e:
+        raise SigningError(f"signer {signer!r}: {e}") from None
+    if not argv:
+        raise SigningError("signer: no command given")
     try:
         proc = subprocess.run(argv, input=digest, capture_output=True, timeout=SIGNER_TIMEOUT_S)
     except (OSError, ValueError) as e:
-        raise SigningError(f"signer {argv[0] if argv else signer!r}: {e}") from None
+        raise SigningError(f"signer {argv[0]}: {e}") from None
     except subprocess.TimeoutExpired:
         raise SigningError(f"signer {argv[0]}: no signature within {SIGNER_TIMEOUT_S} s") from None
     if proc.returncode:
