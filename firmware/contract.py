@@ -54,7 +54,7 @@ GRANT = "grant"
 # Signed releases (docs/signing.md; the format and checks: firmware/release.py, loaded only to
 # check one). The store serves a release's signature bundle beside its image: at the image's
 # URL, under the same authorization, with .sig for .bin and the release version added
-# (release.signature_url). A device that trusts keys fetches and checks it before anything is
+# (bundle.url). A device that trusts keys fetches and checks it before anything is
 # erased, installs nothing else, and reports which key signed what runs (signer: the first
 # SIGNER_CHARS hex digits of the key's digest) and that release's security counter.
 # desired.firmware.signer names the key that signed the desired release, for people and

@@ -90,3 +90,4 @@ def refusal(resp):
     if status == 404:
         return UpdateError(contract.E_NOT_FOUND, "no such artifact")
     return UpdateError(contract.E_HTTP, str(status))
+

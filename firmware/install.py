@@ -138,13 +138,23 @@ def run(agent, fw, resume):
 
 
 def _check_release(agent, fw, headers):
-    """release.fetch_and_check, with its code in RAM for this only."""
+    """The release's signature bundle, fetched from the store and checked (release.py) once
+    that connection is closed, before the download's buffer and TLS context exist. Each
+    module is loaded for its step only. Returns the seal; raises UpdateError, or
+    OSError/ValueError for the network."""
+    from firmware import bundle, trust
+
+    try:
+        body = bundle.fetch(trust.load(agent.cfg["ca_file"]), agent.cfg, fw, headers)
+    finally:
+        bundle = None
+        unload("firmware.bundle")
     from firmware import release
 
     try:
-        seal = release.fetch_and_check(agent.cfg, fw, headers)
+        seal = release.check(agent.cfg, fw, body)
     finally:
-        release = None
+        release = body = None
         unload("firmware.release", "firmware.rsapss")
     log("signature of", fw["version"], "verified: key", seal["signer"], "secure_version", seal["secure_version"])
     return seal

@@ -7,11 +7,10 @@
 # confirmed (trial.confirm). A signing.json that cannot be read refuses every release (fail
 # closed): losing it must not widen what the device accepts.
 #
-# Loaded only to check a release (install.py, with no TLS connection open) or to confirm one
-# (trial.py), then dropped.
+# Loaded only to check a release (install.py, once the bundle is fetched and its connection
+# closed) or to confirm one (trial.py), then dropped.
 
 import binascii
-import gc
 import hashlib
 import json
 import os
@@ -21,10 +20,9 @@ from firmware.ota import UpdateError
 
 PATH = "signing.json"
 _MAX_BYTES = 1024
-_MAX_BUNDLE = 4096  # a signature bundle is ~2 KiB
 
 # The signed-release format (docs/signing.md), for this device and the host's signing tools.
-# The store serves a bundle beside each signed image (signature_url): {"manifest":
+# The store serves a bundle beside each signed image (bundle.url): {"manifest":
 # <the signed text>, "sig": <base64 signature>, "key": <base64 public-key block>}. The
 # manifest is a JSON object naming one image (format, chip, version, sha256, size,
 # secure_version, optionally trust: check_manifest); the signature is RSASSA-PSS (SHA-256,
@@ -61,48 +59,6 @@ def load(cfg, path=PATH):
     except (OSError, ValueError, TypeError, KeyError):
         raise UpdateError(contract.E_UNTRUSTED_KEY, PATH + " is damaged: no release is trusted")
     return keys, counter
-
-
-def fetch_and_check(cfg, fw, headers):
-    """The release's signature bundle, fetched from the store (signature_url, with the
-    download's `headers`), then check()ed. Called before the download's own buffer and TLS
-    context exist, and checking after the connection is closed: the RSA arithmetic gets the
-    heap the download will use. Returns the seal; raises UpdateError, or OSError/ValueError
-    for the network."""
-    from firmware import https, trust
-
-    resp = https.get(trust.load(cfg["ca_file"]), signature_url(fw["url"], fw["version"]), headers,
-                     cfg["net_timeout_s"])
-    body = None
-    try:
-        if resp.status != 404:
-            if resp.status != 200:
-                raise https.refusal(resp)
-            if resp.length is None or not 0 < resp.length <= _MAX_BUNDLE:
-                raise UpdateError(contract.E_HTTP, "a signature of %s bytes" % resp.length)
-            body = resp.stream.read(resp.length)
-            if len(body) != resp.length:
-                raise UpdateError(contract.E_SIZE, "the signature was cut short")
-    finally:
-        resp.close()
-    resp = None
-    gc.collect()
-    return check(cfg, fw, body)
-
-
-def signature_url(url, version):
-    """Where the store serves the signature bundle of release `version`, whose image is at
-    `url` (under the same authorization): https://h/fw/<sha256>.bin?q ->
-    https://h/fw/<sha256>.sig?q&version=<version>."""
-    i = url.find("?")
-    path, query = (url, "") if i < 0 else (url[:i], url[i + 1:])
-    if not path.endswith(".bin"):
-        raise UpdateError(contract.E_BAD_DESIRED, "url: not an image URL")
-    v = ""
-    for b in version.encode():  # percent-encode all but unreserved characters
-        c = chr(b)
-        v += c if 48 <= b <= 57 or 65 <= b <= 90 or 97 <= b <= 122 or c in "-._~" else "%%%02X" % b
-    return path[:-4] + ".sig?" + (query + "&" if query else "") + "version=" + v
 
 
 def check(cfg, fw, body):

@@ -58,8 +58,9 @@ def confirm(agent):
         agent.fail(contract.E_HASH)
         power.reset()
     slots.confirm()  # before saving: a reset in between re-runs the trial, harmlessly
-    seal = st["verified"]
-    if seal is not None:  # a signed release: its counter and trust list take effect now
+    seal = st["verified"]  # (release.check: signer, secure_version, trust?; a damaged one counts as none)
+    if seal is not None and isinstance(seal.get("signer"), str) and isinstance(seal.get("secure_version"), int):
+        # a signed release: its counter and trust list take effect now
         from firmware import release
         from firmware.ota import UpdateError
 

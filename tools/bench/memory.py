@@ -119,7 +119,9 @@ def update_succeeds(site: Site, svc: ServicesThread, rel, image_a: bytes, heap_k
     finally:
         runner.stop()
         t.join(10)
-    return ok and not any("MemoryError" in s for s in lines), time.monotonic() - t0
+    # "Nothing failed": no attempt ran out of memory and was retried on the way.
+    failed = ("MemoryError", "out of memory", "update failed")
+    return ok and not any(f in s for s in lines for f in failed), time.monotonic() - t0
 
 
 def _releases(work: Path, signed: bool):

@@ -1,7 +1,7 @@
 """The HTTPS firmware store: serves released images to the one device each URL names.
 
 `/fw/<sha256>.bin` is the image; `/fw/<sha256>.sig?version=V` the signature bundle of release V
-of that image (firmware/release.py signature_url), under the same authorization as the image (a URL
+of that image (firmware/bundle.py url), under the same authorization as the image (a URL
 pre-signed for the image serves both); 404 for a release that is not signed.
 
 Every request needs either (1) a valid pre-signed URL (tools.control.presign: artifact, device, expiry,
