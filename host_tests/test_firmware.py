@@ -54,7 +54,8 @@ def test_download_loop_allocates_nothing_per_block(tmp_path):
 def test_whole_update_runs_in_an_80k_heap_with_one_tls_connection(site, services, devices, images):
     # 80 KiB of the unix port's 64-bit objects (up to twice an ESP32's 32-bit ones), in one
     # piece after the emulator's own modules (see _emuhw.pin_heap). The smallest heap in which
-    # the whole update, signature included, succeeds measured 79 KiB (tools/bench/memory.py).
+    # the whole update, signature included, succeeds measured 78-82 KiB with nothing failing
+    # on the way, 78 with one out-of-memory attempt retried (tools/bench/memory.py).
     release(site, images["A"], "1.0.0")
     rel = release(site, images["B"], "1.1.0")
     dev = devices("tiny", images["A"], "1.0.0", heapsize="80k", tls_budget=1, tls_slots=1)
