@@ -176,3 +176,24 @@ def test_a_device_that_hangs_up_mid_download_costs_no_error(site, services, capl
     assert not errors, [r.getMessage() for r in errors]
     status, headers, body = https_get(site, url, {"Authorization": "Basic " + token})
     assert status == 200 and body == image
+
+
+def test_a_release_signature_is_served_beside_its_image_to_whom_the_image_is(store, site):
+    """The signature bundle at the image's URL with .sig and the version: the same URL's
+    authorization, the release's own bundle, and nothing for another version or device."""
+    import json
+
+    from firmware import bundle
+
+    image, rel, get, url = store
+    status, _, body = get(bundle.url(url(), "1.0.0"))
+    assert status == 200 and json.loads(body) == rel.signature
+    assert get(bundle.url(url(), "9.9.9"))[0] == 404  # no such release of this image
+    other = release(site, build_app_image("2.0.0", 50_000), "2.0.0")
+    assert get(bundle.url(url(), other.version))[0] == 404  # a release of another image
+    assert get(bundle.url(url(), "1.0.0"), device="dev2")[0] == 403  # the URL names dev1
+    assert get(bundle.url(url(device="dev2"), "1.0.0"), device="dev2")[0] == 200
+    token, _ = presign.issue_token(site.store_key, "dev1", rel.sha256)
+    bare = site.endpoints().store_url + presign.artifact_path(rel.sha256)
+    assert get(bundle.url(bare, "1.0.0"), device=None, headers={"Authorization": "Bearer " + token})[0] == 200
+    assert get(bundle.url(bare, "1.0.0"), device=None)[0] == 403
