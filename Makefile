@@ -12,7 +12,9 @@ CONFIG ?=
 # Distribution packages the tests use (Debian/Ubuntu), pinned, each as <file it provides>:<package>;
 # installed when missing and root.
 APT_DEPS := mosquitto:mosquitto=2.0.11-1.2+deb12u2 \
-	/usr/lib/postgresql/15/bin/initdb:postgresql-15=15.18-0+deb12u1
+	/usr/lib/postgresql/15/bin/initdb:postgresql-15=15.18-0+deb12u1 \
+	chromium:chromium=150.0.7871.100-1~deb12u1 \
+	chromedriver:chromium-driver=150.0.7871.100-1~deb12u1
 
 .PHONY: venv system-deps demo test test-fast bench flash deploy hil clean
 

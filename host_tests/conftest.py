@@ -364,6 +364,7 @@ TIERS = {
     "test_mosquitto": "e2e slow", "test_broker": "e2e slow", "test_replica": "e2e slow", "test_store": "e2e slow",
     "test_provision": "e2e slow", "test_signed_e2e": "e2e slow",
     "test_signing": "unit micropython", "test_signing_agreement": "micropython slow",
+    "test_dashboard": "e2e browser",
     "test_hil": "hil slow", "test_mpremote": "hil slow", "test_flashing": "hil slow",
 }
 

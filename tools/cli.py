@@ -155,27 +155,35 @@ def cmd_trust(args) -> None:
 
 
 def cmd_serve(args) -> None:
+    import dataclasses
+
     from tools.control.services import Services
+    from tools.operator import dashboard
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     for noisy in ("transitions", "amqtt"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
     _ports_free(args.host, {"--mqtt-port": args.mqtt_port, "--https-port": args.https_port,
-                            "--service-port": args.service_port if args.broker == "mosquitto" else 0})
+                            "--service-port": args.service_port if args.broker == "mosquitto" else 0,
+                            "--dashboard-port": args.dashboard_port})
 
     async def main():
         services = Services(_site(args), args.host, args.mqtt_port, args.https_port, args.ntp_port, args.broker,
                             args.service_port)
         ep = await services.start()
+        dash, dash_port = await dashboard.start(services.site, args.host, args.dashboard_port)
+        ep = dataclasses.replace(ep, dashboard_port=dash_port)
+        services.site.write_endpoints(ep)
         own = f"  services mqtts://{ep.host}:{ep.service_port}" if ep.service_port else ""
         print(f"mqtts://{ep.host}:{ep.mqtt_port}{own}  https://{ep.host}:{ep.https_port}  sntp://{ep.host}:{ep.ntp_port}"
-              "  (Ctrl-C stops)", flush=True)
+              f"  dashboard https://{ep.host}:{dash_port}/  (Ctrl-C stops)", flush=True)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
         await stop.wait()
+        await dash.cleanup()
         await services.stop()
 
     asyncio.run(main())
@@ -577,6 +585,7 @@ def parser() -> argparse.ArgumentParser:
                     help="another DNS name or address boards may use (repeatable)")
     sp.add_argument("--broker", choices=("amqtt", "mosquitto"), default="amqtt",
                     help="embedded amqtt (default), or mosquitto as a child process (many devices)")
+    sp.add_argument("--dashboard-port", type=int, default=8445, help="the operators' web page (HTTPS)")
     sp.add_argument("--service-port", type=int, default=8884,
                     help="mosquitto only: the MQTT listener of the replica and operator tools (devices "
                          "use --mqtt-port, where a session is always named after its login)")

@@ -37,6 +37,7 @@ class Endpoints:
     https_port: int
     ntp_port: int = 0
     service_port: int = 0  # the services' own MQTT listener (mosquitto); 0: mqtt_port
+    dashboard_port: int = 0  # the operators' web page (tools.operator.dashboard); 0: not served
 
     @property
     def service_mqtt_port(self) -> int:

@@ -1,0 +1,160 @@
+"""The fleet dashboard in a real browser: headless Chromium from the distribution's packages,
+driven by Selenium, against the dashboard `serve` runs, over HTTPS with the site's
+certificate (pinned for the browser by its public key, not by ignoring certificate errors).
+The fleet is seeded through the replica's own request handling."""
+
+import base64
+import hashlib
+import http.client
+import json
+import shutil
+import ssl
+import tempfile
+from urllib.parse import urlencode
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from tools.control.replica import Replica
+from tools.operator import dashboard
+from tools.site.identities import OPERATOR
+
+webdriver = pytest.importorskip("selenium.webdriver")
+if not (shutil.which("chromium") and shutil.which("chromedriver")):
+    pytest.skip("needs chromium and chromedriver (make system-deps installs them)", allow_module_level=True)
+
+N = 120  # three pages of 50
+
+
+def _seed(site):
+    r = Replica(None, site.shadow_store, grant_key=None)
+    for i in range(N):
+        state = "failed" if i % 10 == 3 else "downloading" if i % 10 == 5 else "idle"
+        fw = {"version": "1.1.0" if i % 2 else "1.0.0", "sha256": "ab" * 32, "state": state, "slot": "ota_0",
+              "error": "rolled_back" if state == "failed" else None, "attempts": 3 if state == "failed" else None,
+              "progress": 40 if state == "downloading" else None}
+        out = r.handle(f"state/dev{i:03d}/update", json.dumps({"state": {"reported": {"firmware": fw}}}).encode())
+        assert out[0][0].endswith("/update/accepted"), out
+    r.db.close()
+
+
+@pytest.fixture
+def dash(site, services):
+    _seed(site)
+    runner, port = services.call(dashboard.start(site, "127.0.0.1", 0))
+    yield f"https://127.0.0.1:{port}"
+    services.call(runner.cleanup())
+
+
+@pytest.fixture
+def browser(site):
+    cert = x509.load_pem_x509_certificate(site.pki.server_cert.read_bytes())
+    spki = cert.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    profile = tempfile.mkdtemp(prefix="chromium-")
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = shutil.which("chromium")
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", f"--user-data-dir={profile}",
+                "--ignore-certificate-errors-spki-list=" + base64.b64encode(hashlib.sha256(spki).digest()).decode()):
+        opts.add_argument(arg)
+    driver = webdriver.Chrome(options=opts, service=webdriver.ChromeService(executable_path=shutil.which("chromedriver")))
+    driver.set_page_load_timeout(30)
+    yield driver
+    driver.quit()
+    shutil.rmtree(profile, ignore_errors=True)
+
+
+def _submit(browser, button):
+    """Click a form's button and wait until the page it leads to has replaced this one."""
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    button.click()
+    WebDriverWait(browser, 15).until(ec.staleness_of(button))
+    WebDriverWait(browser, 15).until(lambda d: d.execute_script("return document.readyState") == "complete")
+
+
+def _sign_in(browser, base, user, password):
+    from selenium.webdriver.common.by import By
+
+    browser.get(base + "/login")
+    browser.find_element(By.ID, "user").send_keys(user)
+    browser.find_element(By.ID, "password").send_keys(password)
+    _submit(browser, browser.find_element(By.CSS_SELECTOR, "button[type=submit]"))
+
+
+def test_an_operator_signs_in_and_pages_through_the_fleet(site, dash, browser):
+    from selenium.webdriver.common.by import By
+
+    browser.get(dash + "/fleet")
+    assert browser.current_url.endswith("/login")  # anonymous: sent to sign in
+    _sign_in(browser, dash, OPERATOR, "not the password")
+    assert "Wrong user or password." in browser.find_element(By.CSS_SELECTOR, "[role=alert]").text
+    device_password = site.creds.set("dev000")  # a device's own credential never signs in
+    _sign_in(browser, dash, "dev000", device_password)
+    assert "Wrong user or password." in browser.find_element(By.CSS_SELECTOR, "[role=alert]").text
+
+    _sign_in(browser, dash, OPERATOR, site.service_password(OPERATOR))
+    assert browser.current_url.endswith("/fleet")
+    assert browser.find_element(By.ID, "count").text == f"{N} devices, page 1 of 3"
+    rows = browser.find_elements(By.CSS_SELECTOR, "tbody tr")
+    assert len(rows) == 50 and rows[0].find_elements(By.TAG_NAME, "td")[0].text == "dev000"
+    bars = browser.find_elements(By.CSS_SELECTOR, "tbody progress")
+    assert bars and bars[0].get_attribute("value") == "40"
+    cookie = next(c for c in browser.get_cookies() if c["name"] == dashboard.COOKIE)
+    assert cookie["secure"] and cookie["httpOnly"] and cookie["sameSite"] == "Strict"
+
+    _submit(browser, browser.find_element(By.CSS_SELECTOR, "a[rel=next]"))
+    assert browser.find_element(By.ID, "count").text == f"{N} devices, page 2 of 3"
+    assert browser.find_elements(By.CSS_SELECTOR, "tbody tr")[0].find_elements(By.TAG_NAME, "td")[0].text == "dev050"
+
+    # Filters: the form's own controls, as a user would.
+    from selenium.webdriver.support.ui import Select
+
+    browser.get(dash + "/fleet")
+    Select(browser.find_element(By.NAME, "state")).select_by_value("failed")
+    browser.find_element(By.NAME, "q").send_keys("dev01")
+    _submit(browser, browser.find_element(By.CSS_SELECTOR, "form.filters button"))
+    assert browser.find_element(By.ID, "count").text == "1 devices, page 1 of 1"  # dev013 alone
+    cells = browser.find_elements(By.CSS_SELECTOR, "tbody td")
+    assert [c.text for c in cells[:1] + cells[3:4] + cells[5:]] == ["dev013", "failed", "rolled_back", "3"]
+
+    _submit(browser, browser.find_element(By.CSS_SELECTOR, "form.out button"))  # sign out
+    assert browser.current_url.endswith("/login")
+    browser.get(dash + "/fleet")
+    assert browser.current_url.endswith("/login")
+
+
+def _post(base, site, path, form, cookies=""):
+    host, port = base[8:].split(":")
+    conn = http.client.HTTPSConnection(host, int(port), timeout=10,
+                                       context=ssl.create_default_context(cafile=str(site.pki.ca_cert)))
+    try:
+        conn.request("POST", path, urlencode(form), {"Content-Type": "application/x-www-form-urlencoded",
+                                                     "Cookie": cookies})
+        r = conn.getresponse()
+        return r.status, r.getheader("Set-Cookie") or "", r.read()
+    finally:
+        conn.close()
+
+
+def test_every_action_needs_its_csrf_token_and_failed_sign_ins_are_limited(site, dash):
+    pw = site.service_password(OPERATOR)
+    # Sign-in without the token the form set (a page elsewhere posting to ours): refused.
+    status, _, _ = _post(dash, site, "/login", {"user": OPERATOR, "password": pw, "csrf": "x"})
+    assert status == 403
+    token = "t" * 32
+    login = f"{dashboard.LOGIN_COOKIE}={token}"
+    status, cookie, _ = _post(dash, site, "/login", {"user": OPERATOR, "password": pw, "csrf": token}, login)
+    assert status == 303 and cookie.startswith(dashboard.COOKIE + "=")
+    for flag in ("Secure", "HttpOnly", "SameSite=Strict"):
+        assert flag in cookie
+    session = cookie.split(";")[0]
+    # Sign-out without the session's CSRF token: refused, and the session still works.
+    status, _, _ = _post(dash, site, "/logout", {"csrf": "wrong"}, session)
+    assert status == 403
+    # Failed sign-ins from one address: the sixth within a minute is refused before checking.
+    codes = [_post(dash, site, "/login", {"user": OPERATOR, "password": "no", "csrf": token}, login)[0]
+             for _ in range(dashboard.FAILS_ALLOWED + 1)]
+    assert codes == [401] * dashboard.FAILS_ALLOWED + [429]
+    assert _post(dash, site, "/login", {"user": OPERATOR, "password": pw, "csrf": token}, login)[0] == 429
