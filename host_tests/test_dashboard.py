@@ -158,3 +158,42 @@ def test_every_action_needs_its_csrf_token_and_failed_sign_ins_are_limited(site,
              for _ in range(dashboard.FAILS_ALLOWED + 1)]
     assert codes == [401] * dashboard.FAILS_ALLOWED + [429]
     assert _post(dash, site, "/login", {"user": OPERATOR, "password": pw, "csrf": token}, login)[0] == 429
+
+
+def test_rows_change_as_devices_report_without_a_reload(site, dash, browser, mqtt_probe):
+    """A device's report goes through the broker and the replica; the page, open all along,
+    shows it: the server's one subscription pushes the row, the page swaps it in."""
+    import time
+
+    from selenium.webdriver.common.by import By
+
+    _sign_in(browser, dash, OPERATOR, site.service_password(OPERATOR))
+    browser.execute_script("window.notReloaded = true")
+    dev = mqtt_probe("dev005", site.creds.set("dev005"))
+    assert dev.connected() == 0
+
+    def report(**fw):
+        dev.publish("state/dev005/update", json.dumps({"state": {"reported": {"firmware": fw}}}))
+
+    def row():
+        # Read in one script: the page replaces the row whenever a report comes in.
+        return browser.execute_script("""const r = document.getElementById("row-dev005");
+            const p = r.querySelector("progress");
+            return {cells: [...r.cells].map(c => c.textContent.trim()), progress: p ? p.value : null};""")
+
+    # Until the dashboard's subscription is up, a report can pass unseen: report until it shows.
+    deadline = time.monotonic() + 20
+    while True:
+        report(state="downloading", progress=70)
+        time.sleep(0.5)
+        if row()["progress"] == 70:
+            break
+        assert time.monotonic() < deadline, row()
+    report(state="idle", progress=None, version="1.2.0")
+    deadline = time.monotonic() + 10
+    while row()["cells"][1] != "1.2.0":
+        assert time.monotonic() < deadline, row()
+        time.sleep(0.2)
+    assert row()["cells"][3] == "idle" and row()["progress"] is None
+    assert browser.execute_script("return window.notReloaded") is True
+    assert len(browser.find_elements(By.CSS_SELECTOR, "tbody tr")) == 50  # the other rows stay

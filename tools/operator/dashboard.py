@@ -1,13 +1,18 @@
-"""The fleet dashboard: an HTTPS page operators keep open (issue 22, first part: sign-in and
-the fleet table with filters, sort and paging).
+"""The fleet dashboard: an HTTPS page operators keep open (issue 22, first parts: sign-in, the
+fleet table with filters, sort and paging, rows that change live).
 
 Served by `serve` on its own port with the site's certificate. Sign-in is for operator
 identities only (`operator`; a device's credential never signs in, whatever its password),
 checked against the site's password file. A session is a random token in a cookie that is
 `Secure; HttpOnly; SameSite=Strict`, kept in memory and dropped at logout or after
 SESSION_S; every action (sign-in, sign-out) carries a CSRF token that must match the one the
-server gave that browser. Failed sign-ins are limited per client address. No JavaScript, and
-nothing from elsewhere: plain HTML the server writes, escaped.
+server gave that browser. Failed sign-ins are limited per client address. Plain HTML the
+server writes, escaped, and one small script of ours (live.js); nothing from elsewhere.
+
+Live: the server holds one MQTT subscription for all browsers, to the replica's
+`update/documents` (each accepted update's whole document), renders the changed device's row
+as the page would, and pushes it to every signed-in page over Server-Sent Events (/events),
+where live.js swaps the row in place.
 """
 
 from __future__ import annotations
@@ -20,11 +25,20 @@ import time
 from dataclasses import dataclass, field
 from urllib.parse import urlencode
 
+import json
+import logging
+
+import aiomqtt
 from aiohttp import web
 
-from tools.operator.status import DeviceStatus, fleet
+from firmware import contract
+from tools.control.clients import service_client
+from tools.control.shadows import Shadow
+from tools.operator.status import DeviceStatus, device_status, fleet
 from tools.site import Site
 from tools.site.identities import OPERATOR
+
+log = logging.getLogger("dashboard")
 
 SESSION_S = 8 * 3600
 COOKIE = "fleet_session"
@@ -34,6 +48,19 @@ FAILS_ALLOWED = 5  # failed sign-ins per address per FAIL_WINDOW_S
 FAIL_WINDOW_S = 60
 OPERATORS = (OPERATOR,)  # identities that may sign in
 STATES = ("idle", "downloading", "verifying", "rebooting", "trial", "failed")
+QUEUE = 1000  # row changes a page may fall behind by before its stream is closed (it reconnects)
+HEARTBEAT_S = 15
+LIVE_JS = """// Rows change as devices report: the server pushes each changed row (Server-Sent Events).
+const rows = document.querySelector("tbody");
+if (rows) {
+  const events = new EventSource("/events");
+  events.onmessage = (e) => {
+    const m = JSON.parse(e.data);
+    const row = document.getElementById("row-" + m.device);
+    if (row) row.outerHTML = m.html;
+  };
+}
+"""
 
 
 @dataclass
@@ -55,6 +82,40 @@ class Dashboard:
             return None
         return s
 
+    listeners: set = field(default_factory=set)
+
+    def publish(self, topic: str, payload: bytes) -> None:
+        """An update/documents message: the device's row as it is now, to every page."""
+        parsed = contract.parse_topic(topic)
+        try:
+            current = json.loads(payload)["current"]
+        except (ValueError, KeyError, TypeError):
+            return
+        if parsed is None or not isinstance(current, dict):
+            return
+        row = device_status(Shadow(parsed[0], current), self.site.grant_key)
+        data = json.dumps({"device": row.device, "html": _row(row, time.time())})
+        for q in list(self.listeners):
+            try:
+                q.put_nowait(data)
+            except asyncio.QueueFull:  # a page that stopped reading: its stream ends (it reconnects)
+                self.listeners.discard(q)
+
+    async def follow(self) -> None:
+        """One subscription for all pages, kept up with backoff while the dashboard runs."""
+        delay = 1.0
+        while True:
+            try:
+                async with service_client(self.site, OPERATOR, "dashboard") as client:
+                    await client.subscribe(contract.topic("+", contract.UPDATE_DOCUMENTS), qos=0)
+                    delay = 1.0
+                    async for msg in client.messages:
+                        self.publish(str(msg.topic), bytes(msg.payload))
+            except (aiomqtt.MqttError, OSError) as e:
+                log.warning("broker: %s; following again in %.0f s", e, delay)
+                await asyncio.sleep(delay)
+                delay = min(30.0, delay * 2)
+
     def throttled(self, addr: str) -> bool:
         now = time.monotonic()
         recent = [t for t in self.fails.get(addr, []) if now - t < FAIL_WINDOW_S]
@@ -75,9 +136,10 @@ body {{ font-family: system-ui, sans-serif; margin: 1rem; }}
 table {{ border-collapse: collapse; width: 100%; }} th, td {{ text-align: left; padding: .25rem .5rem; }}
 tr:nth-child(even) {{ background: #f3f3f3; }} .err {{ color: #a00; }} .out {{ float: right; }}
 form.filters label {{ margin-right: .75rem; }} progress {{ width: 6rem; }}
-</style></head><body>{out}<h1>{html.escape(title)}</h1>{body}</body></html>"""
+</style></head><body>{out}<h1>{html.escape(title)}</h1>{body}<script src="/live.js"></script></body></html>"""
     resp = web.Response(text=doc, content_type="text/html")
-    resp.headers["Content-Security-Policy"] = "default-src 'none'; style-src 'unsafe-inline'; form-action 'self'"
+    resp.headers["Content-Security-Policy"] = ("default-src 'none'; style-src 'unsafe-inline'; script-src 'self'; "
+                                               "connect-src 'self'; form-action 'self'")
     resp.headers["Cache-Control"] = "no-store"
     resp.headers["X-Frame-Options"] = "DENY"
     return resp
@@ -110,6 +172,23 @@ def _filtered(rows: list[DeviceStatus], q: dict[str, str]) -> list[DeviceStatus]
     return sorted(rows, key=sorts.get(key, sorts["device"]))
 
 
+def _row(r: DeviceStatus, now: float) -> str:
+    """One device's row: the page and the live stream write it the same way."""
+    state = html.escape(r.state or "-")
+    if r.state == "downloading" and r.progress is not None:
+        state += f' <progress max="100" value="{int(r.progress)}" aria-label="download {int(r.progress)}%"></progress>'
+
+    def signed(s):
+        return f" [{html.escape(s[:8])}]" if s else ""
+
+    seen = "never" if r.last_seen is None else f"{max(0, int(now - r.last_seen))} s ago"
+    return (f'<tr id="row-{html.escape(r.device)}"><td>{html.escape(r.device)}</td>'
+            f"<td>{html.escape(r.running or '-')}{signed(r.running_signer)}</td>"
+            f"<td>{html.escape(r.desired or '-')}{signed(r.desired_signer)}</td><td>{state}</td>"
+            f"<td>{seen}</td><td>{html.escape(r.error or '')}</td>"
+            f"<td>{'' if r.attempts is None else int(r.attempts)}</td></tr>")
+
+
 def _fleet_html(rows: list[DeviceStatus], q: dict[str, str], now: float) -> str:
     total = len(rows)
     try:
@@ -124,19 +203,6 @@ def _fleet_html(rows: list[DeviceStatus], q: dict[str, str], now: float) -> str:
         cur = q.get(name, "")
         return "".join(f'<option value="{html.escape(v)}"{" selected" if v == cur else ""}>{html.escape(v or "any")}'
                        f"</option>" for v in ("", *values))
-
-    def ago(t):
-        return "never" if t is None else f"{int(now - t)} s ago"
-
-    def cell(r: DeviceStatus) -> str:
-        state = html.escape(r.state or "-")
-        if r.state == "downloading" and r.progress is not None:
-            state += f' <progress max="100" value="{int(r.progress)}" aria-label="download {int(r.progress)}%"></progress>'
-        signed = lambda s: f" [{html.escape(s[:8])}]" if s else ""  # noqa: E731
-        return (f"<tr><td>{html.escape(r.device)}</td><td>{html.escape(r.running or '-')}{signed(r.running_signer)}</td>"
-                f"<td>{html.escape(r.desired or '-')}{signed(r.desired_signer)}</td><td>{state}</td>"
-                f"<td>{ago(r.last_seen)}</td><td>{html.escape(r.error or '')}</td>"
-                f"<td>{'' if r.attempts is None else int(r.attempts)}</td></tr>")
 
     versions = sorted({r.running for r in rows if r.running})
     keep = {k: v for k, v in q.items() if k in ("state", "version", "q", "sort") and v}
@@ -154,7 +220,7 @@ def _fleet_html(rows: list[DeviceStatus], q: dict[str, str], now: float) -> str:
 <p id="count">{total} devices, page {page} of {pages}</p>
 <table><thead><tr><th scope="col">Device</th><th scope="col">Running</th><th scope="col">Desired</th>
 <th scope="col">State</th><th scope="col">Last seen</th><th scope="col">Last error</th><th scope="col">Attempts</th></tr></thead>
-<tbody>{"".join(cell(r) for r in shown)}</tbody></table>
+<tbody>{"".join(_row(r, now) for r in shown)}</tbody></table>
 <nav>{" ".join(nav)}</nav>"""
 
 
@@ -205,8 +271,55 @@ def make_app(site: Site) -> web.Application:
     async def root(request: web.Request) -> web.Response:
         raise web.HTTPSeeOther("/fleet")
 
+    async def live_js(request: web.Request) -> web.Response:
+        return web.Response(text=LIVE_JS, content_type="text/javascript", headers={"Cache-Control": "no-store"})
+
+    async def events(request: web.Request) -> web.StreamResponse:
+        if dash.session(request) is None:
+            return web.Response(status=403, text="forbidden: not signed in")
+        q: asyncio.Queue = asyncio.Queue(QUEUE)
+        dash.listeners.add(q)
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-store"})
+        await resp.prepare(request)
+        try:
+            while q in dash.listeners:
+                try:
+                    data = await asyncio.wait_for(q.get(), HEARTBEAT_S)
+                except TimeoutError:
+                    await resp.write(b": still here\n\n")
+                    continue
+                if data is None:  # the dashboard is stopping
+                    break
+                await resp.write(f"data: {data}\n\n".encode())
+        except (ConnectionResetError, asyncio.CancelledError):
+            pass
+        finally:
+            dash.listeners.discard(q)
+        return resp
+
+    async def close_streams(app: web.Application) -> None:
+        for q in list(dash.listeners):  # open event streams end now, not at their next heartbeat
+            dash.listeners.discard(q)
+            try:
+                q.put_nowait(None)
+            except asyncio.QueueFull:
+                pass
+
+    async def following(app: web.Application):
+        task = asyncio.create_task(dash.follow())
+        yield
+        task.cancel()
+        try:
+            await task
+        except asyncio.CancelledError:
+            pass
+
     app = web.Application()
+    app.cleanup_ctx.append(following)
+    app.on_shutdown.append(close_streams)
     app.router.add_get("/", root)
+    app.router.add_get("/live.js", live_js)
+    app.router.add_get("/events", events)
     app.router.add_get("/login", login_page)
     app.router.add_post("/login", login)
     app.router.add_post("/logout", logout)
