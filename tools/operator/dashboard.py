@@ -74,15 +74,16 @@ class Session:
 class Dashboard:
     site: Site
     sessions: dict[str, Session] = field(default_factory=dict)
-    fails: dict[str, list[float]] = field(default_factory=dict)
+    fails: dict[str, list[float]] = field(default_factory=dict)  # failed sign-ins by address
+    listeners: set = field(default_factory=set)  # a queue of row changes per open event stream
 
     def session(self, request: web.Request) -> Session | None:
-        s = self.sessions.get(request.cookies.get(COOKIE, ""))
-        if s is None or s.expires < time.time():
-            return None
+        token = request.cookies.get(COOKIE, "")
+        s = self.sessions.get(token)
+        if s is not None and s.expires < time.time():
+            del self.sessions[token]
+            s = None
         return s
-
-    listeners: set = field(default_factory=set)
 
     def publish(self, topic: str, payload: bytes) -> None:
         """An update/documents message: the device's row as it is now, to every page."""
@@ -118,8 +119,9 @@ class Dashboard:
 
     def throttled(self, addr: str) -> bool:
         now = time.monotonic()
-        recent = [t for t in self.fails.get(addr, []) if now - t < FAIL_WINDOW_S]
-        self.fails[addr] = recent
+        recent = [t for t in self.fails.pop(addr, []) if now - t < FAIL_WINDOW_S]
+        if recent:
+            self.fails[addr] = recent
         return len(recent) >= FAILS_ALLOWED
 
 
