@@ -69,7 +69,15 @@ def _submit(browser, button):
     from selenium.webdriver.support import expected_conditions as ec
     from selenium.webdriver.support.ui import WebDriverWait
 
-    button.click()
+    from selenium.common.exceptions import StaleElementReferenceException, WebDriverException
+
+    try:
+        button.click()
+    except StaleElementReferenceException:
+        pass  # the click's navigation replaced the page before the driver's reply
+    except WebDriverException as e:  # Chrome says the same in other words
+        if "does not belong to the document" not in str(e):
+            raise
     WebDriverWait(browser, 15).until(ec.staleness_of(button))
     WebDriverWait(browser, 15).until(lambda d: d.execute_script("return document.readyState") == "complete")
 
