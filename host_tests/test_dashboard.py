@@ -66,19 +66,29 @@ def browser(site):
 
 def _submit(browser, button):
     """Click a form's button and wait until the page it leads to has replaced this one."""
-    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.common.exceptions import StaleElementReferenceException, WebDriverException
     from selenium.webdriver.support.ui import WebDriverWait
 
-    from selenium.common.exceptions import StaleElementReferenceException, WebDriverException
+    def gone(_):
+        # The page that held the button is gone: Chrome says so in one of two ways.
+        try:
+            button.is_enabled()
+        except StaleElementReferenceException:
+            return True
+        except WebDriverException as e:
+            if "does not belong to the document" in str(e):
+                return True
+            raise
+        return False
 
     try:
         button.click()
     except StaleElementReferenceException:
         pass  # the click's navigation replaced the page before the driver's reply
-    except WebDriverException as e:  # Chrome says the same in other words
+    except WebDriverException as e:
         if "does not belong to the document" not in str(e):
             raise
-    WebDriverWait(browser, 15).until(ec.staleness_of(button))
+    WebDriverWait(browser, 15).until(gone)
     WebDriverWait(browser, 15).until(lambda d: d.execute_script("return document.readyState") == "complete")
 
 
@@ -205,3 +215,44 @@ def test_rows_change_as_devices_report_without_a_reload(site, dash, browser, mqt
     assert row()["cells"][3] == "idle" and row()["progress"] is None
     assert browser.execute_script("return window.notReloaded") is True
     assert len(browser.find_elements(By.CSS_SELECTOR, "tbody tr")) == 50  # the other rows stay
+
+
+def test_a_device_page_shows_its_shadow_and_sets_its_desired_firmware(site, services, dash, browser, images):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
+    from conftest import release
+    from tools.control import grants
+    from tools.operator import client as op
+
+    rel = release(site, images["B"], "2.0.0")
+    _sign_in(browser, dash, OPERATOR, site.service_password(OPERATOR))
+    _submit(browser, browser.find_element(By.LINK_TEXT, "dev005"))
+    assert browser.current_url.endswith("/device/dev005")
+    assert json.loads(browser.find_element(By.ID, "reported").text)["firmware"]["version"] == "1.1.0"
+    assert browser.find_element(By.ID, "desired").text == "null"
+
+    Select(browser.find_element(By.ID, "version")).select_by_value("2.0.0")
+    _submit(browser, browser.find_element(By.CSS_SELECTOR, "form[action$='/desired'] button"))
+    assert browser.find_element(By.ID, "said").text == "Desired firmware set to 2.0.0."
+    assert json.loads(browser.find_element(By.ID, "desired").text)["firmware"]["version"] == "2.0.0"
+    # What the replica holds: an operator's desired firmware, granted for this device.
+    fw = services.call(op.get_shadow(site, "dev005"))["state"]["desired"]["firmware"]
+    assert (fw["sha256"], fw["signer"]) == (rel.sha256, rel.signer)
+    assert grants.issued(site.grant_key, "dev005", fw) is not None
+
+    # The page lists the documents the dashboard has seen for the device (the desired update).
+    import time
+
+    deadline = time.monotonic() + 10
+    while "nothing yet" in browser.find_element(By.ID, "history").text:
+        assert time.monotonic() < deadline
+        time.sleep(0.3)
+        browser.get(dash + "/device/dev005")
+    assert "1.1.0, downloading" in browser.find_element(By.ID, "history").text  # as dev005 was seeded
+
+    # The form's action needs the session's CSRF token too.
+    session = next(c for c in browser.get_cookies() if c["name"] == dashboard.COOKIE)
+    status, _, _ = _post(dash, site, "/device/dev005/desired", {"version": "2.0.0", "csrf": "wrong"},
+                         f"{dashboard.COOKIE}={session['value']}")
+    assert status == 403

@@ -95,8 +95,8 @@ async def _request(site: Site, device: str, suffix: str, body: dict, token: str,
 
 
 async def set_desired(site: Site, device: str, release: Release, ttl: int = presign.DEFAULT_TTL,
-                      token: bool = False) -> dict:
-    fw = desired_firmware(site, device, release, ttl, token=token)
+                      token: bool = False, allow_downgrade: bool = False) -> dict:
+    fw = desired_firmware(site, device, release, ttl, allow_downgrade, token=token)
     outcome, doc = await request(site, device, contract.UPDATE, contract.firmware_update(contract.DESIRED, fw))
     if outcome != "accepted":
         raise OperatorError(f"replica rejected the update: {doc}")

@@ -23,10 +23,11 @@ import html
 import secrets
 import time
 from dataclasses import dataclass, field
-from urllib.parse import urlencode
+from urllib.parse import quote, urlencode
 
 import json
 import logging
+from collections import deque
 
 import aiomqtt
 from aiohttp import web
@@ -34,6 +35,7 @@ from aiohttp import web
 from firmware import contract
 from tools.control.clients import service_client
 from tools.control.shadows import Shadow
+from tools.operator import client as op
 from tools.operator.status import DeviceStatus, device_status, fleet
 from tools.site import Site
 from tools.site.identities import OPERATOR
@@ -48,6 +50,7 @@ FAILS_ALLOWED = 5  # failed sign-ins per address per FAIL_WINDOW_S
 FAIL_WINDOW_S = 60
 OPERATORS = (OPERATOR,)  # identities that may sign in
 STATES = ("idle", "downloading", "verifying", "rebooting", "trial", "failed")
+HISTORY = 20  # documents kept per device for its page (since the dashboard started)
 QUEUE = 1000  # row changes a page may fall behind by before its stream is closed (it reconnects)
 HEARTBEAT_S = 15
 LIVE_JS = """// Rows change as devices report: the server pushes each changed row (Server-Sent Events).
@@ -76,6 +79,7 @@ class Dashboard:
     sessions: dict[str, Session] = field(default_factory=dict)
     fails: dict[str, list[float]] = field(default_factory=dict)  # failed sign-ins by address
     listeners: set = field(default_factory=set)  # a queue of row changes per open event stream
+    history: dict[str, deque] = field(default_factory=dict)  # device -> its last HISTORY documents
 
     def session(self, request: web.Request) -> Session | None:
         token = request.cookies.get(COOKIE, "")
@@ -95,6 +99,8 @@ class Dashboard:
         if parsed is None or not isinstance(current, dict):
             return
         row = device_status(Shadow(parsed[0], current), self.site.grant_key)
+        seen = self.history.setdefault(row.device, deque(maxlen=HISTORY))
+        seen.appendleft((time.time(), row))
         data = json.dumps({"device": row.device, "html": _row(row, time.time())})
         for q in list(self.listeners):
             try:
@@ -184,7 +190,7 @@ def _row(r: DeviceStatus, now: float) -> str:
         return f" [{html.escape(s[:8])}]" if s else ""
 
     seen = "never" if r.last_seen is None else f"{max(0, int(now - r.last_seen))} s ago"
-    return (f'<tr id="row-{html.escape(r.device)}"><td>{html.escape(r.device)}</td>'
+    return (f'<tr id="row-{html.escape(r.device)}"><td><a href="/device/{quote(r.device)}">{html.escape(r.device)}</a></td>'
             f"<td>{html.escape(r.running or '-')}{signed(r.running_signer)}</td>"
             f"<td>{html.escape(r.desired or '-')}{signed(r.desired_signer)}</td><td>{state}</td>"
             f"<td>{seen}</td><td>{html.escape(r.error or '')}</td>"
@@ -224,6 +230,30 @@ def _fleet_html(rows: list[DeviceStatus], q: dict[str, str], now: float) -> str:
 <th scope="col">State</th><th scope="col">Last seen</th><th scope="col">Last error</th><th scope="col">Attempts</th></tr></thead>
 <tbody>{"".join(_row(r, now) for r in shown)}</tbody></table>
 <nav>{" ".join(nav)}</nav>"""
+
+
+def _device_html(device: str, doc: dict, history, releases, csrf: str, said: str | None) -> str:
+    """A device's page: its shadow (desired, reported, delta), the documents seen for it
+    since the dashboard started, and the form that sets its desired firmware."""
+    state = doc.get("state") or {}
+
+    def section(name):
+        return (f'<h2>{name.capitalize()}</h2><pre id="{name}">'
+                f"{html.escape(json.dumps(state.get(name), indent=1, sort_keys=True))}</pre>")
+
+    note = f'<p role="status" id="said">{html.escape(said)}</p>' if said else ""
+    options = "".join(f'<option value="{html.escape(r.version)}">{html.escape(r.version)}'
+                      f'{" [" + html.escape(r.signer[:8]) + "]" if r.signer else ""}</option>' for r in reversed(releases))
+    seen = "".join(f"<li>{time.strftime('%H:%M:%S', time.gmtime(t))}: {html.escape(r.running or '-')}, "
+                   f"{html.escape(r.state or '-')}{', ' + html.escape(r.error) if r.error else ''}</li>"
+                   for t, r in history) or "<li>nothing yet</li>"
+    return f"""{note}<p><a href="/fleet">Fleet</a></p>
+<form method="post" action="/device/{quote(device)}/desired"><input type="hidden" name="csrf" value="{csrf}">
+<label for="version">Release</label> <select id="version" name="version">{options}</select>
+<label><input type="checkbox" name="allow_downgrade"> allow downgrade</label>
+<button type="submit">Set desired</button></form>
+{section("desired")}{section("reported")}{section("delta")}
+<h2>Recent documents</h2><ul id="history">{seen}</ul>"""
 
 
 def make_app(site: Site) -> web.Application:
@@ -269,6 +299,37 @@ def make_app(site: Site) -> web.Application:
         rows = await asyncio.to_thread(fleet, site.shadow_store, site.grant_key)
         return _page("Fleet", _fleet_html(_filtered(rows, dict(request.query)), dict(request.query), time.time()),
                      s.user, s.csrf)
+
+    async def device_page(request: web.Request) -> web.Response:
+        s = dash.session(request)
+        if s is None:
+            raise web.HTTPSeeOther("/login")
+        device = request.match_info["device"]
+        try:
+            doc = await op.get_shadow(site, device)
+        except op.OperatorError as e:
+            resp = _page(device, f'<p class="err" role="alert">{html.escape(str(e))}</p>', s.user, s.csrf)
+            resp.set_status(404 if "404" in str(e) else 502)
+            return resp
+        return _page(device, _device_html(device, doc, dash.history.get(device, ()), site.releases.list(), s.csrf,
+                                          request.query.get("said")), s.user, s.csrf)
+
+    async def set_desired(request: web.Request) -> web.Response:
+        s = dash.session(request)
+        form = await request.post()
+        if s is None or not hmac.compare_digest(str(form.get("csrf", "")), s.csrf):
+            return web.Response(status=403, text="forbidden: not signed in, or no CSRF token from this page")
+        device = request.match_info["device"]
+        rel = site.releases.get(str(form.get("version", "")))
+        if rel is None:
+            said = "No such release."
+        else:
+            try:
+                await op.set_desired(site, device, rel, allow_downgrade=form.get("allow_downgrade") == "on")
+                said = f"Desired firmware set to {rel.version}."
+            except (op.OperatorError, ValueError) as e:
+                said = f"Refused: {e}"
+        raise web.HTTPSeeOther(f"/device/{quote(device)}?" + urlencode({"said": said}))
 
     async def root(request: web.Request) -> web.Response:
         raise web.HTTPSeeOther("/fleet")
@@ -326,6 +387,8 @@ def make_app(site: Site) -> web.Application:
     app.router.add_post("/login", login)
     app.router.add_post("/logout", logout)
     app.router.add_get("/fleet", fleet_page)
+    app.router.add_get("/device/{device}", device_page)
+    app.router.add_post("/device/{device}/desired", set_desired)
     return app
 
 
