@@ -34,6 +34,9 @@ def _seed(site):
         fw = {"version": "1.1.0" if i % 2 else "1.0.0", "sha256": "ab" * 32, "state": state, "slot": "ota_0",
               "error": "rolled_back" if state == "failed" else None, "attempts": 3 if state == "failed" else None,
               "progress": 40 if state == "downloading" else None}
+        if i == N - 1:  # a hostile device: any JSON type in any field; the page must still be served
+            fw = {"version": {"x": "<b>"}, "state": 5, "progress": "70", "attempts": "z", "error": ["<script>"],
+                  "signer": 7}
         out = r.handle(f"state/dev{i:03d}/update", json.dumps({"state": {"reported": {"firmware": fw}}}).encode())
         assert out[0][0].endswith("/update/accepted"), out
     r.db.close()
@@ -125,6 +128,9 @@ def test_an_operator_signs_in_and_pages_through_the_fleet(site, dash, browser):
     _submit(browser, browser.find_element(By.CSS_SELECTOR, "a[rel=next]"))
     assert browser.find_element(By.ID, "count").text == f"{N} devices, page 2 of 3"
     assert browser.find_elements(By.CSS_SELECTOR, "tbody tr")[0].find_elements(By.TAG_NAME, "td")[0].text == "dev050"
+    browser.get(dash + "/fleet?page=3&sort=running")  # the hostile device's row, written as text
+    cells = [c.text for c in browser.find_element(By.ID, "row-dev119").find_elements(By.TAG_NAME, "td")]
+    assert cells[1] == '{"x": "<b>"} [7]' and cells[3] == "5" and cells[5] == '["<script>"]'
 
     # Filters: the form's own controls, as a user would.
     from selenium.webdriver.support.ui import Select

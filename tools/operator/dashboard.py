@@ -175,26 +175,39 @@ def _filtered(rows: list[DeviceStatus], q: dict[str, str]) -> list[DeviceStatus]
     if text:
         rows = [r for r in rows if text in r.device]
     key = q.get("sort", "device")
-    sorts = {"device": lambda r: r.device, "running": lambda r: (r.running or "", r.device),
-             "state": lambda r: (r.state or "", r.device), "seen": lambda r: (-(r.last_seen or 0), r.device)}
+    sorts = {"device": lambda r: r.device, "running": lambda r: (_text(r.running), r.device),
+             "state": lambda r: (_text(r.state), r.device), "seen": lambda r: (-(_number(r.last_seen) or 0), r.device)}
     return sorted(rows, key=sorts.get(key, sorts["device"]))
 
 
+def _text(v) -> str:
+    """A value a device reported, whatever its JSON type, as escaped text."""
+    return "" if v is None else html.escape(v if isinstance(v, str) else json.dumps(v))
+
+
+def _number(v) -> int | None:
+    return int(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and abs(v) < 1e9 else None
+
+
 def _row(r: DeviceStatus, now: float) -> str:
-    """One device's row: the page and the live stream write it the same way."""
-    state = html.escape(r.state or "-")
-    if r.state == "downloading" and r.progress is not None:
-        state += f' <progress max="100" value="{int(r.progress)}" aria-label="download {int(r.progress)}%"></progress>'
+    """One device's row: the page and the live stream write it the same way. Every field is
+    what a device reported, of any type: written as text, never trusted to be one."""
+    state = _text(r.state) or "-"
+    progress = _number(r.progress)
+    if r.state == "downloading" and progress is not None:
+        state += f' <progress max="100" value="{progress}" aria-label="download {progress}%"></progress>'
 
     def signed(s):
-        return f" [{html.escape(s[:8])}]" if s else ""
+        return f" [{_text(s)[:8]}]" if s else ""
 
-    seen = "never" if r.last_seen is None else f"{max(0, int(now - r.last_seen))} s ago"
+    seen = _number(r.last_seen)
+    seen = "never" if seen is None else f"{max(0, int(now - seen))} s ago"
+    attempts = _number(r.attempts)
     return (f'<tr id="row-{html.escape(r.device)}"><td><a href="/device/{quote(r.device)}">{html.escape(r.device)}</a></td>'
-            f"<td>{html.escape(r.running or '-')}{signed(r.running_signer)}</td>"
-            f"<td>{html.escape(r.desired or '-')}{signed(r.desired_signer)}</td><td>{state}</td>"
-            f"<td>{seen}</td><td>{html.escape(r.error or '')}</td>"
-            f"<td>{'' if r.attempts is None else int(r.attempts)}</td></tr>")
+            f"<td>{_text(r.running) or '-'}{signed(r.running_signer)}</td>"
+            f"<td>{_text(r.desired) or '-'}{signed(r.desired_signer)}</td><td>{state}</td>"
+            f"<td>{seen}</td><td>{_text(r.error)}</td>"
+            f"<td>{'' if attempts is None else attempts}</td></tr>")
 
 
 def _fleet_html(rows: list[DeviceStatus], q: dict[str, str], now: float) -> str:
@@ -212,7 +225,7 @@ def _fleet_html(rows: list[DeviceStatus], q: dict[str, str], now: float) -> str:
         return "".join(f'<option value="{html.escape(v)}"{" selected" if v == cur else ""}>{html.escape(v or "any")}'
                        f"</option>" for v in ("", *values))
 
-    versions = sorted({r.running for r in rows if r.running})
+    versions = sorted({r.running for r in rows if isinstance(r.running, str) and r.running})
     keep = {k: v for k, v in q.items() if k in ("state", "version", "q", "sort") and v}
     nav = []
     if page > 1:
@@ -244,8 +257,8 @@ def _device_html(device: str, doc: dict, history, releases, csrf: str, said: str
     note = f'<p role="status" id="said">{html.escape(said)}</p>' if said else ""
     options = "".join(f'<option value="{html.escape(r.version)}">{html.escape(r.version)}'
                       f'{" [" + html.escape(r.signer[:8]) + "]" if r.signer else ""}</option>' for r in reversed(releases))
-    seen = "".join(f"<li>{time.strftime('%H:%M:%S', time.gmtime(t))}: {html.escape(r.running or '-')}, "
-                   f"{html.escape(r.state or '-')}{', ' + html.escape(r.error) if r.error else ''}</li>"
+    seen = "".join(f"<li>{time.strftime('%H:%M:%S', time.gmtime(t))}: {_text(r.running) or '-'}, "
+                   f"{_text(r.state) or '-'}{', ' + _text(r.error) if r.error else ''}</li>"
                    for t, r in history) or "<li>nothing yet</li>"
     return f"""{note}<p><a href="/fleet">Fleet</a></p>
 <form method="post" action="/device/{quote(device)}/desired"><input type="hidden" name="csrf" value="{csrf}">
