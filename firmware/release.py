@@ -92,11 +92,9 @@ def check(cfg, fw, body):
         m = check_manifest(json.loads(text))
     except ValueError as err:
         raise UpdateError(contract.E_MANIFEST, str(err))
-    for k in ("sha256", "size", "version"):
-        if m[k] != fw[k]:
-            raise UpdateError(contract.E_MANIFEST, "%s differs from the signed manifest" % k)
-    if m["chip"] != CHIP:
-        raise UpdateError(contract.E_MANIFEST, "signed for %s, not %s" % (m["chip"], CHIP))
+    why = mismatch(m, fw)
+    if why:
+        raise UpdateError(contract.E_MANIFEST, why)
     if m["secure_version"] < counter:
         raise UpdateError(contract.E_ROLLBACK, "secure_version %d is below this device's %d"
                           % (m["secure_version"], counter))
@@ -158,6 +156,18 @@ def check_manifest(m):
             if not contract.is_sha256_hex(d):
                 raise ValueError("manifest.trust: each key digest is 64 lowercase hex digits")
     return m
+
+
+def mismatch(m, image):
+    """Why the checked manifest `m` does not name `image` ({sha256, size, version}; a field
+    that is None is not compared), or None: the device's check and the host's `release`."""
+    for k in ("sha256", "size", "version"):
+        want = image.get(k)
+        if want is not None and m[k] != want:
+            return "the signed manifest's %s is %r, the image's %r" % (k, m[k], want)
+    if m["chip"] != CHIP:
+        return "signed for %s, not %s" % (m["chip"], CHIP)
+    return None
 
 
 def check_bundle(b):

@@ -244,12 +244,9 @@ def verify(bundle: object, trusted: list[str] | None = None) -> Verified:
 
 
 def check_matches(v: Verified, sha256: str, size: int, version: str | None) -> None:
-    m = v.manifest
-    for name, want in (("sha256", sha256), ("size", size), ("version", version)):
-        if want is not None and m[name] != want:
-            raise SigningError(f"the signed manifest's {name} is {m[name]!r}, the image's {want!r}", contract.E_MANIFEST)
-    if m["chip"] != release.CHIP:
-        raise SigningError(f"signed for {m['chip']}, not {release.CHIP}", contract.E_MANIFEST)
+    why = release.mismatch(v.manifest, {"sha256": sha256, "size": size, "version": version})
+    if why:
+        raise SigningError(why, contract.E_MANIFEST)
 
 
 def read_bundle(path: Path) -> dict:
