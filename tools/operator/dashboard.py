@@ -99,9 +99,11 @@ class Dashboard:
         if parsed is None or not isinstance(current, dict):
             return
         row = device_status(Shadow(parsed[0], current), self.site.grant_key)
-        seen = self.history.setdefault(row.device, deque(maxlen=HISTORY))
-        seen.appendleft((time.time(), row))
-        data = json.dumps({"device": row.device, "html": _row(row, time.time())})
+        now = time.time()
+        self.history.setdefault(row.device, deque(maxlen=HISTORY)).appendleft((now, row))
+        if not self.listeners:
+            return  # no page open: nothing to render
+        data = json.dumps({"device": row.device, "html": _row(row, now)})
         for q in list(self.listeners):
             try:
                 q.put_nowait(data)
