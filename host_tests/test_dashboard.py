@@ -18,6 +18,7 @@ from cryptography.hazmat.primitives import serialization
 
 from tools.control.replica import Replica
 from tools.operator import dashboard
+from tools.operator.dashboard import auth
 from tools.site.identities import OPERATOR
 
 webdriver = pytest.importorskip("selenium.webdriver")
@@ -122,7 +123,7 @@ def test_an_operator_signs_in_and_pages_through_the_fleet(site, dash, browser):
     assert len(rows) == 50 and rows[0].find_elements(By.TAG_NAME, "td")[0].text == "dev000"
     bars = browser.find_elements(By.CSS_SELECTOR, "tbody progress")
     assert bars and bars[0].get_attribute("value") == "40"
-    cookie = next(c for c in browser.get_cookies() if c["name"] == dashboard.COOKIE)
+    cookie = next(c for c in browser.get_cookies() if c["name"] == auth.COOKIE)
     assert cookie["secure"] and cookie["httpOnly"] and cookie["sameSite"] == "Strict"
 
     _submit(browser, browser.find_element(By.CSS_SELECTOR, "a[rel=next]"))
@@ -168,9 +169,9 @@ def test_every_action_needs_its_csrf_token_and_failed_sign_ins_are_limited(site,
     status, _, _ = _post(dash, site, "/login", {"user": OPERATOR, "password": pw, "csrf": "x"})
     assert status == 403
     token = "t" * 32
-    login = f"{dashboard.LOGIN_COOKIE}={token}"
+    login = f"{auth.LOGIN_COOKIE}={token}"
     status, cookie, _ = _post(dash, site, "/login", {"user": OPERATOR, "password": pw, "csrf": token}, login)
-    assert status == 303 and cookie.startswith(dashboard.COOKIE + "=")
+    assert status == 303 and cookie.startswith(auth.COOKIE + "=")
     for flag in ("Secure", "HttpOnly", "SameSite=Strict"):
         assert flag in cookie
     session = cookie.split(";")[0]
@@ -179,8 +180,8 @@ def test_every_action_needs_its_csrf_token_and_failed_sign_ins_are_limited(site,
     assert status == 403
     # Failed sign-ins from one address: the sixth within a minute is refused before checking.
     codes = [_post(dash, site, "/login", {"user": OPERATOR, "password": "no", "csrf": token}, login)[0]
-             for _ in range(dashboard.FAILS_ALLOWED + 1)]
-    assert codes == [401] * dashboard.FAILS_ALLOWED + [429]
+             for _ in range(auth.FAILS_ALLOWED + 1)]
+    assert codes == [401] * auth.FAILS_ALLOWED + [429]
     assert _post(dash, site, "/login", {"user": OPERATOR, "password": pw, "csrf": token}, login)[0] == 429
 
 
@@ -258,7 +259,7 @@ def test_a_device_page_shows_its_shadow_and_sets_its_desired_firmware(site, serv
     assert "1.1.0, downloading" in browser.find_element(By.ID, "history").text  # as dev005 was seeded
 
     # The form's action needs the session's CSRF token too.
-    session = next(c for c in browser.get_cookies() if c["name"] == dashboard.COOKIE)
+    session = next(c for c in browser.get_cookies() if c["name"] == auth.COOKIE)
     status, _, _ = _post(dash, site, "/device/dev005/desired", {"version": "2.0.0", "csrf": "wrong"},
-                         f"{dashboard.COOKIE}={session['value']}")
+                         f"{auth.COOKIE}={session['value']}")
     assert status == 403

@@ -51,20 +51,12 @@ def cmd_image_check(args) -> None:
 
 
 def cmd_release(args) -> None:
-    from tools.espidf.images import ImageError
     from tools.site.releases import ReleaseError
-    from tools.site.signing import SigningError, read_bundle
 
     try:
-        bundle = read_bundle(args.signature) if args.signature else None
-    except SigningError as e:
-        raise CommandError(str(e)) from None
-    try:
-        rel = _site(args).releases.add(args.file.read_bytes(), args.version, signature=bundle)
-    except ImageError as e:
-        raise CommandError(f"{args.file}: {e.code}: {e}") from None
-    except SigningError as e:
-        raise CommandError(f"{args.signature}: {e.code + ': ' if e.code else ''}{e}") from None
+        bundle = args.signature.read_bytes() if args.signature else None
+        rel = _site(args).releases.add_files(args.file.read_bytes(), bundle, args.version, str(args.file),
+                                             str(args.signature))
     except ReleaseError as e:
         raise CommandError(str(e)) from None
     out = {k: v for k, v in rel.__dict__.items() if k != "signature"}
@@ -436,30 +428,6 @@ def _drive(site, engine) -> None:
         raise CommandError(f"rollout {info.id} {info.state}: {info.reason or ''} (`rollout show {info.id}`)")
 
 
-def _rollout_devices(args, site) -> list[str]:
-    """--devices as given; --match, --group and --all among the devices the replica knows."""
-    import fnmatch
-
-    from tools.control import shadows
-
-    if args.devices:
-        return args.devices
-    patterns = [args.match] if args.match else None
-    if args.group:
-        try:
-            groups = site.groups()
-        except ValueError as e:
-            raise CommandError(str(e)) from None
-        if args.group not in groups:
-            raise CommandError(f"no group {args.group!r} in {site.root / 'groups.json'} (groups: {sorted(groups)})")
-        patterns = groups[args.group]
-    known = list(shadows.read(site.shadow_store))
-    picked = known if patterns is None else [d for d in known if any(fnmatch.fnmatchcase(d, p) for p in patterns)]
-    if not picked:
-        raise CommandError("no known device matches (devices appear once they have reported)")
-    return picked
-
-
 def cmd_rollout(args) -> None:
     from tools.operator import rollout as ro
 
@@ -477,7 +445,7 @@ def cmd_rollout(args) -> None:
             policy = ro.Policy(args.batches.split(","), args.success, args.abort_failures, args.abort_pct,
                                args.min_finished, args.timeout, args.max_attempts, not args.no_rollback, args.ttl,
                                args.auth)
-            info = db.create(rel, _rollout_devices(args, site), policy)
+            info = db.create(rel, ro.select_devices(site, args.devices, args.match, args.group, args.all), policy)
             print(f"{info.id}: {rel.version} to {info.ends[-1]} devices in batches ending at {info.ends}")
             if not args.detach:
                 _drive(site, ro.Engine(db, info.id, site.releases.by_sha256, site.grant_key))
@@ -493,7 +461,7 @@ def cmd_rollout(args) -> None:
                 print(f"  {t.device:<20} batch {t.batch + 1}  {t.state:<11} {t.error or '':<18}"
                       f" was {t.prev_version or '-'}{'  rollback ' + t.rollback if t.rollback else ''}")
         elif args.action == "cancel":
-            engine.abort("cancelled by the operator", state=ro.CANCELLED)
+            engine.cancel()
             print(ro.progress_line(db.info(args.id), db.targets(args.id)))
         elif args.action == "rollback":
             sends = engine.roll_back()

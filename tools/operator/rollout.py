@@ -96,6 +96,39 @@ class Policy:
             raise RolloutError(f"URL lifetime: 1 to {presign.MAX_TTL} seconds")
 
 
+def select_devices(site, devices: list[str] | None = None, match: str | None = None, group: str | None = None,
+                   every: bool = False) -> list[str]:
+    """A rollout's targets: `devices` as given; `match` (a glob), `group` (a name in
+    `<site>/groups.json`) or `every` among the devices the replica knows. One of the four."""
+    import fnmatch
+
+    from tools.control import shadows
+
+    if sum(bool(x) for x in (devices, match, group, every)) != 1:
+        raise RolloutError("targets: give device ids, a glob, a group or all, one of them")
+    if devices:
+        return list(devices)
+    patterns = [match] if match else None
+    if group:
+        patterns = group_patterns(site, group)
+    known = list(shadows.read(site.shadow_store))
+    picked = known if patterns is None else [d for d in known if any(fnmatch.fnmatchcase(d, p) for p in patterns)]
+    if not picked:
+        raise RolloutError("no known device matches (devices appear once they have reported)")
+    return picked
+
+
+def group_patterns(site, name: str) -> list[str]:
+    """The ids or globs of a group in `<site>/groups.json`."""
+    try:
+        groups = site.groups()
+    except ValueError as e:
+        raise RolloutError(str(e)) from None
+    if name not in groups:
+        raise RolloutError(f"no group {name!r} in {site.root / 'groups.json'} (groups: {sorted(groups)})")
+    return groups[name]
+
+
 def batch_ends(batches: list[str], n: int) -> list[int]:
     """Cumulative batch ends over n devices: ["1", "10%", "50%", "100%"], 20 -> [1, 2, 10, 20].
     Every batch adds at least one device; the last one always reaches n."""
@@ -190,6 +223,7 @@ class RolloutDB:
             " position INTEGER NOT NULL, batch INTEGER NOT NULL, state TEXT NOT NULL, error TEXT,"
             " prev_version TEXT, prev_sha256 TEXT, prev_desired TEXT, targeted_at REAL, published_at REAL,"
             " finished_at REAL, rollback TEXT, rollback_at REAL, PRIMARY KEY (rollout, device));"
+            "CREATE INDEX IF NOT EXISTS targets_by_device ON targets (device);"
         )
 
     def create(self, release: Release, devices: list[str], policy: Policy) -> RolloutInfo:
@@ -230,6 +264,14 @@ class RolloutDB:
         rows = self.conn.execute(f"SELECT {', '.join(cols)} FROM targets WHERE rollout = ? ORDER BY position",
                                  (rollout_id,))
         return [Target(*r) for r in rows]
+
+    def of_device(self, device: str) -> list[tuple[str, Target]]:
+        """Every rollout that targeted `device`, newest first, with its record of the device."""
+        cols = [f.name for f in Target.__dataclass_fields__.values()]
+        rows = self.conn.execute(f"SELECT t.rollout, {', '.join('t.' + c for c in cols)} FROM targets t"
+                                 " JOIN rollouts r ON r.id = t.rollout WHERE t.device = ? ORDER BY r.created DESC",
+                                 (device,))
+        return [(r[0], Target(*r[1:])) for r in rows]
 
     def save_targets(self, rollout_id: str, targets: list[Target]) -> None:
         cols = [f.name for f in Target.__dataclass_fields__.values() if f.name != "device"]
@@ -393,6 +435,12 @@ class Engine:
         elif desired_since(shadow, prev.sha256) is None and now - (t.published_at or 0) > REPUBLISH_S:
             sends.append(Send(t.device, prev, allow_downgrade=True))
 
+    def cancel(self) -> None:
+        """Target no more devices (those updating carry on): `rollout cancel`, or the page's button."""
+        if self.db.info(self.id).state != RUNNING:
+            raise RolloutError(f"rollout {self.id} is {self.db.info(self.id).state}: nothing to cancel")
+        self.abort("cancelled by the operator", state=CANCELLED)
+
     def abort(self, reason: str, now: float | None = None, state: str = ABORTED) -> list[Send]:
         """Stop targeting (pending devices are skipped) and, if the policy says so for an
         abort, roll back the devices this rollout touched."""
@@ -446,18 +494,38 @@ Publisher = Callable[[Send], Awaitable[None]]
 ShadowReader = Callable[[list[str]], dict[str, Shadow]]
 
 
+def _lock_path(db: RolloutDB, rollout_id: str) -> Path:
+    folder = db.path.with_name(db.path.name + ".drivers")
+    folder.mkdir(exist_ok=True)
+    return folder / f"{rollout_id}.lock"
+
+
+def driver_of(db: RolloutDB, rollout_id: str) -> str | None:
+    """The process id driving a rollout ('?' if it did not say), or None if nothing drives it."""
+    with open(_lock_path(db, rollout_id), "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            return f.read().strip() or "?"
+        fcntl.flock(f, fcntl.LOCK_UN)
+        return None
+
+
 @contextmanager
 def sole_driver(db: RolloutDB, rollout_id: str):
     """Hold the right to drive one rollout. Two drivers would each send the devices they
     target a desired state with a fresh URL; a `cancel` or `rollback` from elsewhere needs no
     driver of its own, the running one carries it out. An exclusive lock on a file next to the
     database: the kernel lets go of it when the process ends, however it ends."""
-    folder = db.path.with_name(db.path.name + ".drivers")
-    folder.mkdir(exist_ok=True)
-    with open(folder / f"{rollout_id}.lock", "a+") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+    with open(_lock_path(db, rollout_id), "a+") as f:
+        for _ in range(5):  # driver_of holds it for an instant: not a driver
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                time.sleep(0.02)
+        else:
             f.seek(0)
             raise RolloutError(f"rollout {rollout_id} is already being driven (process {f.read().strip() or '?'}),"
                                " which carries out any cancel or roll back") from None

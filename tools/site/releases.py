@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from tools.espidf.onflash import SLOT_SIZE
-from tools.site.signing import Trust, Verified, check_matches, signer_of, verify
+from tools.site.signing import SigningError, Trust, Verified, check_matches, parse_bundle, signer_of, verify
 
 
 class ReleaseError(Exception):
@@ -106,6 +106,21 @@ class Registry:
         itmp.write_text(json.dumps(index, indent=1, sort_keys=True))
         itmp.replace(self.dir / "index.json")
         return rel
+
+    def add_files(self, image: bytes, bundle: bytes | None = None, version: str | None = None,
+                  image_name: str = "image", bundle_name: str = "signature") -> Release:
+        """`add` for an image and a signature bundle as files (`release`, the dashboard's
+        upload): every refusal is one ReleaseError line naming the file at fault and, where
+        there is one, the device's code for the same fault."""
+        from tools.espidf.images import ImageError
+
+        try:
+            signature = parse_bundle(bundle) if bundle is not None else None
+            return self.add(image, version, signature=signature)
+        except ImageError as e:
+            raise ReleaseError(f"{image_name}: {e.code}: {e}") from None
+        except SigningError as e:
+            raise ReleaseError(f"{bundle_name}: {e.code + ': ' if e.code else ''}{e}") from None
 
     def _check_signature(self, signature: dict) -> Verified:
         trusted = self.trust.keys() if self.trust is not None else []

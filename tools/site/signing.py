@@ -249,13 +249,15 @@ def check_matches(v: Verified, sha256: str, size: int, version: str | None) -> N
         raise SigningError(why, contract.E_MANIFEST)
 
 
-def read_bundle(path: Path) -> dict:
+def parse_bundle(data: bytes) -> dict:
+    """A signature bundle's JSON (what `sign` writes); checked whole by `verify`."""
     try:
-        return json.loads(Path(path).read_text())
-    except OSError as e:
-        raise SigningError(f"{path}: {e.strerror}") from None
+        bundle = json.loads(data)
     except ValueError as e:
-        raise SigningError(f"{path}: not a signature bundle (JSON: {e})") from None
+        raise SigningError(f"not a signature bundle (JSON: {e})") from None
+    if not isinstance(bundle, dict):
+        raise SigningError("not a signature bundle (a JSON object with manifest, sig and key)")
+    return bundle
 
 
 def signer_of(bundle: dict) -> str:

@@ -1,0 +1,111 @@
+"""Who may use the dashboard: operator identities, signed in with their password from the
+site's password file (a device's credential never signs in). A session is a random token in a
+cookie that is `Secure; HttpOnly; SameSite=Strict`, kept in memory and dropped at sign-out or
+after SESSION_S; every action carries a CSRF token that must match the one the server gave
+that browser (the sign-in form's by a double-submit cookie, every other by the session's).
+Failed sign-ins are limited per client address, refused before the password is looked at."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import secrets
+import time
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from tools.operator.dashboard.views import login_form, page
+from tools.site.identities import OPERATOR
+
+SESSION_S = 8 * 3600
+COOKIE = "fleet_session"
+LOGIN_COOKIE = "fleet_login"  # the sign-in form's CSRF token (double-submit), before a session exists
+FAILS_ALLOWED = 5  # failed sign-ins per address per FAIL_WINDOW_S
+FAIL_WINDOW_S = 60
+OPERATORS = (OPERATOR,)  # identities that may sign in
+
+
+@dataclass
+class Session:
+    user: str
+    csrf: str
+    expires: float
+
+
+def forbidden() -> web.Response:
+    return web.Response(status=403, text="forbidden: not signed in, or no CSRF token from this page")
+
+
+class Auth:
+    def __init__(self, site):
+        self.site = site
+        self.sessions: dict[str, Session] = {}
+        self.fails: dict[str, list[float]] = {}  # failed sign-ins by address
+
+    def session(self, request: web.Request) -> Session | None:
+        token = request.cookies.get(COOKIE, "")
+        s = self.sessions.get(token)
+        if s is not None and s.expires < time.time():
+            del self.sessions[token]
+            s = None
+        return s
+
+    def signed_in(self, request: web.Request) -> Session:
+        """The session of a page request; anyone else is sent to sign in."""
+        s = self.session(request)
+        if s is None:
+            raise web.HTTPSeeOther("/login")
+        return s
+
+    async def action(self, request: web.Request):
+        """(session, form) of a POST from one of our pages; None if it is not one."""
+        s = self.session(request)
+        form = await request.post()
+        if s is None or not hmac.compare_digest(str(form.get("csrf", "")), s.csrf):
+            return None
+        return s, form
+
+    def throttled(self, addr: str) -> bool:
+        now = time.monotonic()
+        recent = [t for t in self.fails.pop(addr, []) if now - t < FAIL_WINDOW_S]
+        if recent:
+            self.fails[addr] = recent
+        return len(recent) >= FAILS_ALLOWED
+
+    def _form(self, error: str | None = None, status: int = 200) -> web.Response:
+        token = secrets.token_urlsafe(24)
+        resp = page("Sign in", login_form(token, error), status=status)
+        resp.set_cookie(LOGIN_COOKIE, token, secure=True, httponly=True, samesite="Strict", max_age=600, path="/login")
+        return resp
+
+    async def login_page(self, request: web.Request) -> web.Response:
+        return self._form()
+
+    async def login(self, request: web.Request) -> web.Response:
+        form = await request.post()
+        addr = request.remote or "?"
+        sent, kept = str(form.get("csrf", "")), request.cookies.get(LOGIN_COOKIE, "")
+        if not kept or not hmac.compare_digest(sent, kept):
+            return self._form("The form expired: sign in again.", 403)
+        if self.throttled(addr):
+            return self._form("Too many failed sign-ins: wait a minute.", 429)
+        user, password = str(form.get("user", "")), str(form.get("password", ""))
+        ok = user in OPERATORS and await asyncio.to_thread(self.site.creds.verify, user, password)
+        if not ok:
+            self.fails.setdefault(addr, []).append(time.monotonic())
+            return self._form("Wrong user or password.", 401)
+        token = secrets.token_urlsafe(32)
+        self.sessions[token] = Session(user, secrets.token_urlsafe(24), time.time() + SESSION_S)
+        resp = web.HTTPSeeOther("/fleet")
+        resp.set_cookie(COOKIE, token, secure=True, httponly=True, samesite="Strict", max_age=SESSION_S, path="/")
+        resp.del_cookie(LOGIN_COOKIE, path="/login")
+        return resp
+
+    async def logout(self, request: web.Request) -> web.Response:
+        if await self.action(request) is None:
+            return forbidden()
+        self.sessions.pop(request.cookies.get(COOKIE, ""), None)
+        resp = web.HTTPSeeOther("/login")
+        resp.del_cookie(COOKIE, path="/")
+        return resp
