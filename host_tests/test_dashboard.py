@@ -17,6 +17,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from tools.control.replica import Replica
+from tools.espidf.images import build_app_image
 from tools.operator import dashboard
 from tools.operator.dashboard import auth
 from tools.site.identities import OPERATOR
@@ -263,3 +264,242 @@ def test_a_device_page_shows_its_shadow_and_sets_its_desired_firmware(site, serv
     status, _, _ = _post(dash, site, "/device/dev005/desired", {"version": "2.0.0", "csrf": "wrong"},
                          f"{auth.COOKIE}={session['value']}")
     assert status == 403
+
+
+@pytest.fixture
+def bare_dash(site, services):
+    """The dashboard over a fleet with nothing seeded: what emulated boards report is all."""
+    runner, port = services.call(dashboard.start(site, "127.0.0.1", 0))
+    yield f"https://127.0.0.1:{port}"
+    services.call(runner.cleanup())
+
+
+def _screenshot(browser, name):
+    """With DASHBOARD_SCREENSHOTS=<dir> (make screenshots), the docs' pictures are taken here."""
+    import os
+
+    folder = os.environ.get("DASHBOARD_SCREENSHOTS")
+    if folder:
+        browser.save_screenshot(os.path.join(folder, name + ".png"))
+
+
+def _cli(site, *args):
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    return subprocess.run([sys.executable, "-m", "tools", *args, "--site", str(site.root)], cwd=REPO,
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_a_rollout_started_on_the_page_moves_live_and_one_cancelled_there_is_cancelled_for_the_cli(
+        site, services, devices, images, bare_dash, browser):
+    """Three emulated boards running the real firmware. A rollout started from the page's form
+    is driven by the dashboard; the fleet page, never reloaded, shows its batches' bars fill and
+    the boards' rows change until it completes. A second one, cancelled from the page while it
+    runs, is cancelled for `fleet-ota rollout` too, and the boards it never reached untouched."""
+    import re
+    import time
+
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
+    from conftest import release, wait_until
+    from tools.control import shadows
+
+    release(site, images["A"], "1.0.0")
+    b = release(site, images["B"], "1.1.0")
+    c = release(site, build_app_image("1.2.0", 240 * 1024), "1.2.0")
+    ids = ["board-1", "board-2", "board-3"]
+    for d in ids:
+        devices(d, images["A"], "1.0.0", tls_slots=2)  # MQTT stays up: progress is reported live
+    wait_until(lambda: all(s.reported.get("state") == "idle" for s in shadows.read(site.shadow_store, ids).values())
+               and len(shadows.read(site.shadow_store, ids)) == 3, 120, "three boards reporting 1.0.0", 0.5)
+
+    _sign_in(browser, bare_dash, OPERATOR, site.service_password(OPERATOR))
+
+    def start(version, batches, how="match", value="board-*"):
+        browser.get(bare_dash + "/rollouts")
+        Select(browser.find_element(By.ID, "f-version")).select_by_value(version)
+        browser.find_element(By.CSS_SELECTOR, f"input[name=targets][value={how}]").click()
+        if value:
+            field = browser.find_element(By.ID, f"f-{how}")
+            field.clear()
+            field.send_keys(value)
+        batch = browser.find_element(By.ID, "f-batches")
+        batch.clear()
+        batch.send_keys(batches)
+        _submit(browser, browser.find_element(By.CSS_SELECTOR, "#start button[type=submit]"))
+        said = browser.find_element(By.ID, "said").text
+        return re.match(r"Started (\S+)\.", said).group(1)
+
+    # The form refuses what the CLI refuses, and says why on the page.
+    browser.get(bare_dash + "/rollouts")
+    field = browser.find_element(By.ID, "f-batches")
+    field.clear()
+    field.send_keys("0,x")
+    browser.find_element(By.CSS_SELECTOR, "input[name=targets][value=all]").click()
+    _submit(browser, browser.find_element(By.CSS_SELECTOR, "#start button[type=submit]"))
+    assert "batch '0'" in browser.find_element(By.CSS_SELECTOR, "[role=alert]").text
+    assert not site.rollouts_path.exists() or "r-" not in _cli(site, "rollout", "list").stdout
+
+    rid = start("1.1.0", "1,100%")
+    browser.get(bare_dash + "/fleet")  # the page an operator keeps open
+    browser.execute_script("window.notReloaded = true")
+    seen, shot = [], False
+
+    def look():
+        return browser.execute_script("""const s = document.getElementById(arguments[0]);
+            return {bars: s ? [...s.querySelectorAll("progress")].map(p => p.value + "/" + p.max) : null,
+                    state: s ? s.querySelector(".state").textContent : null,
+                    rows: [...document.querySelectorAll("#fleet tbody tr")].map(
+                        r => r.cells[1].textContent.trim() + " " + r.cells[3].textContent.trim())};""",
+                                      f"rollout-{rid}")
+
+    deadline = time.monotonic() + 240
+    while True:
+        now = look()
+        if not seen or now != seen[-1]:
+            seen.append(now)
+        if not shot and now["state"] and now["state"].startswith("running"):
+            _screenshot(browser, "fleet-during-rollout")
+            shot = True
+        if now["state"] is None or now["state"].startswith("completed"):
+            break
+        assert time.monotonic() < deadline, seen
+        time.sleep(0.2)
+    assert browser.execute_script("return window.notReloaded") is True
+    print(seen)
+    # A running rollout's section is on the fleet page: its bars went from empty to full, and
+    # the boards' rows went through the update, all without a reload.
+    bars = [s["bars"] for s in seen if s["bars"]]
+    assert bars[0] != ["1/1", "2/2"] and bars[-1] == ["1/1", "2/2"] and len({tuple(x) for x in bars}) >= 2, seen
+    # Boards 2 and 3 (the second batch) ran 1.0.0 when the page opened; then every row changed.
+    assert all(r.startswith("1.0.0 ") for r in seen[0]["rows"][1:]), seen
+    assert seen[-1]["rows"] == ["1.1.0 [" + b.signer[:8] + "] idle"] * 3, seen
+    browser.get(bare_dash + f"/rollout/{rid}")
+    assert browser.find_element(By.CSS_SELECTOR, f"#rollout-{rid} .state").text.startswith("completed")
+    assert [p.get_attribute("value") for p in browser.find_elements(By.CSS_SELECTOR, "progress")] == ["1", "2"]
+    for s in shadows.read(site.shadow_store, ids).values():
+        assert (s.reported["version"], s.reported["sha256"], s.reported["state"]) == ("1.1.0", b.sha256, "idle")
+    shown = json.loads(_cli(site, "rollout", "show", rid, "--json").stdout)
+    assert shown["state"] == "completed" and shown["counts"]["succeeded"] == 3
+
+    # The second rollout: cancelled on the page while its first batch updates.
+    rid2 = start("1.2.0", "1,100%")
+    browser.get(bare_dash + f"/rollout/{rid2}")
+    wait_until(lambda: "1 updating" in browser.execute_script(
+        "return document.getElementById(arguments[0]).textContent", f"rollout-{rid2}"), 30, "batch 1 under way")
+    _screenshot(browser, "rollout-running")
+    _submit(browser, browser.find_element(By.CSS_SELECTOR, f"form[action='/rollout/{rid2}/cancel'] button"))
+    assert browser.find_element(By.ID, "said").text.startswith(f"{rid2} cancelled")
+    shown = json.loads(_cli(site, "rollout", "show", rid2, "--json").stdout)
+    assert shown["state"] == "cancelled" and shown["reason"] == "cancelled by the operator"
+    assert shown["counts"]["skipped"] == 2 and shown["counts"]["pending"] == 0
+    listed = _cli(site, "rollout", "list").stdout
+    assert any(line.startswith(rid2) and line.endswith("cancelled: cancelled by the operator")
+               for line in listed.splitlines()), listed
+    first = next(d["device"] for d in shown["devices"] if d["state"] != "skipped")
+    # The board it reached finishes its update; the two it never reached are not touched.
+    wait_until(lambda: shadows.read(site.shadow_store, [first])[first].reported.get("sha256") == c.sha256, 120,
+               "the first board on 1.2.0", 0.5)
+    for d in set(ids) - {first}:
+        s = shadows.read(site.shadow_store, [d])[d]
+        assert s.desired["sha256"] == b.sha256 and s.reported["sha256"] == b.sha256
+    browser.get(bare_dash + f"/device/{first}")
+    assert rid2 in browser.find_element(By.ID, "rollouts").text
+    _screenshot(browser, "device")
+
+
+def test_a_release_is_uploaded_with_the_checks_of_release_and_refusals_are_shown(site, bare_dash, browser, images,
+                                                                                 tmp_path):
+    """The page adds releases the way `fleet-ota release` does: a damaged image, an unsigned one
+    on a site that installs signed releases only and a signature of other bytes are refused on
+    the page, and nothing is added; an image with its bundle is listed with its signer."""
+    from selenium.webdriver.common.by import By
+
+    from conftest import signing_key
+    from tools.site.signing import release_bundle
+
+    good = tmp_path / "app.bin"
+    good.write_bytes(images["B"])
+    bad = tmp_path / "damaged.bin"
+    bad.write_bytes(images["B"][:1000] + bytes([images["B"][1000] ^ 1]) + images["B"][1001:])
+    bundle = tmp_path / "app.sig.json"
+    bundle.write_text(json.dumps(release_bundle(signing_key(), images["B"], "1.1.0", 2)))
+    other = tmp_path / "other.sig.json"
+    other.write_text(json.dumps(release_bundle(signing_key(), images["A"], "1.1.0", 2)))
+
+    _sign_in(browser, bare_dash, OPERATOR, site.service_password(OPERATOR))
+
+    def upload(image, signature=None, version=""):
+        browser.get(bare_dash + "/releases")
+        browser.find_element(By.ID, "image").send_keys(str(image))
+        if signature:
+            browser.find_element(By.ID, "signature").send_keys(str(signature))
+        if version:
+            browser.find_element(By.ID, "rel-version").send_keys(version)
+        _submit(browser, browser.find_element(By.CSS_SELECTOR, "form[action='/releases'] button"))
+        alerts = browser.find_elements(By.CSS_SELECTOR, "[role=alert]")
+        return alerts[0].text if alerts else browser.find_element(By.ID, "said").text
+
+    said = upload(bad, bundle)
+    assert said == "Refused: damaged.bin: bad_checksum: image checksum does not match its segments", said
+    assert upload(good, version="1.1.0").startswith("Refused: unsigned: this site installs signed releases only")
+    assert upload(good, other).startswith("Refused: other.sig.json: manifest_mismatch: ")
+    assert site.releases.list() == []
+    assert "no releases yet" in browser.find_element(By.CSS_SELECTOR, "tbody").text
+
+    assert upload(good, bundle) == "Release 1.1.0 added."
+    rel = site.releases.get("1.1.0")
+    assert rel is not None and site.releases.path_of(rel.sha256).read_bytes() == images["B"]
+    cells = [c.text for c in browser.find_element(By.ID, "release-1.1.0").find_elements(By.TAG_NAME, "td")]
+    assert cells[0] == "1.1.0" and cells[1] == rel.sha256[:16] and cells[2] == str(len(images["B"]))
+    assert cells[4] == f"[{rel.signer[:8]}] counter 2"
+    # The CLI sees the same registry.
+    assert _cli(site, "releases").stdout.split()[:2] == ["1.1.0", rel.sha256]
+
+
+def test_filters_and_paging_stay_usable_over_ten_thousand_devices_and_on_a_phone(site, services, browser):
+    """10,000 devices seeded through the replica's request handling; the page filters by state,
+    version and group and pages to the end; on a phone-sized window nothing but the table
+    scrolls sideways."""
+    from selenium.webdriver.common.by import By
+
+    r = Replica(None, site.shadow_store, grant_key=None)
+    for i in range(10_000):
+        fw = {"version": "1.1.0" if i % 4 else "1.0.0", "sha256": "ab" * 32, "slot": "ota_0",
+              "state": "failed" if i % 100 == 7 else "idle", "error": "hash_mismatch" if i % 100 == 7 else None}
+        r.handle(f"state/shelf-{i:05d}/update", json.dumps({"state": {"reported": {"firmware": fw}}}).encode())
+    r.db.close()
+    (site.root / "groups.json").write_text(json.dumps({"aisle-3": ["shelf-03*"], "two": ["shelf-00007", "shelf-09907"]}))
+    runner, port = services.call(dashboard.start(site, "127.0.0.1", 0))
+    base = f"https://127.0.0.1:{port}"
+    try:
+        _sign_in(browser, base, OPERATOR, site.service_password(OPERATOR))
+        assert browser.find_element(By.ID, "count").text == "10000 devices, page 1 of 200"
+        browser.get(base + "/fleet?page=200")
+        rows = browser.find_elements(By.CSS_SELECTOR, "#fleet tbody tr")
+        assert len(rows) == 50 and rows[-1].get_attribute("id") == "row-shelf-09999"
+        browser.get(base + "/fleet?state=failed&version=1.1.0")
+        assert browser.find_element(By.ID, "count").text == "100 devices, page 1 of 2"  # i % 100 == 7: odd, so 1.1.0
+        browser.get(base + "/fleet?group=aisle-3&version=1.0.0")
+        assert browser.find_element(By.ID, "count").text == "250 devices, page 1 of 5"
+        browser.get(base + "/fleet?group=two&state=failed")
+        assert [e.text for e in browser.find_elements(By.CSS_SELECTOR, "#fleet tbody td:first-child")] == \
+            ["shelf-00007", "shelf-09907"]
+        browser.get(base + "/fleet?group=nope")
+        assert "no group 'nope'" in browser.find_element(By.CSS_SELECTOR, "[role=alert]").text
+
+        browser.set_window_size(390, 844)  # a phone
+        browser.get(base + "/fleet")
+        _screenshot(browser, "fleet-phone")
+        widths = browser.execute_script("""const t = document.querySelector(".wide");
+            return [document.documentElement.scrollWidth, window.innerWidth, t.scrollWidth, t.clientWidth];""")
+        assert widths[0] <= widths[1], widths  # the page itself does not scroll sideways ...
+        assert widths[2] > widths[3], widths  # ... the table does, inside its box
+        for name in ("state", "version", "group", "q", "sort"):  # every control is labelled
+            assert browser.find_element(By.NAME, name).find_element(By.XPATH, "ancestor::label")
+    finally:
+        services.call(runner.cleanup())

@@ -138,7 +138,7 @@ def fleet(rows: list[DeviceStatus], q: dict[str, str], versions: list[str], grou
 <label>Sort <select name="sort">{_options(SORTS, q.get("sort", ""), "device")}</select></label>
 <button type="submit">Show</button></form>
 <p id="count">{total} devices, page {number_} of {pages}</p>
-<div class="wide"><table><thead><tr><th scope="col">Device</th><th scope="col">Running</th><th scope="col">Desired</th>
+<div class="wide"><table id="fleet"><thead><tr><th scope="col">Device</th><th scope="col">Running</th><th scope="col">Desired</th>
 <th scope="col">State</th><th scope="col">Last seen</th><th scope="col">Last error</th><th scope="col">Attempts</th></tr>
 </thead><tbody>{"".join(row(r, now) for r in shown)}</tbody></table></div>
 <nav aria-label="pages of devices">{" ".join(nav)}</nav>"""
