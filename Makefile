@@ -16,7 +16,7 @@ APT_DEPS := mosquitto:mosquitto=2.0.11-1.2+deb12u2 \
 	chromium:chromium=150.0.7871.100-1~deb12u1 \
 	chromedriver:chromium-driver=150.0.7871.100-1~deb12u1
 
-.PHONY: venv system-deps demo test test-fast bench flash deploy hil clean
+.PHONY: venv system-deps demo test test-fast bench screenshots flash deploy hil clean
 
 venv: $(STAMP)
 
@@ -64,6 +64,12 @@ bench: venv system-deps
 	$(BIN)/python -m tools.bench.replica --runs 3
 	$(BIN)/python -m tools.bench.control_plane --devices 10000 --workers 2
 	$(BIN)/python -m tools.bench.fleet_rollout --devices 200 --boot-wave 25
+	$(BIN)/python -m tools.bench.dashboard --devices 10000
+
+# The dashboard's pictures in docs/, taken by its browser tests.
+screenshots: venv system-deps
+	mkdir -p docs/img
+	DASHBOARD_SCREENSHOTS=$(CURDIR)/docs/img $(BIN)/python -m pytest host_tests/test_dashboard.py -k "rollout or phone" $(PYTEST_ARGS)
 
 flash: venv
 	@test -n "$(PORT)" -a -n "$(FIRMWARE)" || { echo "usage: make flash PORT=/dev/ttyUSB0 FIRMWARE=firmware.bin"; exit 2; }

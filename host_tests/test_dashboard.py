@@ -59,7 +59,7 @@ def browser(site):
     profile = tempfile.mkdtemp(prefix="chromium-")
     opts = webdriver.ChromeOptions()
     opts.binary_location = shutil.which("chromium")
-    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", f"--user-data-dir={profile}",
+    for arg in ("--headless=new", "--window-size=1200,900", "--no-sandbox", "--disable-dev-shm-usage", f"--user-data-dir={profile}",
                 "--ignore-certificate-errors-spki-list=" + base64.b64encode(hashlib.sha256(spki).digest()).decode()):
         opts.add_argument(arg)
     driver = webdriver.Chrome(options=opts, service=webdriver.ChromeService(executable_path=shutil.which("chromedriver")))
@@ -95,6 +95,33 @@ def _submit(browser, button):
             raise
     WebDriverWait(browser, 15).until(gone)
     WebDriverWait(browser, 15).until(lambda d: d.execute_script("return document.readyState") == "complete")
+
+
+def _click_live(browser, css):
+    """Click a button in a part of the page the live stream may replace at any moment: if it
+    was replaced between finding and clicking, find it again and click the new one (as a
+    person would)."""
+    import time
+
+    from selenium.common.exceptions import StaleElementReferenceException
+    from selenium.webdriver.common.by import By
+
+    browser.execute_script("window.samePage = true")
+    for _ in range(5):
+        try:
+            browser.find_element(By.CSS_SELECTOR, css).click()
+        except StaleElementReferenceException:
+            continue
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            try:
+                if browser.execute_script("return window.samePage") is None and \
+                        browser.execute_script("return document.readyState") == "complete":
+                    return
+            except Exception:  # between two documents
+                pass
+            time.sleep(0.05)
+    raise AssertionError(f"clicking {css} led nowhere")
 
 
 def _sign_in(browser, base, user, password):
@@ -347,7 +374,7 @@ def test_a_rollout_started_on_the_page_moves_live_and_one_cancelled_there_is_can
     rid = start("1.1.0", "1,100%")
     browser.get(bare_dash + "/fleet")  # the page an operator keeps open
     browser.execute_script("window.notReloaded = true")
-    seen, shot = [], False
+    seen = []
 
     def look():
         return browser.execute_script("""const s = document.getElementById(arguments[0]);
@@ -362,9 +389,8 @@ def test_a_rollout_started_on_the_page_moves_live_and_one_cancelled_there_is_can
         now = look()
         if not seen or now != seen[-1]:
             seen.append(now)
-        if not shot and now["state"] and now["state"].startswith("running"):
-            _screenshot(browser, "fleet-during-rollout")
-            shot = True
+            if now["state"] and now["state"].startswith("running"):  # the last one running is kept
+                _screenshot(browser, "fleet-during-rollout")
         if now["state"] is None or now["state"].startswith("completed"):
             break
         assert time.monotonic() < deadline, seen
@@ -378,6 +404,7 @@ def test_a_rollout_started_on_the_page_moves_live_and_one_cancelled_there_is_can
     # Boards 2 and 3 (the second batch) ran 1.0.0 when the page opened; then every row changed.
     assert all(r.startswith("1.0.0 ") for r in seen[0]["rows"][1:]), seen
     assert seen[-1]["rows"] == ["1.1.0 [" + b.signer[:8] + "] idle"] * 3, seen
+    assert all(c.text.endswith(" s ago") for c in browser.find_elements(By.CSS_SELECTOR, "#fleet tbody td:nth-child(5)"))
     browser.get(bare_dash + f"/rollout/{rid}")
     assert browser.find_element(By.CSS_SELECTOR, f"#rollout-{rid} .state").text.startswith("completed")
     assert [p.get_attribute("value") for p in browser.find_elements(By.CSS_SELECTOR, "progress")] == ["1", "2"]
@@ -392,7 +419,7 @@ def test_a_rollout_started_on_the_page_moves_live_and_one_cancelled_there_is_can
     wait_until(lambda: "1 updating" in browser.execute_script(
         "return document.getElementById(arguments[0]).textContent", f"rollout-{rid2}"), 30, "batch 1 under way")
     _screenshot(browser, "rollout-running")
-    _submit(browser, browser.find_element(By.CSS_SELECTOR, f"form[action='/rollout/{rid2}/cancel'] button"))
+    _click_live(browser, f"form[action='/rollout/{rid2}/cancel'] button")
     assert browser.find_element(By.ID, "said").text.startswith(f"{rid2} cancelled")
     shown = json.loads(_cli(site, "rollout", "show", rid2, "--json").stdout)
     assert shown["state"] == "cancelled" and shown["reason"] == "cancelled by the operator"
@@ -482,6 +509,9 @@ def test_filters_and_paging_stay_usable_over_ten_thousand_devices_and_on_a_phone
         browser.get(base + "/fleet?page=200")
         rows = browser.find_elements(By.CSS_SELECTOR, "#fleet tbody tr")
         assert len(rows) == 50 and rows[-1].get_attribute("id") == "row-shelf-09999"
+        import re
+
+        assert re.fullmatch(r"\d+ s ago", rows[-1].find_elements(By.TAG_NAME, "td")[4].text)  # its report's time
         browser.get(base + "/fleet?state=failed&version=1.1.0")
         assert browser.find_element(By.ID, "count").text == "100 devices, page 1 of 2"  # i % 100 == 7: odd, so 1.1.0
         browser.get(base + "/fleet?group=aisle-3&version=1.0.0")

@@ -274,7 +274,17 @@ def make_app(site: Site) -> web.Application:
         await asyncio.gather(*tasks, return_exceptions=True)
         await dash.rollouts.stop()
 
-    app = web.Application(client_max_size=UPLOAD_MAX)
+    @web.middleware
+    async def timed(request: web.Request, handler):
+        """Server-Timing: what the server spent on a page (browsers' developer tools show it;
+        the dashboard benchmark reads it)."""
+        t0 = time.perf_counter()
+        resp = await handler(request)
+        if not resp.prepared:
+            resp.headers["Server-Timing"] = f"app;dur={(time.perf_counter() - t0) * 1000:.2f}"
+        return resp
+
+    app = web.Application(client_max_size=UPLOAD_MAX, middlewares=[timed])
     app.cleanup_ctx.append(background)
     app.on_shutdown.append(close_streams)
     app.router.add_get("/", root)

@@ -24,9 +24,10 @@ body { font-family: system-ui, sans-serif; margin: 1rem; max-width: 80rem; }
 nav.top a { margin-right: 1rem; } .out { float: right; }
 .wide { overflow-x: auto; } table { border-collapse: collapse; width: 100%; }
 th, td { text-align: left; padding: .25rem .5rem; white-space: nowrap; }
-tr:nth-child(even) { background: #f3f3f3; } .err { color: #a00; } progress { width: 6rem; }
+tr:nth-child(even) { background: #f3f3f3; } pre { white-space: pre-wrap; overflow-wrap: anywhere; } .err { color: #a00; } progress { width: 6rem; }
 form.filters label, form.inline label { margin-right: .75rem; display: inline-block; }
 form.inline { display: inline; } section.rollout { border: 1px solid #ccc; padding: .25rem .75rem; margin: .5rem 0; }
+section.rollout h2 { font-size: 1.1rem; } section.rollout table { width: auto; }
 fieldset { margin: .5rem 0; } fieldset label { display: inline-block; margin: .25rem .75rem .25rem 0; }
 input:focus, select:focus, button:focus, a:focus { outline: 2px solid #05a; }
 @media (max-width: 40rem) { body { margin: .5rem; } .out { float: none; } h1 { font-size: 1.4rem; } }
@@ -39,7 +40,8 @@ def text(v) -> str:
 
 
 def number(v) -> int | None:
-    return int(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and abs(v) < 1e9 else None
+    """A reported number as an int; None for anything else (another type, NaN, beyond 2**53)."""
+    return int(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and abs(v) < 2 ** 53 else None
 
 
 def signed(signer) -> str:
