@@ -438,6 +438,29 @@ def test_a_rollout_started_on_the_page_moves_live_and_one_cancelled_there_is_can
     assert rid2 in browser.find_element(By.ID, "rollouts").text
     _screenshot(browser, "device")
 
+    # Rolled back from the page: the board it reached goes back to 1.1.0, and the CLI says so.
+    browser.get(bare_dash + f"/rollout/{rid2}")
+    _click_live(browser, f"form[action='/rollout/{rid2}/rollback'] button")
+    assert browser.find_element(By.ID, "said").text.startswith(f"{rid2}: rolling back 1 devices.")
+    wait_until(lambda: json.loads(_cli(site, "rollout", "show", rid2, "--json").stdout)["counts"]["rolled_back"] == 1,
+               120, "the roll back done", 0.5)
+    s = shadows.read(site.shadow_store, [first])[first]
+    assert (s.reported["sha256"], s.reported["state"]) == (b.sha256, "idle")
+
+    # A rollout the CLI created (and nothing drives) is on the page, which cancels it.
+    out = _cli(site, "rollout", "start", "1.2.0", "--devices", *sorted(set(ids) - {first}), "--detach")
+    assert out.returncode == 0, out.stderr
+    rid3 = out.stdout.split(":")[0]
+    browser.get(bare_dash + "/rollouts")
+    section = browser.find_element(By.ID, f"rollout-{rid3}")
+    assert "not driven" in section.find_element(By.CLASS_NAME, "state").text
+    assert section.find_elements(By.CSS_SELECTOR, f"form[action='/rollout/{rid3}/resume'] button")
+    _click_live(browser, f"form[action='/rollout/{rid3}/cancel'] button")
+    assert browser.find_element(By.ID, "said").text.startswith(f"{rid3} cancelled")
+    assert json.loads(_cli(site, "rollout", "show", rid3, "--json").stdout)["state"] == "cancelled"
+    for d in set(ids) - {first}:  # never targeted: nothing was sent
+        assert shadows.read(site.shadow_store, [d])[d].desired["sha256"] == b.sha256
+
 
 def test_a_release_is_uploaded_with_the_checks_of_release_and_refusals_are_shown(site, bare_dash, browser, images,
                                                                                  tmp_path):

@@ -300,6 +300,20 @@ def test_roll_back_by_the_operator_cancels_and_restores_each_device_s_previous_r
     assert list(states(db, engine).values()).count(ro.SKIPPED) == 18
 
 
+def test_a_roll_back_goes_out_at_the_drivers_next_step(tmp_path):
+    """The roll back's desired states are sent by whoever drives the rollout (the command or the
+    dashboard that asked for it, or another process): at its next step, not REPUBLISH_S after
+    the devices were targeted."""
+    db, fleet, engine = make(tmp_path, 20, batches=["2", "100%"])
+    step(engine, fleet)
+    fleet.report("dev-00", B)
+    engine.roll_back(fleet.t)
+    driver = ro.Engine(db, engine.id, RELEASES.get)  # e.g. the process driving it
+    assert sorted((s.device, s.release.version) for s in step(driver, fleet)) == [("dev-00", "1.0.0"),
+                                                                                   ("dev-01", "1.0.0")]
+    assert step(driver, fleet) == []  # and once only, while the devices take it
+
+
 def test_a_cancel_that_lands_while_a_batch_opens_wins(tmp_path):
     db, fleet, engine = make(tmp_path, 20)
     step(engine, fleet)

@@ -470,7 +470,8 @@ class Engine:
             if prev is None:
                 t.rollback = RB_NO_PREVIOUS  # it ran an image that is not one of our releases
                 continue
-            t.rollback, t.rollback_at = RB_REQUESTED, now
+            # published_at cleared: whoever drives it sends these at its next step, not after REPUBLISH_S
+            t.rollback, t.rollback_at, t.published_at = RB_REQUESTED, now, None
             if t.state == IN_PROGRESS:
                 t.state, t.finished_at = STOPPED, now
             sends.append(Send(t.device, prev, allow_downgrade=True))

@@ -72,7 +72,11 @@ class Rollouts:
 
     def section(self, db: ro.RolloutDB, info: ro.RolloutInfo) -> str:
         rel = self.site.releases.by_sha256(info.sha256)
-        out = rollout(info, db.targets(info.id), rel.signer if rel else None, self.driven_here(info.id))
+        driver = "here" if self.driven_here(info.id) else None
+        targets = db.targets(info.id)
+        if driver is None and (info.state == ro.RUNNING or any(t.rollback == ro.RB_REQUESTED for t in targets)):
+            driver = ro.driver_of(db, info.id)
+        out = rollout(info, targets, rel.signer if rel else None, driver)
         if info.id in self.errors:
             out = out.replace("</section>", alert("The dashboard stopped driving it: " + self.errors[info.id])
                               + "</section>")

@@ -204,9 +204,10 @@ def releases(rels, signing_required: bool, message: str | None = None, error: st
 
 # -- rollouts ----------------------------------------------------------------------------------
 
-def rollout(info: ro.RolloutInfo, targets: list[ro.Target], signer: str | None, driven_here: bool) -> str:
+def rollout(info: ro.RolloutInfo, targets: list[ro.Target], signer: str | None, driver: str | None) -> str:
     """One rollout: its state, a progress bar per batch and the actions it allows. Rendered
-    once for all pages (the live stream): forms carry CSRF_MARK, not a token."""
+    once for all pages (the live stream): forms carry CSRF_MARK, not a token. `driver`: "here"
+    (this dashboard), a process id, or None (nothing sends its desired states)."""
     c = ro.counts(targets)
     batches = []
     start = 0
@@ -221,10 +222,11 @@ def rollout(info: ro.RolloutInfo, targets: list[ro.Target], signer: str | None, 
                        f"<td>{ok} ok, {bad} failed, {busy} updating</td></tr>")
         start = end
     actions = []
+    busy = info.state == ro.RUNNING or c["rolling_back"] > 0
     if info.state == ro.RUNNING:
         actions.append(csrf_form(f"/rollout/{quote(info.id)}/cancel", "Cancel"))
-        if not driven_here:
-            actions.append(csrf_form(f"/rollout/{quote(info.id)}/resume", "Drive from here"))
+    if busy and driver is None:
+        actions.append(csrf_form(f"/rollout/{quote(info.id)}/resume", "Drive from here"))
     if any(t.state in (ro.IN_PROGRESS, ro.SUCCEEDED, ro.FAILED) and t.rollback is None for t in targets):
         actions.append(csrf_form(f"/rollout/{quote(info.id)}/rollback", "Roll back"))
     back = (f", rolled back {c['rolled_back']} of {c['rolled_back'] + c['rolling_back']}"
@@ -233,12 +235,22 @@ def rollout(info: ro.RolloutInfo, targets: list[ro.Target], signer: str | None, 
     return f"""<section class="rollout" id="rollout-{html.escape(info.id)}" aria-label="rollout {html.escape(info.id)}">
 <h2><a href="/rollout/{quote(info.id)}">{html.escape(info.id)}</a>: {html.escape(info.version)}{signed(signer)}
  to {len(targets)} devices</h2>
-<p class="state">{info.state}{reason}{" (driven by the dashboard)" if driven_here else ""}</p>
+<p class="state">{info.state}{reason}{_driven(busy, driver)}</p>
 <div class="wide"><table><thead><tr><th scope="col">Batch</th><th scope="col">Devices</th><th scope="col">Progress</th>
 <th scope="col">Outcome</th></tr></thead><tbody>{"".join(batches)}</tbody></table></div>
 <p>{c[ro.SUCCEEDED]} ok, {c[ro.FAILED]} failed, {c[ro.IN_PROGRESS]} updating, {c[ro.PENDING]} pending
 {f", {c[ro.SKIPPED]} skipped" if c[ro.SKIPPED] else ""}{f", {c[ro.STOPPED]} stopped" if c[ro.STOPPED] else ""}{back}</p>
 <p>{" ".join(actions)}</p></section>"""
+
+
+def _driven(busy: bool, driver: str | None) -> str:
+    if not busy and driver is None:
+        return ""
+    if driver == "here":
+        return " (driven by the dashboard)"
+    if driver is not None:
+        return f" (driven by process {html.escape(driver)})"
+    return " (not driven: nothing is sent until something drives it)"
 
 
 def rollout_devices(targets: list[ro.Target]) -> str:
