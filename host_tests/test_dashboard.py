@@ -144,8 +144,15 @@ def test_an_operator_signs_in_and_pages_through_the_fleet(site, dash, browser):
     _sign_in(browser, dash, "dev000", device_password)
     assert "Wrong user or password." in browser.find_element(By.CSS_SELECTOR, "[role=alert]").text
 
-    _sign_in(browser, dash, OPERATOR, site.service_password(OPERATOR))
-    assert browser.current_url.endswith("/fleet")
+    # With the keyboard alone: Tab to the user field, type, Tab, type, Enter.
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    browser.get(dash + "/login")
+    ActionChains(browser).send_keys(Keys.TAB, OPERATOR, Keys.TAB, site.service_password(OPERATOR),
+                                    Keys.ENTER).perform()
+    WebDriverWait(browser, 15).until(lambda d: d.current_url.endswith("/fleet"))
     assert browser.find_element(By.ID, "count").text == f"{N} devices, page 1 of 3"
     rows = browser.find_elements(By.CSS_SELECTOR, "tbody tr")
     assert len(rows) == 50 and rows[0].find_elements(By.TAG_NAME, "td")[0].text == "dev000"
@@ -176,6 +183,18 @@ def test_an_operator_signs_in_and_pages_through_the_fleet(site, dash, browser):
     assert browser.current_url.endswith("/login")
     browser.get(dash + "/fleet")
     assert browser.current_url.endswith("/login")
+
+
+def _request(base, site, method, path, body=None, headers=None):
+    host, port = base[8:].split(":")
+    conn = http.client.HTTPSConnection(host, int(port), timeout=10,
+                                       context=ssl.create_default_context(cafile=str(site.pki.ca_cert)))
+    try:
+        conn.request(method, path, body, headers or {})
+        r = conn.getresponse()
+        return r.status, dict(r.getheaders()), r.read()
+    finally:
+        conn.close()
 
 
 def _post(base, site, path, form, cookies=""):
@@ -211,6 +230,23 @@ def test_every_action_needs_its_csrf_token_and_failed_sign_ins_are_limited(site,
              for _ in range(auth.FAILS_ALLOWED + 1)]
     assert codes == [401] * auth.FAILS_ALLOWED + [429]
     assert _post(dash, site, "/login", {"user": OPERATOR, "password": pw, "csrf": token}, login)[0] == 429
+
+    # Every action, signed in but without the page's token: refused, and nothing done.
+    for path, form in (("/device/dev005/desired", {"version": "1.0.0"}), ("/rollouts", {"version": "1.0.0",
+                       "targets": "all"}), ("/rollout/r-x/cancel", {}), ("/rollout/r-x/rollback", {}),
+                       ("/rollout/r-x/resume", {})):
+        for csrf in ({}, {"csrf": "wrong"}):
+            assert _post(dash, site, path, dict(form, **csrf), session)[0] == 403, path
+    body = b"\r\n".join([b"--b", b'Content-Disposition: form-data; name="image"; filename="a.bin"', b"",
+                          b"\xe9" * 64, b"--b--", b""])
+    assert _request(dash, site, "POST", "/releases", body, {"Content-Type": "multipart/form-data; boundary=b",
+                                                             "Cookie": session})[0] == 403
+    assert not site.rollouts_path.exists() and site.releases.list() == []
+    # Every page, anonymous: sent to sign in; the event stream: refused.
+    for path in ("/fleet", "/device/dev005", "/releases", "/rollouts", "/rollout/r-x"):
+        status, headers, _ = _request(dash, site, "GET", path)
+        assert (status, headers.get("Location")) == (303, "/login"), path
+    assert _request(dash, site, "GET", "/events")[0] == 403
 
 
 def test_rows_change_as_devices_report_without_a_reload(site, dash, browser, mqtt_probe):
