@@ -100,6 +100,10 @@ CASES = [
     ("rollout start: services not running", "rollout start 1.0.0 --devices d1 --site {site}"),
     ("rollout show: no such rollout", "rollout show nope --site {site}"),
     ("rollout cancel: no such rollout", "rollout cancel nope --site {site}"),
+    ("account add: a service identity", "account add operator --password-stdin --site {site}"),
+    ("account add: a short password", "account add alice --password-stdin --site {site}"),
+    ("account add: no terminal for the password", "account add alice --site {site}"),
+    ("account remove: no such account", "account remove nobody --site {site}"),
     ("serve: port taken", "serve --site {site} --mqtt-port {busy} --https-port 0 --ntp-port 0"),
     ("replica: bad store URL", "replica --mqtt-port 1 --db postgresql://nobody@127.0.0.1:1/x --site {site}"),
 ]

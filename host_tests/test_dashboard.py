@@ -592,3 +592,40 @@ def test_filters_and_paging_stay_usable_over_ten_thousand_devices_and_on_a_phone
             assert browser.find_element(By.NAME, name).find_element(By.XPATH, "ancestor::label")
     finally:
         services.call(runner.cleanup())
+
+
+def test_people_sign_in_with_accounts_of_their_own_which_removing_ends(site, dash):
+    """`fleet-ota account add` gives a person a dashboard account (no broker or store knows
+    it); a device's credential under the same name does not sign in; removing the account
+    ends its session at the next request."""
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    def account(*args, stdin=None):
+        return subprocess.run([sys.executable, "-m", "tools", "account", *args, "--site", str(site.root)], cwd=REPO,
+                              input=stdin, capture_output=True, text=True, timeout=60)
+
+    def sign_in(user, password):
+        token = "t" * 32
+        return _post(dash, site, "/login", {"user": user, "password": password, "csrf": token},
+                     f"{auth.LOGIN_COOKIE}={token}")
+
+    assert account("add", "alice", "--password-stdin", stdin="correct horse battery\n").returncode == 0
+    assert account("list").stdout.split() == ["alice"]
+    assert not site.creds.known("alice")  # the broker's and store's file: untouched
+    assert sign_in("alice", "wrong horse battery")[0] == 401
+    device_password = site.creds.set("alice")  # a device that happens to share the name
+    assert sign_in("alice", device_password)[0] == 401
+    status, cookie, _ = sign_in("alice", "correct horse battery")
+    assert status == 303
+    session = cookie.split(";")[0]
+    status, _, body = _request(dash, site, "GET", "/fleet", headers={"Cookie": session})
+    assert status == 200 and b"<span>alice</span>" in body
+
+    out = account("remove", "alice")
+    assert out.returncode == 0, out.stderr
+    status, headers, _ = _request(dash, site, "GET", "/fleet", headers={"Cookie": session})
+    assert (status, headers.get("Location")) == (303, "/login")
+    assert sign_in("alice", "correct horse battery")[0] == 401

@@ -146,6 +146,42 @@ def cmd_trust(args) -> None:
         raise CommandError(str(e)) from None
 
 
+def cmd_account(args) -> None:
+    """The people who sign in to the dashboard, each with a password they chose."""
+    import getpass
+
+    from tools.site.identities import check_account
+
+    accounts = _site(args).accounts
+    if args.action in ("add", "remove") and not args.name:
+        raise CommandError(f"account {args.action}: name the account")
+    try:
+        if args.action == "add":
+            check_account(args.name)
+            if args.password_stdin:
+                password = sys.stdin.readline().rstrip("\n")
+            elif not sys.stdin.isatty():
+                raise CommandError("no terminal to ask for the password on: give it with --password-stdin")
+            else:
+                password = getpass.getpass(f"password for {args.name}: ")
+                if getpass.getpass("again: ") != password:
+                    raise CommandError("the two passwords differ")
+            check_account(args.name, password)
+            accounts.set(args.name, password)
+            print(f"{args.name}: may sign in to the dashboard")
+        elif args.action == "remove":
+            if not accounts.remove(args.name):
+                raise CommandError(f"no account {args.name}")
+            print(f"{args.name}: removed (signed out at their next request)")
+        else:
+            for name in accounts.names():
+                print(name)
+    except ValueError as e:
+        raise CommandError(str(e)) from None
+    except EOFError:
+        raise CommandError("no password given") from None
+
+
 def cmd_serve(args) -> None:
     import dataclasses
 
@@ -543,6 +579,11 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("action", choices=("list", "add", "remove", "require", "allow-unsigned"))
     sp.add_argument("key", nargs="?", help="add: a PEM public (or private) key file; remove: a key digest or "
                     "a unique prefix of one")
+
+    sp = with_site(add("account", cmd_account, "the people who sign in to the dashboard"))
+    sp.add_argument("action", choices=("list", "add", "remove"))
+    sp.add_argument("name", nargs="?")
+    sp.add_argument("--password-stdin", action="store_true", help="add: read the password from standard input")
 
     sp = with_site(add("serve", cmd_serve, "run broker, replica and firmware store"))
     sp.add_argument("--host", default="127.0.0.1")

@@ -68,9 +68,10 @@ def mosquitto_hash(password: str) -> str:
 class Credentials:
     """A password file that reloads itself when it changes on disk."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, mosquitto: bool = True):
+        """`mosquitto`: keep the broker's copy beside it (a file no broker reads has none)."""
         self.path = Path(path)
-        self.mosquitto_path = self.path.with_name(self.path.name + ".mosquitto")
+        self.mosquitto_path = self.path.with_name(self.path.name + ".mosquitto") if mosquitto else None
         self._lock = threading.Lock()
         self._mtime: tuple[int, int, int] | None = None
         self._hashes: dict[str, str] = {}
@@ -94,7 +95,7 @@ class Credentials:
 
     def mosquitto_names(self) -> set[str]:
         """Identities the mosquitto file has (those set before it existed are missing)."""
-        return set(_read_lines(self.mosquitto_path))
+        return set(_read_lines(self.mosquitto_path)) if self.mosquitto_path else set()
 
     def known(self, name: str) -> bool:
         """Whether `name` has a password (a stat per call; no hashing)."""
@@ -123,9 +124,10 @@ class Credentials:
                 with self._lock:
                     self._mtime = None  # re-read: another process may have written
                 hashes = dict(self._load())
-                mosq = _read_lines(self.mosquitto_path)
+                mosq = _read_lines(self.mosquitto_path) if self.mosquitto_path else {}
                 yield hashes, mosq
-                _write_lines(self.mosquitto_path, {n: h for n, h in mosq.items() if n in hashes})
+                if self.mosquitto_path:
+                    _write_lines(self.mosquitto_path, {n: h for n, h in mosq.items() if n in hashes})
                 self._write(hashes)
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
@@ -142,7 +144,8 @@ class Credentials:
         digest = _fast_hash(password) if generated else _HASHER.hash(password)
         with self._editing() as (hashes, mosq):
             hashes[name] = digest
-            mosq[name] = mosquitto_hash(password)
+            if self.mosquitto_path:
+                mosq[name] = mosquitto_hash(password)
         return password
 
     def remove(self, name: str) -> bool:

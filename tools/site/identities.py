@@ -26,3 +26,19 @@ def service_client_id(user: str, password: str, role: str) -> str:
     freed ACLs, and the broker crashes when it next routes to it (upstream fixed in 2.0.13)."""
     tag = hmac.new(password.encode(), f"{user}/{role}".encode(), hashlib.sha256).hexdigest()[:16]
     return f"{user}-{role}-{tag}"
+
+
+# People who sign in to the dashboard (`fleet-ota account add`), besides the operator identity.
+ACCOUNT_NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-@")
+MIN_ACCOUNT_PASSWORD = 12
+
+
+def check_account(name: str, password: str | None = None) -> None:
+    """An account's name (1-64 letters, digits, `._-@`, not a service identity) and, when
+    given, its password (at least MIN_ACCOUNT_PASSWORD characters); ValueError says which."""
+    if not name or len(name) > 64 or not set(name) <= ACCOUNT_NAME_CHARS:
+        raise ValueError(f"account name {name!r}: 1-64 letters, digits or ._-@")
+    if name in SERVICE_USERS:
+        raise ValueError(f"{name!r} is a service identity; sign in as it with its password from services.json")
+    if password is not None and len(password) < MIN_ACCOUNT_PASSWORD:
+        raise ValueError(f"a password of at least {MIN_ACCOUNT_PASSWORD} characters")

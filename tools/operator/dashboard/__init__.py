@@ -142,7 +142,7 @@ def make_app(site: Site) -> web.Application:
         checked = await auth.action(request)
         if checked is None:
             return forbidden()
-        _, form = checked
+        s, form = checked
         device = request.match_info["device"]
         rel = site.releases.get(str(form.get("version", "")))
         if rel is None:
@@ -151,6 +151,7 @@ def make_app(site: Site) -> web.Application:
             try:
                 await op.set_desired(site, device, rel, allow_downgrade=form.get("allow_downgrade") == "on")
                 said = f"Desired firmware set to {rel.version}."
+                log.info("%s set %s's desired firmware to %s", s.user, device, rel.version)
             except (op.OperatorError, ValueError) as e:
                 said = f"Refused: {e}"
         raise web.HTTPSeeOther(f"/device/{quote(device)}?" + urlencode({"said": said}))
@@ -187,6 +188,7 @@ def make_app(site: Site) -> web.Application:
                                           names.get("image", "image"), names.get("signature", "signature"))
         except ReleaseError as e:
             return await releases_page(request, f"Refused: {e}", version, 400)
+        log.info("%s added release %s (%s)", s.user, rel.version, rel.sha256)
         raise web.HTTPSeeOther("/releases?" + urlencode({"said": f"Release {rel.version} added."}))
 
     async def rollouts_page(request: web.Request, values: dict | None = None, error: str | None = None,
@@ -206,13 +208,14 @@ def make_app(site: Site) -> web.Application:
         checked = await auth.action(request)
         if checked is None:
             return forbidden()
-        _, form = checked
+        s, form = checked
         values = {k: str(form.get(k, "")) for k in views.START_FIELDS}
         try:
             rid = await asyncio.to_thread(_create_rollout, site, values)
         except ro.RolloutError as e:
             return await rollouts_page(request, values, f"Refused: {e}", 400)
         said = dash.rollouts.drive(rid)
+        log.info("%s started rollout %s", s.user, rid)
         raise web.HTTPSeeOther("/rollouts?" + urlencode({"said": f"Started {rid}. {said}"}))
 
     async def rollout_page(request: web.Request) -> web.Response:
@@ -245,6 +248,7 @@ def make_app(site: Site) -> web.Application:
                     said = f"{rid}: rolling back {n} devices. " + dash.rollouts.drive(rid)
                 else:
                     said = dash.rollouts.drive(rid)
+            log.info("%s: %s %s", checked[0].user, action, rid)
         except ro.RolloutError as e:
             said = f"Refused: {e}"
         back = request.headers.get("Referer", "")

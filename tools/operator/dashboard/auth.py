@@ -1,5 +1,6 @@
-"""Who may use the dashboard: operator identities, signed in with their password from the
-site's password file (a device's credential never signs in). A session is a random token in a
+"""Who may use the dashboard: the operator identity, with its password from the site's
+password file, and the people given an account (`fleet-ota account add`: `<site>/accounts`,
+a file no broker or store reads, argon2id). A device's credential never signs in. A session is a random token in a
 cookie that is `Secure; HttpOnly; SameSite=Strict`, kept in memory and dropped at sign-out or
 after SESSION_S; every action carries a CSRF token that must match the one the server gave
 that browser (the sign-in form's by a double-submit cookie, every other by the session's).
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import logging
 import secrets
 import time
 from dataclasses import dataclass
@@ -16,14 +18,15 @@ from dataclasses import dataclass
 from aiohttp import web
 
 from tools.operator.dashboard.views import login_form, page
-from tools.site.identities import OPERATOR
+from tools.site.identities import OPERATOR, check_account
+
+log = logging.getLogger("dashboard")
 
 SESSION_S = 8 * 3600
 COOKIE = "fleet_session"
 LOGIN_COOKIE = "fleet_login"  # the sign-in form's CSRF token (double-submit), before a session exists
 FAILS_ALLOWED = 5  # failed sign-ins per address per FAIL_WINDOW_S
 FAIL_WINDOW_S = 60
-OPERATORS = (OPERATOR,)  # identities that may sign in
 
 
 @dataclass
@@ -46,8 +49,8 @@ class Auth:
     def session(self, request: web.Request) -> Session | None:
         token = request.cookies.get(COOKIE, "")
         s = self.sessions.get(token)
-        if s is not None and s.expires < time.time():
-            del self.sessions[token]
+        if s is not None and (s.expires < time.time() or s.user != OPERATOR and not self.site.accounts.known(s.user)):
+            del self.sessions[token]  # expired, or the account was removed
             s = None
         return s
 
@@ -91,16 +94,28 @@ class Auth:
         if self.throttled(addr):
             return self._form("Too many failed sign-ins: wait a minute.", 429)
         user, password = str(form.get("user", "")), str(form.get("password", ""))
-        ok = user in OPERATORS and await asyncio.to_thread(self.site.creds.verify, user, password)
+        ok = await asyncio.to_thread(self.verify, user, password)
         if not ok:
             self.fails.setdefault(addr, []).append(time.monotonic())
             return self._form("Wrong user or password.", 401)
         token = secrets.token_urlsafe(32)
         self.sessions[token] = Session(user, secrets.token_urlsafe(24), time.time() + SESSION_S)
+        log.info("%s signed in from %s", user, addr)
         resp = web.HTTPSeeOther("/fleet")
         resp.set_cookie(COOKIE, token, secure=True, httponly=True, samesite="Strict", max_age=SESSION_S, path="/")
         resp.del_cookie(LOGIN_COOKIE, path="/login")
         return resp
+
+    def verify(self, user: str, password: str) -> bool:
+        """The operator identity against the site's password file; anyone else against the
+        accounts file only (a device's name and password are not in it)."""
+        if user == OPERATOR:
+            return self.site.creds.verify(user, password)
+        try:
+            check_account(user)
+        except ValueError:
+            return False
+        return self.site.accounts.verify(user, password)
 
     async def logout(self, request: web.Request) -> web.Response:
         if await self.action(request) is None:
