@@ -314,6 +314,32 @@ def test_a_roll_back_goes_out_at_the_drivers_next_step(tmp_path):
     assert step(driver, fleet) == []  # and once only, while the devices take it
 
 
+def test_a_roll_back_asked_for_while_a_driver_judges_its_devices_is_not_undone(tmp_path):
+    """The dashboard's Roll back lands between the CLI driver's read of the targets and its
+    write of their outcomes: the driver writes nothing over it, and its next step sends the
+    roll back."""
+    db, fleet, engine = make(tmp_path, 2, batches=["100%"], timeout_s=10)
+    step(engine, fleet)  # both targeted, running 1.0.0
+    other = ro.RolloutDB(tmp_path / "rollouts.db")
+    real_targets = db.targets
+    asked = []
+
+    def targets_then_roll_back(rid):
+        out = real_targets(rid)
+        if not asked:
+            asked.extend(ro.Engine(other, rid, RELEASES.get).roll_back(fleet.t))
+        return out
+    db.targets = targets_then_roll_back
+    fleet.tick(20)
+    engine.step(fleet.shadows(), fleet.t)  # both time out in this step
+    db.targets = real_targets
+    assert len(asked) == 2
+    got = {t.device: (t.state, t.rollback) for t in db.targets(engine.id)}
+    assert got == {"dev-00": (ro.STOPPED, ro.RB_REQUESTED), "dev-01": (ro.STOPPED, ro.RB_REQUESTED)}
+    assert sorted((s.device, s.release.version) for s in step(engine, fleet)) == [("dev-00", "1.0.0"),
+                                                                                  ("dev-01", "1.0.0")]
+
+
 def test_a_cancel_that_lands_while_a_batch_opens_wins(tmp_path):
     db, fleet, engine = make(tmp_path, 20)
     step(engine, fleet)

@@ -273,12 +273,52 @@ class RolloutDB:
                                  (device,))
         return [(r[0], Target(*r[1:])) for r in rows]
 
-    def save_targets(self, rollout_id: str, targets: list[Target]) -> None:
-        cols = [f.name for f in Target.__dataclass_fields__.values() if f.name != "device"]
+    # Each write names the columns it changes and the state it expects them in: a cancel or
+    # roll back from another process, between a driver's read and its write, is not undone.
+
+    def save_outcomes(self, rollout_id: str, targets: list[Target]) -> None:
+        """Devices a driver judged (state, error, finished_at): only while still in progress
+        with no roll back asked for."""
         with self.conn:
             self.conn.executemany(
-                f"UPDATE targets SET {', '.join(c + ' = ?' for c in cols)} WHERE rollout = ? AND device = ?",
-                [tuple(getattr(t, c) for c in cols) + (rollout_id, t.device) for t in targets])
+                "UPDATE targets SET state = ?, error = ?, finished_at = ? WHERE rollout = ? AND device = ?"
+                " AND state = ? AND rollback IS NULL",
+                [(t.state, t.error, t.finished_at, rollout_id, t.device, IN_PROGRESS) for t in targets])
+
+    def save_rollbacks_ended(self, rollout_id: str, targets: list[Target]) -> None:
+        """Roll backs a driver followed to their end (done, no previous release, timeout)."""
+        with self.conn:
+            self.conn.executemany("UPDATE targets SET rollback = ? WHERE rollout = ? AND device = ? AND rollback = ?",
+                                  [(t.rollback, rollout_id, t.device, RB_REQUESTED) for t in targets])
+
+    def skip_pending(self, rollout_id: str) -> None:
+        with self.conn:
+            self.conn.execute("UPDATE targets SET state = ? WHERE rollout = ? AND state = ?",
+                              (SKIPPED, rollout_id, PENDING))
+
+    def request_rollbacks(self, rollout_id: str, targets: list[Target]) -> list[str]:
+        """Ask for each target's roll back (or record that it has no previous release), unless
+        one is already asked for or done; a device still in progress is stopped. The devices
+        whose roll back this call asked for."""
+        asked = []
+        with sqlite_transaction(self.conn):
+            for t in targets:
+                stop = t.rollback == RB_REQUESTED
+                # published_at cleared: whoever drives it sends the roll back at its next step,
+                # not REPUBLISH_S after the device was targeted.
+                n = self.conn.execute(
+                    "UPDATE targets SET rollback = ?,"
+                    " rollback_at = CASE WHEN ? THEN ? ELSE rollback_at END,"
+                    " published_at = CASE WHEN ? THEN NULL ELSE published_at END,"
+                    " finished_at = CASE WHEN ? AND state = ? THEN ? ELSE finished_at END,"
+                    " state = CASE WHEN ? AND state = ? THEN ? ELSE state END"
+                    " WHERE rollout = ? AND device = ? AND state NOT IN (?, ?)"
+                    " AND (rollback IS NULL OR rollback NOT IN (?, ?))",
+                    (t.rollback, stop, t.rollback_at, stop, stop, IN_PROGRESS, t.rollback_at, stop, IN_PROGRESS,
+                     STOPPED, rollout_id, t.device, PENDING, SKIPPED, RB_REQUESTED, RB_DONE)).rowcount
+                if n and stop:
+                    asked.append(t.device)
+        return asked
 
     def start_targets(self, rollout_id: str, targets: list[Target]) -> bool:
         """Save newly targeted devices, in one transaction and only while the rollout still
@@ -350,7 +390,8 @@ class Engine:
         targets = self.db.targets(self.id)
         p = info.policy
         sends: list[Send] = []
-        changed: list[Target] = []
+        judged: list[Target] = []  # devices with an outcome now
+        followed: list[Target] = []  # roll backs that ended now
 
         for t in targets:
             shadow = shadows.get(t.device)
@@ -366,11 +407,11 @@ class Engine:
                     verdict, err = FAILED, E_TIMEOUT
                 if verdict != IN_PROGRESS:
                     t.state, t.error, t.finished_at = verdict, err, now
-                    changed.append(t)
+                    judged.append(t)
                 elif desired != info.sha256 and now - (t.published_at or 0) > REPUBLISH_S:
                     sends.append(Send(t.device, self.release))  # lost, or sent before a crash
             if t.rollback == RB_REQUESTED:
-                self._follow_rollback(t, shadow, now, sends, changed)
+                self._follow_rollback(t, shadow, now, sends, followed)
 
         c = counts(targets)
         if info.state == RUNNING:
@@ -388,8 +429,7 @@ class Engine:
                 reason = (f"batch {info.batch + 1} finished with {ok} of {len(in_batch)} succeeded "
                           f"(needs {p.success_pct:g}%)")
             if reason is not None:
-                self.db.save_targets(self.id, changed)
-                changed = []
+                self._save(judged, followed)
                 sends = self.abort(reason, now)  # nothing more of this release goes out
             else:
                 batch = info.batch
@@ -401,18 +441,23 @@ class Engine:
                 if batch != info.batch:
                     self.db.set_state(self.id, RUNNING, batch=batch)
                     info.batch = batch
-                self.db.save_targets(self.id, changed)
-                changed = [t for t in targets if t.state == PENDING and t.batch <= info.batch]
-                for t in changed:
+                self._save(judged, followed)
+                starting = [t for t in targets if t.state == PENDING and t.batch <= info.batch]
+                for t in starting:
                     self._target(t, shadows.get(t.device), now)
-                if changed and self.db.start_targets(self.id, changed):
-                    sends += [Send(t.device, self.release) for t in changed]
-                changed = []
+                if starting and self.db.start_targets(self.id, starting):
+                    sends += [Send(t.device, self.release) for t in starting]
                 if all(t.state in (SUCCEEDED, FAILED) for t in targets):
                     self.db.set_state(self.id, COMPLETED)
-        self.db.save_targets(self.id, changed)
+        self._save(judged, followed)
         self.info = self.db.info(self.id)
         return sends
+
+    def _save(self, judged: list[Target], followed: list[Target]) -> None:
+        self.db.save_outcomes(self.id, judged)
+        self.db.save_rollbacks_ended(self.id, followed)
+        judged.clear()
+        followed.clear()
 
     def _target(self, t: Target, shadow: Shadow | None, now: float) -> None:
         rep = shadow.reported if shadow is not None else {}
@@ -421,17 +466,17 @@ class Engine:
         t.state, t.targeted_at = IN_PROGRESS, now
 
     def _follow_rollback(self, t: Target, shadow: Shadow | None, now: float, sends: list[Send],
-                         changed: list[Target]) -> None:
+                         ended: list[Target]) -> None:
         prev = self.release_by_sha(t.prev_sha256)
         if prev is None:
             t.rollback = RB_NO_PREVIOUS
-            changed.append(t)
+            ended.append(t)
         elif judge(shadow, prev.sha256, prev.version, 1)[0] == SUCCEEDED:
             t.rollback = RB_DONE
-            changed.append(t)
+            ended.append(t)
         elif now - t.rollback_at > self.info.policy.timeout_s:
             t.rollback = RB_TIMEOUT
-            changed.append(t)
+            ended.append(t)
         elif desired_since(shadow, prev.sha256) is None and now - (t.published_at or 0) > REPUBLISH_S:
             sends.append(Send(t.device, prev, allow_downgrade=True))
 
@@ -447,11 +492,7 @@ class Engine:
         now = time.time() if now is None else now
         if not self.db.set_state(self.id, state, reason):
             return []
-        targets = self.db.targets(self.id)
-        for t in targets:
-            if t.state == PENDING:
-                t.state = SKIPPED
-        self.db.save_targets(self.id, targets)
+        self.db.skip_pending(self.id)
         if state == ABORTED and self.info.policy.rollback_on_abort:
             return self.roll_back(now)
         return []
@@ -461,28 +502,31 @@ class Engine:
         now = time.time() if now is None else now
         if self.db.info(self.id).state == RUNNING:
             self.abort("rolled back by the operator", now, CANCELLED)
-        sends: list[Send] = []
-        targets = self.db.targets(self.id)
-        for t in targets:
+        touched, previous = [], {}
+        for t in self.db.targets(self.id):
             if t.state in (PENDING, SKIPPED) or t.rollback in (RB_REQUESTED, RB_DONE):
                 continue
             prev = self.release_by_sha(t.prev_sha256) if t.prev_sha256 else None
             if prev is None:
                 t.rollback = RB_NO_PREVIOUS  # it ran an image that is not one of our releases
-                continue
-            # published_at cleared: whoever drives it sends these at its next step, not after REPUBLISH_S
-            t.rollback, t.rollback_at, t.published_at = RB_REQUESTED, now, None
-            if t.state == IN_PROGRESS:
-                t.state, t.finished_at = STOPPED, now
-            sends.append(Send(t.device, prev, allow_downgrade=True))
-        self.db.save_targets(self.id, targets)
-        return sends
+            else:
+                t.rollback, t.rollback_at, previous[t.device] = RB_REQUESTED, now, prev
+            touched.append(t)
+        return [Send(d, previous[d], allow_downgrade=True) for d in self.db.request_rollbacks(self.id, touched)]
 
-    def sent(self, devices: list[str], now: float | None = None) -> None:
+    def sent(self, sends: list[Send | str], now: float | None = None) -> None:
+        """Record that `sends` (what step() returned) went out. A send of this release is not
+        recorded over a roll back asked for since the step (that would hold the roll back
+        back for REPUBLISH_S); a bare device id is recorded whatever."""
         now = time.time() if now is None else now
+        forward = [s.device for s in sends if isinstance(s, Send) and not s.allow_downgrade]
+        other = [s.device if isinstance(s, Send) else s for s in sends
+                 if not (isinstance(s, Send) and not s.allow_downgrade)]
         with self.db.conn:
             self.db.conn.executemany("UPDATE targets SET published_at = ? WHERE rollout = ? AND device = ?",
-                                     [(now, self.id, d) for d in devices])
+                                     [(now, self.id, d) for d in other])
+            self.db.conn.executemany("UPDATE targets SET published_at = ? WHERE rollout = ? AND device = ?"
+                                     " AND rollback IS NULL", [(now, self.id, d) for d in forward])
 
     def settled(self) -> bool:
         """Nothing left to do: the rollout has ended and no roll back is under way."""
@@ -546,10 +590,12 @@ async def drive(engine: Engine, read_shadows: ShadowReader, publish: Publisher, 
     devices = [t.device for t in engine.db.targets(engine.id)]
     with sole_driver(engine.db, engine.id):
         while True:
-            sends = engine.step(read_shadows(devices))
+            # The shadows are read in a thread: at 10,000 devices that takes a tenth of a second,
+            # which the dashboard's pages, on the same loop, should not wait for.
+            sends = engine.step(await asyncio.to_thread(read_shadows, devices))
             for s in sends:
                 await publish(s)
-            engine.sent([s.device for s in sends])
+            engine.sent(sends)
             if on_tick is not None:
                 on_tick(engine.info, engine.db.targets(engine.id))
             if engine.settled():
