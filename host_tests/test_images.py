@@ -77,6 +77,21 @@ def test_releases_are_immutable(tmp_path):
     assert [r.version for r in reg.list()] == ["1.0.0"]
 
 
+def test_releases_added_at_once_are_all_kept(tmp_path):
+    """The CLI and the dashboard's uploads may add releases at the same moment: each is kept
+    (the index is read, changed and written under a lock)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    reg = Registry(tmp_path)
+    images = {f"1.0.{i}": build_app_image(f"1.0.{i}", 40_000 + i) for i in range(8)}
+    with ThreadPoolExecutor(8) as pool:
+        added = list(pool.map(lambda v: reg.add(images[v], v), images))
+    assert sorted(r.version for r in reg.list()) == sorted(images) == sorted(r.version for r in added)
+    for r in added:
+        assert reg.path_of(r.sha256).read_bytes() == images[r.version]
+    assert not list(tmp_path.glob("*.tmp"))
+
+
 def test_provision_emulate_and_release_refuse_what_image_check_refuses_with_its_codes(tmp_path):
     """One check, one set of codes, wherever an image enters (site without services: provision
     refuses the image before it asks for them)."""

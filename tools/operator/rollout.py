@@ -224,6 +224,7 @@ class RolloutDB:
             " prev_version TEXT, prev_sha256 TEXT, prev_desired TEXT, targeted_at REAL, published_at REAL,"
             " finished_at REAL, rollback TEXT, rollback_at REAL, PRIMARY KEY (rollout, device));"
             "CREATE INDEX IF NOT EXISTS targets_by_device ON targets (device);"
+            "CREATE INDEX IF NOT EXISTS targets_rolling_back ON targets (rollback) WHERE rollback = 'requested';"
         )
 
     def create(self, release: Release, devices: list[str], policy: Policy) -> RolloutInfo:
@@ -255,6 +256,13 @@ class RolloutDB:
             raise RolloutError(f"no rollout {rollout_id}")
         return RolloutInfo(row[0], row[1], row[2], row[3], Policy(**json.loads(row[4])), row[5], row[6],
                            json.loads(row[7]), row[8], row[9], row[10])
+
+    def watched(self, since: float) -> list[RolloutInfo]:
+        """Rollouts that may still change: running, rolling back, or changed since `since`."""
+        rows = self.conn.execute("SELECT id FROM rollouts WHERE state = ? OR updated >= ? OR id IN"
+                                 f" (SELECT rollout FROM targets WHERE rollback = '{RB_REQUESTED}') ORDER BY created",
+                                 (RUNNING, since))  # a literal: the partial index applies
+        return [self.info(r[0]) for r in rows.fetchall()]
 
     def list(self) -> list[RolloutInfo]:
         return [self.info(r[0]) for r in self.conn.execute("SELECT id FROM rollouts ORDER BY created")]

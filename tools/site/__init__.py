@@ -57,7 +57,7 @@ class Site:
         self.pki: PKI = ensure_pki(self.root / "pki", names)
         self.creds = Credentials(self.root / "passwd")
         # People who sign in to the dashboard: no broker or store reads this file.
-        self.accounts = Credentials(self.root / "accounts", mosquitto=False)
+        self.accounts = Credentials(self.root / "accounts", mosquitto=False, chosen=True)
         self.trust = Trust(self.root / "signing.json")
         if new:
             self.trust.require(True)  # a new site installs signed releases only

@@ -20,6 +20,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import fcntl
+import functools
 import hashlib
 import hmac
 import os
@@ -58,6 +59,11 @@ def _verify_fast(h: str, password: str) -> bool:
 _DUMMY = _fast_hash("y" * 32)
 
 
+@functools.cache
+def _slow_dummy() -> str:
+    return _HASHER.hash("y" * 32)
+
+
 def mosquitto_hash(password: str) -> str:
     """A password in mosquitto 2's file format: PBKDF2-SHA512, 101 rounds, 12-byte salt."""
     salt = os.urandom(12)
@@ -68,9 +74,12 @@ def mosquitto_hash(password: str) -> str:
 class Credentials:
     """A password file that reloads itself when it changes on disk."""
 
-    def __init__(self, path: Path, mosquitto: bool = True):
-        """`mosquitto`: keep the broker's copy beside it (a file no broker reads has none)."""
+    def __init__(self, path: Path, mosquitto: bool = True, chosen: bool = False):
+        """`mosquitto`: keep the broker's copy beside it (a file no broker reads has none).
+        `chosen`: passwords people chose (argon2id): an unknown name costs an argon2id check
+        too, so the time of an answer does not tell which names exist."""
         self.path = Path(path)
+        self.chosen = chosen
         self.mosquitto_path = self.path.with_name(self.path.name + ".mosquitto") if mosquitto else None
         self._lock = threading.Lock()
         self._mtime: tuple[int, int, int] | None = None
@@ -104,8 +113,14 @@ class Credentials:
     def verify(self, name: str, password: str) -> bool:
         h = self._load().get(name)
         if h is None or not password:
-            # Spend what checking a generated password costs, so probing for names teaches nothing.
-            _verify_fast(_DUMMY, "x" * 32)
+            # Spend what checking a password costs, so probing for names teaches nothing.
+            if self.chosen:
+                try:
+                    _HASHER.verify(_slow_dummy(), "x" * 32)
+                except VerificationError:
+                    pass
+            else:
+                _verify_fast(_DUMMY, "x" * 32)
             return False
         if h.startswith(_FAST):
             return _verify_fast(h, password)
@@ -113,6 +128,12 @@ class Credentials:
             return _HASHER.verify(h, password)
         except (VerificationError, InvalidHashError):
             return False
+
+    def fingerprint(self, name: str) -> str | None:
+        """A digest of `name`'s stored hash (None if unknown): it changes whenever the password
+        is set again, so a session can end with the password it was opened with."""
+        h = self._load().get(name)
+        return None if h is None else hashlib.sha256(h.encode()).hexdigest()[:16]
 
     @contextlib.contextmanager
     def _editing(self):

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -14,6 +16,19 @@ from tools.site.signing import SigningError, Trust, Verified, check_matches, par
 
 class ReleaseError(Exception):
     pass
+
+
+def _write_replacing(path: Path, data: bytes, mode: int) -> None:
+    """Write a file whole under a name of its own, then rename it into place."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 @dataclass(frozen=True)
@@ -87,25 +102,24 @@ class Registry:
             raise ReleaseError("unsigned: this site installs signed releases only; sign the image where the key "
                                "is (`fleet-ota sign`), then `release IMAGE --signature BUNDLE`")
         check_version(version)
-        index = self._index()
-        old = index.get(version)
-        if old:
-            if old["sha256"] == report.sha256 and old.get("signature") == signature:
-                return Release(**old)
-            raise ReleaseError(f"release {version} exists with another image or signature; releases are immutable")
         self.dir.mkdir(parents=True, exist_ok=True)
-        path = self.path_of(report.sha256)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_bytes(data)
-        os.chmod(tmp, 0o444)
-        tmp.replace(path)
-        rel = Release(version, report.sha256, report.size, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                      signature)
-        index[version] = asdict(rel)
-        itmp = self.dir / "index.tmp"
-        itmp.write_text(json.dumps(index, indent=1, sort_keys=True))
-        itmp.replace(self.dir / "index.json")
-        return rel
+        # One writer at a time (the CLI, the dashboard's uploads): the index is read, changed
+        # and written whole, and a second writer would lose the first one's release.
+        with open(self.dir / ".lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            index = self._index()
+            old = index.get(version)
+            if old:
+                if old["sha256"] == report.sha256 and old.get("signature") == signature:
+                    return Release(**old)
+                raise ReleaseError(f"release {version} exists with another image or signature; releases are immutable")
+            path = self.path_of(report.sha256)
+            _write_replacing(path, data, 0o444)
+            rel = Release(version, report.sha256, report.size, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                          signature)
+            index[version] = asdict(rel)
+            _write_replacing(self.dir / "index.json", json.dumps(index, indent=1, sort_keys=True).encode(), 0o644)
+            return rel
 
     def add_files(self, image: bytes, bundle: bytes | None = None, version: str | None = None,
                   image_name: str = "image", bundle_name: str = "signature") -> Release:

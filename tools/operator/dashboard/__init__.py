@@ -20,8 +20,10 @@ import time
 from collections import deque
 from urllib.parse import quote, urlencode
 
-import aiomqtt
-from aiohttp import web
+import hmac
+
+from aiohttp import BodyPartReader, web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from firmware import contract
 from tools.control.clients import service_client
@@ -30,7 +32,7 @@ from tools.espidf.onflash import SLOT_SIZE
 from tools.operator import client as op
 from tools.operator import rollout as ro
 from tools.operator.dashboard import views
-from tools.operator.dashboard.auth import Auth, forbidden
+from tools.operator.dashboard.auth import COOKIE, Auth, forbidden
 from tools.operator.dashboard.fleetindex import FleetIndex
 from tools.operator.dashboard.live import LIVE_JS, Live
 from tools.operator.dashboard.rollouts import Rollouts
@@ -44,6 +46,7 @@ log = logging.getLogger("dashboard")
 
 HISTORY = 20  # documents kept per device for its page (since the dashboard started)
 UPLOAD_MAX = SLOT_SIZE + 64 * 1024  # an image no bigger than a slot, and its signature bundle
+ROLLOUTS_PAGE = 20  # rollouts a page lists, newest first
 
 
 class Dashboard:
@@ -84,8 +87,8 @@ class Dashboard:
                     self.reading = asyncio.create_task(self.index.refresh())  # held: a task nobody holds may vanish
                     async for msg in client.messages:
                         self.publish(str(msg.topic), bytes(msg.payload))
-            except (aiomqtt.MqttError, OSError) as e:
-                log.warning("broker: %s; following again in %.0f s", e, delay)
+            except Exception as e:  # the broker gone, or anything else: the pages must not stop changing
+                log.warning("following the documents: %s; again in %.0f s", e, delay)
                 await asyncio.sleep(delay)
                 delay = min(30.0, delay * 2)
 
@@ -116,10 +119,7 @@ def make_app(site: Site) -> web.Application:
                 problem = problem or f"no group {q['group']!r}"
         rows = dash.index.query(q.get("state", ""), q.get("version", ""), patterns, q.get("q", "").strip(),
                                 q.get("sort", "device"))
-        running = ""
-        if site.rollouts_path.exists():
-            with dash.rollouts.db() as db:
-                running = dash.rollouts.sections(db, [i for i in db.list() if i.state == ro.RUNNING])
+        running = await asyncio.to_thread(dash.rollouts.render, lambda infos: [i for i in infos if i.state == ro.RUNNING])
         now = time.time()
         return page(request, s, "Fleet", views.fleet(rows, q, dash.index.versions(), sorted(groups), now, running,
                                                       problem), live=True)
@@ -127,14 +127,13 @@ def make_app(site: Site) -> web.Application:
     async def device_page(request: web.Request) -> web.Response:
         s = auth.signed_in(request)
         device = request.match_info["device"]
+        if not contract.valid_device_id(device):
+            return page(request, s, "No such device", views.alert(f"{device!r} is not a device id"), 404)
         try:
             doc = await op.get_shadow(site, device)
         except op.OperatorError as e:
             return page(request, s, device, views.alert(str(e)), 404 if "404" in str(e) else 502)
-        runs = []
-        if site.rollouts_path.exists():
-            with dash.rollouts.db() as db:
-                runs = db.of_device(device)
+        runs = await asyncio.to_thread(dash.rollouts.of_device, device)
         return page(request, s, device, views.device(device, doc, dash.history.get(device, ()), site.releases.list(),
                                                      runs, request.query.get("said")))
 
@@ -145,6 +144,8 @@ def make_app(site: Site) -> web.Application:
         s, form = checked
         device = request.match_info["device"]
         rel = site.releases.get(str(form.get("version", "")))
+        if not contract.valid_device_id(device):
+            raise web.HTTPNotFound(text=f"{device!r} is not a device id")
         if rel is None:
             said = "No such release."
         else:
@@ -168,15 +169,17 @@ def make_app(site: Site) -> web.Application:
             return forbidden()
         fields: dict[str, bytes] = {}
         names: dict[str, str] = {}
+        if not request.content_type.startswith("multipart/form-data"):
+            return await releases_page(request, "Not a form this page sends.", status=400)
         try:
             reader = await request.multipart()
             while (part := await reader.next()) is not None:
-                if part.name in ("csrf", "version", "image", "signature"):
+                if isinstance(part, BodyPartReader) and part.name in ("csrf", "version", "image", "signature"):
                     fields[part.name] = bytes(await part.read())
                     names[part.name] = part.filename or part.name
-        except (ValueError, web.HTTPException):
+        except (ValueError, AssertionError, HttpProcessingError):  # a body that is not the form's
             return await releases_page(request, "Not a form this page sends.", status=400)
-        if fields.get("csrf", b"").decode(errors="replace") != s.csrf:
+        if not hmac.compare_digest(fields.get("csrf", b""), s.csrf.encode()):
             return forbidden()
         version = fields.get("version", b"").decode(errors="replace").strip()
         image = fields.get("image") or b""
@@ -195,13 +198,21 @@ def make_app(site: Site) -> web.Application:
                             status: int = 200) -> web.Response:
         s = auth.signed_in(request)
         groups, problem = dash.groups()
-        listed = ""
-        if site.rollouts_path.exists():
-            with dash.rollouts.db() as db:
-                listed = dash.rollouts.sections(db, list(reversed(db.list())))
+        try:
+            number = max(1, int(request.query.get("page", "1")))
+        except ValueError:
+            number = 1
+        shown: list[int] = []
+
+        def newest(infos):
+            shown.append(len(infos))
+            return list(reversed(infos))[(number - 1) * ROLLOUTS_PAGE: number * ROLLOUTS_PAGE]
+        listed = await asyncio.to_thread(dash.rollouts.render, newest)
+        more = f'<p><a href="/rollouts?page={number + 1}" rel="next">Older rollouts</a></p>' \
+            if shown and shown[0] > number * ROLLOUTS_PAGE else ""
         body = (views.said(request.query.get("said")) + views.alert(problem)
                 + views.start_form(site.releases.list(), sorted(groups), values or {}, error)
-                + "<h2>Rollouts</h2>" + (listed or "<p>none yet</p>"))
+                + "<h2>Rollouts</h2>" + (listed or "<p>none yet</p>") + more)
         return page(request, s, "Rollouts", body, status, live=True)
 
     async def start_rollout(request: web.Request) -> web.Response:
@@ -262,10 +273,11 @@ def make_app(site: Site) -> web.Application:
         return web.Response(text=LIVE_JS, content_type="text/javascript", headers={"Cache-Control": "no-store"})
 
     async def events(request: web.Request) -> web.StreamResponse:
-        s = auth.session(request)
+        token = request.cookies.get(COOKIE, "")
+        s = auth.valid(token)
         if s is None:
             return web.Response(status=403, text="forbidden: not signed in")
-        return await dash.live.stream(request, s.csrf)
+        return await dash.live.stream(request, s.csrf, lambda: auth.valid(token) is s)
 
     async def close_streams(app: web.Application) -> None:
         dash.live.close()
@@ -279,16 +291,22 @@ def make_app(site: Site) -> web.Application:
         await dash.rollouts.stop()
 
     @web.middleware
-    async def timed(request: web.Request, handler):
-        """Server-Timing: what the server spent on a page (browsers' developer tools show it;
-        the dashboard benchmark reads it)."""
+    async def headers(request: web.Request, handler):
+        """The security headers on every answer, and Server-Timing: what the server spent on
+        it (browsers' developer tools show it; the dashboard benchmark reads it)."""
         t0 = time.perf_counter()
-        resp = await handler(request)
+        try:
+            resp = await handler(request)
+        except web.HTTPException as e:  # redirects and refusals are answers too
+            resp = e
         if not resp.prepared:
+            resp.headers.update(views.SECURITY_HEADERS)
             resp.headers["Server-Timing"] = f"app;dur={(time.perf_counter() - t0) * 1000:.2f}"
+        if isinstance(resp, web.HTTPException):
+            raise resp
         return resp
 
-    app = web.Application(client_max_size=UPLOAD_MAX, middlewares=[timed])
+    app = web.Application(client_max_size=UPLOAD_MAX, middlewares=[headers])
     app.cleanup_ctx.append(background)
     app.on_shutdown.append(close_streams)
     app.router.add_get("/", root)

@@ -23,10 +23,12 @@ from tools.site.identities import OPERATOR, check_account
 log = logging.getLogger("dashboard")
 
 SESSION_S = 8 * 3600
-COOKIE = "fleet_session"
+COOKIE = "__Host-fleet_session"  # __Host-: only over HTTPS, for this host and every path, never a domain's
 LOGIN_COOKIE = "fleet_login"  # the sign-in form's CSRF token (double-submit), before a session exists
 FAILS_ALLOWED = 5  # failed sign-ins per address per FAIL_WINDOW_S
 FAIL_WINDOW_S = 60
+FORM_MAX = 64 * 1024  # a form of ours is far smaller; the release upload has its own limit
+CHECKS_AT_ONCE = 2  # password checks running together (argon2id: ~20 ms of CPU and 19 MiB each)
 
 
 @dataclass
@@ -34,6 +36,7 @@ class Session:
     user: str
     csrf: str
     expires: float
+    password: str  # the fingerprint of the password it was opened with (Credentials.fingerprint)
 
 
 def forbidden() -> web.Response:
@@ -44,13 +47,21 @@ class Auth:
     def __init__(self, site):
         self.site = site
         self.sessions: dict[str, Session] = {}
-        self.fails: dict[str, list[float]] = {}  # failed sign-ins by address
+        self.fails: dict[str, list[float]] = {}  # failed (and pending) sign-ins by address
+        self.checking: asyncio.Semaphore | None = None
+
+    def _creds(self, user: str):
+        return self.site.creds if user == OPERATOR else self.site.accounts
 
     def session(self, request: web.Request) -> Session | None:
-        token = request.cookies.get(COOKIE, "")
+        return self.valid(request.cookies.get(COOKIE, ""))
+
+    def valid(self, token: str) -> Session | None:
+        """The session of `token`, if it has not expired and its password is still the one it
+        was opened with (an account removed or given a new password ends its sessions)."""
         s = self.sessions.get(token)
-        if s is not None and (s.expires < time.time() or s.user != OPERATOR and not self.site.accounts.known(s.user)):
-            del self.sessions[token]  # expired, or the account was removed
+        if s is not None and (s.expires < time.time() or self._creds(s.user).fingerprint(s.user) != s.password):
+            del self.sessions[token]
             s = None
         return s
 
@@ -62,19 +73,24 @@ class Auth:
         return s
 
     async def action(self, request: web.Request):
-        """(session, form) of a POST from one of our pages; None if it is not one."""
+        """(session, form) of a POST from one of our pages; None if it is not one. The body
+        is read only for a session."""
         s = self.session(request)
-        form = await request.post()
-        if s is None or not hmac.compare_digest(str(form.get("csrf", "")), s.csrf):
+        if s is None:
+            return None
+        form = await read_form(request)
+        if not hmac.compare_digest(str(form.get("csrf", "")), s.csrf):
             return None
         return s, form
 
-    def throttled(self, addr: str) -> bool:
+    def throttled(self, addr: str, pending: float | None = None) -> bool:
+        """FAILS_ALLOWED failed sign-ins from `addr` in the last FAIL_WINDOW_S (besides
+        `pending`, the attempt being made)."""
         now = time.monotonic()
         recent = [t for t in self.fails.pop(addr, []) if now - t < FAIL_WINDOW_S]
         if recent:
             self.fails[addr] = recent
-        return len(recent) >= FAILS_ALLOWED
+        return sum(t != pending for t in recent) >= FAILS_ALLOWED
 
     def _form(self, error: str | None = None, status: int = 200) -> web.Response:
         token = secrets.token_urlsafe(24)
@@ -86,20 +102,31 @@ class Auth:
         return self._form()
 
     async def login(self, request: web.Request) -> web.Response:
-        form = await request.post()
         addr = request.remote or "?"
+        if self.throttled(addr):
+            return self._form("Too many failed sign-ins: wait a minute.", 429)
+        form = await read_form(request)
         sent, kept = str(form.get("csrf", "")), request.cookies.get(LOGIN_COOKIE, "")
         if not kept or not hmac.compare_digest(sent, kept):
             return self._form("The form expired: sign in again.", 403)
-        if self.throttled(addr):
-            return self._form("Too many failed sign-ins: wait a minute.", 429)
         user, password = str(form.get("user", "")), str(form.get("password", ""))
-        ok = await asyncio.to_thread(self.verify, user, password)
+        # Counted as failed until it succeeds: attempts sent together are limited as well.
+        attempt = time.monotonic()
+        self.fails.setdefault(addr, []).append(attempt)
+        if self.throttled(addr, pending=attempt):
+            self.fails[addr].remove(attempt)
+            return self._form("Too many failed sign-ins: wait a minute.", 429)
+        if self.checking is None:
+            self.checking = asyncio.Semaphore(CHECKS_AT_ONCE)
+        async with self.checking:
+            ok = await asyncio.to_thread(self.verify, user, password)
         if not ok:
-            self.fails.setdefault(addr, []).append(time.monotonic())
             return self._form("Wrong user or password.", 401)
+        self.fails[addr].remove(attempt)
+        self.sessions.pop(request.cookies.get(COOKIE, ""), None)  # a new session, never the old one
         token = secrets.token_urlsafe(32)
-        self.sessions[token] = Session(user, secrets.token_urlsafe(24), time.time() + SESSION_S)
+        self.sessions[token] = Session(user, secrets.token_urlsafe(24), time.time() + SESSION_S,
+                                       self._creds(user).fingerprint(user) or "")
         log.info("%s signed in from %s", user, addr)
         resp = web.HTTPSeeOther("/fleet")
         resp.set_cookie(COOKIE, token, secure=True, httponly=True, samesite="Strict", max_age=SESSION_S, path="/")
@@ -124,3 +151,14 @@ class Auth:
         resp = web.HTTPSeeOther("/login")
         resp.del_cookie(COOKIE, path="/")
         return resp
+
+
+async def read_form(request: web.Request):
+    """A urlencoded form of ours; 413 for a body no form of ours has, 400 for one that is not
+    a form (not UTF-8, not urlencoded)."""
+    if request.content_length is not None and request.content_length > FORM_MAX:
+        raise web.HTTPRequestEntityTooLarge(FORM_MAX, request.content_length)
+    try:
+        return await request.post()
+    except (ValueError, AssertionError):  # UnicodeDecodeError is a ValueError
+        raise web.HTTPBadRequest(text="not a form from this site") from None

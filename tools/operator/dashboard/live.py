@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from typing import Callable
 
 from aiohttp import web
 
@@ -39,7 +40,9 @@ class Live:
             except asyncio.QueueFull:  # a page that stopped reading: its stream ends (it reconnects)
                 self.listeners.pop(q, None)
 
-    async def stream(self, request: web.Request, csrf: str) -> web.StreamResponse:
+    async def stream(self, request: web.Request, csrf: str, alive: Callable[[], bool]) -> web.StreamResponse:
+        """One page's stream, for as long as `alive()` (its session) holds: looked at before
+        each change and each heartbeat, so signing out or removing the account ends it."""
         q: asyncio.Queue = asyncio.Queue(QUEUE)
         self.listeners[q] = csrf
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-store"})
@@ -49,10 +52,12 @@ class Live:
                 try:
                     data = await asyncio.wait_for(q.get(), HEARTBEAT_S)
                 except TimeoutError:
+                    data = ""
+                if data is None or not alive():  # the dashboard is stopping, or the session ended
+                    break
+                if not data:
                     await resp.write(b": still here\n\n")
                     continue
-                if data is None:  # the dashboard is stopping
-                    break
                 await resp.write(f"data: {data}\n\n".encode())
         except (ConnectionResetError, asyncio.CancelledError):
             pass

@@ -56,6 +56,8 @@ class Rollouts:
         if other is not None:
             return f"{rollout_id} is driven by process {other}, which carries out any cancel or roll back."
         self.errors.pop(rollout_id, None)
+        for done in [r for r, t in self.tasks.items() if t.done()]:
+            del self.tasks[done]
         self.tasks[rollout_id] = asyncio.create_task(self._run(rollout_id), name=f"rollout {rollout_id}")
         return f"{rollout_id} is driven by the dashboard."
 
@@ -82,26 +84,43 @@ class Rollouts:
                               + "</section>")
         return out
 
-    def sections(self, db: ro.RolloutDB, which) -> str:
-        return "".join(self.section(db, i) for i in which)
+    def render(self, select) -> str:
+        """The sections of the rollouts `select` picks from all of them (oldest first). Opens
+        its own connection: called in a thread, off the pages' event loop."""
+        if not self.site.rollouts_path.exists():
+            return ""
+        with self.db() as db:
+            return "".join(self.section(db, i) for i in select(db.list()))
+
+    def of_device(self, device: str) -> list:
+        if not self.site.rollouts_path.exists():
+            return []
+        with self.db() as db:
+            return db.of_device(device)
+
+    def changed(self) -> list[tuple[str, str]]:
+        """(rollout id, section) of each watched rollout whose section changed since last
+        pushed: those running, rolling back, or ended in the last RECENT_S. In a thread."""
+        if not self.site.rollouts_path.exists():
+            return []
+        out = []
+        with self.db() as db:
+            for info in db.watched(time.time() - RECENT_S):
+                html = self.section(db, info)
+                if self.shown.get(info.id) != html:
+                    self.shown[info.id] = html
+                    out.append((info.id, html))
+        return out
 
     async def watch(self) -> None:
         """Push each watched rollout's section to open pages when it changes."""
         while True:
             await asyncio.sleep(WATCH_S)
-            if not self.live.listeners or not self.site.rollouts_path.exists():
+            if not self.live.listeners:
                 continue
             try:
-                with self.db() as db:
-                    for info in db.list():
-                        rolling_back = any(t.rollback == ro.RB_REQUESTED for t in db.targets(info.id)) \
-                            if info.state != ro.RUNNING else False
-                        if info.state != ro.RUNNING and not rolling_back and info.updated < time.time() - RECENT_S:
-                            continue
-                        html = self.section(db, info)
-                        if self.shown.get(info.id) != html:
-                            self.shown[info.id] = html
-                            self.live.push(f"rollout-{info.id}", html)
+                for rid, html in await asyncio.to_thread(self.changed):
+                    self.live.push(f"rollout-{rid}", html)
             except Exception as e:  # the database busy for a moment: the next look tries again
                 log.warning("watching rollouts: %s", e)
 

@@ -18,7 +18,9 @@ from tools.operator.status import DeviceStatus
 PAGE = 50  # rows per page
 STATES = ("idle", "downloading", "verifying", "rebooting", "trial", "failed")
 SORTS = ("device", "running", "state", "seen")
-CSRF_MARK = "\x00csrf\x00"  # stands for the session's token in HTML rendered once for every page
+# Stands for the session's token in HTML rendered once for every page: escaped text (all a
+# device or a file supplies) cannot contain "<", so nothing but our forms has it.
+CSRF_MARK = "<csrf>"
 STYLE = """
 body { font-family: system-ui, sans-serif; margin: 1rem; max-width: 80rem; }
 nav.top a { margin-right: 1rem; } .out { float: right; }
@@ -61,12 +63,18 @@ def page(title: str, body: str, user: str | None = None, csrf: str | None = None
 <html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
 <title>{html.escape(title)} - fleet</title><style>{STYLE}</style></head>
 <body{" data-live" if live else ""}>{top}<h1>{html.escape(title)}</h1>{body}<script src="/live.js"></script></body></html>"""
-    resp = web.Response(text=doc.replace(CSRF_MARK, csrf or ""), content_type="text/html", status=status)
-    resp.headers["Content-Security-Policy"] = ("default-src 'none'; style-src 'unsafe-inline'; script-src 'self'; "
-                                               "connect-src 'self'; form-action 'self'")
-    resp.headers["Cache-Control"] = "no-store"
-    resp.headers["X-Frame-Options"] = "DENY"
-    return resp
+    return web.Response(text=doc.replace(CSRF_MARK, csrf or ""), content_type="text/html", status=status)
+
+
+SECURITY_HEADERS = {  # on every answer (the app's middleware)
+    "Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'; script-src 'self'; connect-src 'self'; "
+                               "form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
+    "X-Frame-Options": "DENY",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "same-origin",
+    "Strict-Transport-Security": "max-age=31536000",
+    "Cache-Control": "no-store",
+}
 
 
 def said(message: str | None) -> str:
