@@ -36,6 +36,8 @@ def _seed(site):
         fw = {"version": "1.1.0" if i % 2 else "1.0.0", "sha256": "ab" * 32, "state": state, "slot": "ota_0",
               "error": "rolled_back" if state == "failed" else None, "attempts": 3 if state == "failed" else None,
               "progress": 40 if state == "downloading" else None}
+        if i == N - 2:  # the mark the server fills with a page's CSRF token, as a device's text
+            fw["error"] = "<csrf>"
         if i == N - 1:  # a hostile device: any JSON type in any field; the page must still be served
             fw = {"version": {"x": "<b>"}, "state": 5, "progress": "70", "attempts": "z", "error": ["<script>"],
                   "signer": 7}
@@ -167,6 +169,8 @@ def test_an_operator_signs_in_and_pages_through_the_fleet(site, dash, browser):
     browser.get(dash + "/fleet?page=3&sort=running")  # the hostile device's row, written as text
     cells = [c.text for c in browser.find_element(By.ID, "row-dev119").find_elements(By.TAG_NAME, "td")]
     assert cells[1] == '{"x": "<b>"} [7]' and cells[3] == "5" and cells[5] == '["<script>"]'
+    browser.get(dash + "/fleet?q=dev118")  # its error is the CSRF mark: shown as text, never filled in
+    assert browser.find_element(By.ID, "row-dev118").find_elements(By.TAG_NAME, "td")[5].text == "<csrf>"
 
     # Filters: the form's own controls, as a user would.
     from selenium.webdriver.support.ui import Select
@@ -629,3 +633,82 @@ def test_people_sign_in_with_accounts_of_their_own_which_removing_ends(site, das
     status, headers, _ = _request(dash, site, "GET", "/fleet", headers={"Cookie": session})
     assert (status, headers.get("Location")) == (303, "/login")
     assert sign_in("alice", "correct horse battery")[0] == 401
+
+
+def test_what_no_page_of_ours_sends_is_refused_in_one_line_and_sessions_end_with_their_password(
+        site, dash, mqtt_probe):
+    """Bodies that are not our forms get 400 or 413, never a 500; an odd device id is 404;
+    every answer carries the security headers; sign-ins sent at once are limited as if sent
+    one by one; a new password ends the sessions opened with the old one, and signing out
+    ends the page's event stream before it carries another row."""
+    import subprocess
+    import sys
+    import threading
+
+    from conftest import REPO
+
+    token = "t" * 32
+    login = f"{auth.LOGIN_COOKIE}={token}"
+    status, cookie, _ = _post(dash, site, "/login", {"user": OPERATOR, "password": site.service_password(OPERATOR),
+                                                     "csrf": token}, login)
+    session = cookie.split(";")[0]
+    form = {"Content-Type": "application/x-www-form-urlencoded"}
+    for path in ("/login", "/logout", "/rollouts", "/device/dev005/desired"):
+        got = _request(dash, site, "POST", path, b"\xff=1", dict(form, Cookie=session + "; " + login))
+        assert got[0] in (400, 403), (path, got)
+    big = _request(dash, site, "POST", "/rollouts", b"a=" + b"x" * 100_000, dict(form, Cookie=session))
+    assert big[0] == 413
+    for body, ctype in ((b"a=1", "application/x-www-form-urlencoded"),
+                        (b"--b\r\nContent-Type: multipart/mixed; boundary=c\r\n\r\n--c\r\n\r\nx\r\n--c--\r\n--b--\r\n",
+                         "multipart/form-data; boundary=b"),
+                        (b"--b\r\nContent-Disposition: form-data; name=\"image\"\r\n", "multipart/form-data; boundary=b")):
+        got = _request(dash, site, "POST", "/releases", body, {"Content-Type": ctype, "Cookie": session})
+        # not a form (400), or a form without the page's token (403): never a 500
+        assert got[0] == 400 and b"Not a form this page sends." in got[2] or got[0] == 403, got[:2]
+    for odd in ("%2B", "%23", "a%2Fb", "x" * 100):
+        status, headers, _ = _request(dash, site, "GET", f"/device/{odd}", headers={"Cookie": session})
+        assert status == 404, odd
+    for path in ("/fleet", "/live.js", "/nothing-here", "/login"):
+        headers = _request(dash, site, "GET", path, headers={"Cookie": session})[1]
+        assert "frame-ancestors 'none'" in headers["Content-Security-Policy"], path
+        assert headers["X-Content-Type-Options"] == "nosniff" and "Server-Timing" in headers, path
+
+    # An account given a new password: its old session ends.
+    def account(*args, stdin):
+        return subprocess.run([sys.executable, "-m", "tools", "account", *args, "--site", str(site.root)], cwd=REPO,
+                              input=stdin, capture_output=True, text=True, timeout=60)
+    account("add", "bob", "--password-stdin", stdin="first password here\n")
+    status, cookie, _ = _post(dash, site, "/login", {"user": "bob", "password": "first password here",
+                                                     "csrf": token}, login)
+    bob = cookie.split(";")[0]
+    assert _request(dash, site, "GET", "/fleet", headers={"Cookie": bob})[0] == 200
+    account("add", "bob", "--password-stdin", stdin="second password here\n")
+    assert _request(dash, site, "GET", "/fleet", headers={"Cookie": bob})[1].get("Location") == "/login"
+
+    # Ten wrong passwords at once: five are checked, the others refused unchecked.
+    codes = []
+    threads = [threading.Thread(target=lambda: codes.append(
+        _post(dash, site, "/login", {"user": "alice", "password": "wrong password!", "csrf": token}, login)[0]))
+        for _ in range(10)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(codes) == [401] * 5 + [429] * 5, codes
+
+    # Signing out ends the page's event stream: the next row is not sent to it.
+    host, port = dash[8:].split(":")
+    stream = http.client.HTTPSConnection(host, int(port), timeout=30,  # beyond a heartbeat
+                                         context=ssl.create_default_context(cafile=str(site.pki.ca_cert)))
+    stream.request("GET", "/events", headers={"Cookie": session})
+    events = stream.getresponse()
+    assert events.status == 200
+    page = _request(dash, site, "GET", "/fleet", headers={"Cookie": session})[2].decode()
+    csrf = page.split('name="csrf" value="')[1].split('"')[0]
+    assert _post(dash, site, "/logout", {"csrf": csrf}, session)[0] == 303
+    dev = mqtt_probe("dev007", site.creds.set("dev007"))
+    assert dev.connected() == 0
+    dev.publish("state/dev007/update", json.dumps({"state": {"reported": {"firmware": {"version": "secret-7"}}}}))
+    got = events.read()  # returns when the server ends the stream
+    assert b"secret-7" not in got
+    stream.close()

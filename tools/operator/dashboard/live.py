@@ -12,7 +12,7 @@ from aiohttp import web
 
 from tools.operator.dashboard.views import CSRF_MARK
 
-QUEUE = 1000  # changes a page may fall behind by before its stream is closed (it reconnects)
+QUEUE = 256  # changes a page may fall behind by before its stream is closed (it reconnects)
 HEARTBEAT_S = 15
 LIVE_JS = """// Rows and rollouts change as devices report: the server pushes each changed piece
 // (Server-Sent Events) and this puts it in place of the element with the same id.
