@@ -14,13 +14,12 @@ with the site's certificate.
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import logging
 import time
 from collections import deque
 from urllib.parse import quote, urlencode
-
-import hmac
 
 from aiohttp import BodyPartReader, web
 from aiohttp.http_exceptions import HttpProcessingError
