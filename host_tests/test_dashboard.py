@@ -712,3 +712,37 @@ def test_what_no_page_of_ours_sends_is_refused_in_one_line_and_sessions_end_with
     got = events.read()  # returns when the server ends the stream
     assert b"secret-7" not in got
     stream.close()
+
+
+def test_a_rollout_started_on_the_page_is_cancelled_by_the_cli_and_the_open_page_shows_it(
+        site, services, dash, browser, images):
+    """The other direction: `fleet-ota rollout cancel` stops a rollout the dashboard drives, and
+    the rollouts page, open all along, shows it cancelled without a reload. The seeded devices
+    never answer, so the rollout would otherwise run until its timeout."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
+    from conftest import release, wait_until
+
+    release(site, images["B"], "2.0.0")
+    _sign_in(browser, dash, OPERATOR, site.service_password(OPERATOR))
+    browser.get(dash + "/rollouts")
+    Select(browser.find_element(By.ID, "f-version")).select_by_value("2.0.0")
+    browser.find_element(By.CSS_SELECTOR, "input[name=targets][value=match]").click()
+    browser.find_element(By.ID, "f-match").send_keys("dev00*")
+    _submit(browser, browser.find_element(By.CSS_SELECTOR, "#start button[type=submit]"))
+    rid = browser.find_element(By.ID, "said").text.split()[1].rstrip(".")
+    browser.execute_script("window.notReloaded = true")
+
+    def state():
+        return browser.execute_script("const s = document.getElementById(arguments[0]);"
+                                      "return s && s.querySelector('.state').textContent", f"rollout-{rid}")
+    assert state() == "running (driven by the dashboard)"
+    listed = _cli(site, "rollout", "list").stdout
+    assert any(line.startswith(rid) and "2.0.0" in line and line.endswith("running") for line in listed.splitlines())
+    out = _cli(site, "rollout", "cancel", rid)
+    assert out.returncode == 0, out.stderr
+    wait_until(lambda: (state() or "").startswith("cancelled: cancelled by the operator"), 15, "the page to show it")
+    assert browser.execute_script("return window.notReloaded") is True
+    shown = json.loads(_cli(site, "rollout", "show", rid, "--json").stdout)
+    assert shown["state"] == "cancelled" and shown["counts"]["skipped"] == 9  # dev000-dev009: batch 1 had one
