@@ -185,6 +185,7 @@ def test_an_operator_signs_in_and_pages_through_the_fleet(site, dash, browser):
 
     _submit(browser, browser.find_element(By.CSS_SELECTOR, "form.out button"))  # sign out
     assert browser.current_url.endswith("/login")
+    assert not any(c["name"] == auth.COOKIE for c in browser.get_cookies())  # the browser dropped it too
     browser.get(dash + "/fleet")
     assert browser.current_url.endswith("/login")
 
@@ -194,7 +195,8 @@ def _request(base, site, method, path, body=None, headers=None):
     conn = http.client.HTTPSConnection(host, int(port), timeout=10,
                                        context=ssl.create_default_context(cafile=str(site.pki.ca_cert)))
     try:
-        conn.request(method, path, body, headers or {})
+        headers = headers or {}
+        conn.request(method, path, body, headers, encode_chunked=headers.get("Transfer-Encoding") == "chunked")
         r = conn.getresponse()
         return r.status, dict(r.getheaders()), r.read()
     finally:
@@ -658,6 +660,15 @@ def test_what_no_page_of_ours_sends_is_refused_in_one_line_and_sessions_end_with
         assert got[0] in (400, 403), (path, got)
     big = _request(dash, site, "POST", "/rollouts", b"a=" + b"x" * 100_000, dict(form, Cookie=session))
     assert big[0] == 413
+    chunked = _request(dash, site, "POST", "/login", iter([b"a=" + b"x" * 60_000] * 20),
+                       dict(form, Cookie=login, **{"Transfer-Encoding": "chunked"}))
+    assert chunked[0] == 413  # a body with no length is counted as it comes
+    for ctype, code in (("application/x-www-form-urlencoded; charset=bogus", 403),  # read as UTF-8: no token
+                        ("multipart/form-data; boundary=b", 400), ("text/plain", 400)):
+        got = _request(dash, site, "POST", "/rollouts", b"csrf=x", {"Content-Type": ctype, "Cookie": session})
+        assert got[0] == code, (ctype, got[:2])
+    got = _request(dash, site, "POST", "/login", "csrf=\u00e9&user=a&password=b".encode(), dict(form, Cookie=login))
+    assert got[0] == 403  # a token of any text is compared, not a crash
     for body, ctype in ((b"a=1", "application/x-www-form-urlencoded"),
                         (b"--b\r\nContent-Type: multipart/mixed; boundary=c\r\n\r\n--c\r\n\r\nx\r\n--c--\r\n--b--\r\n",
                          "multipart/form-data; boundary=b"),

@@ -340,6 +340,20 @@ def test_a_roll_back_asked_for_while_a_driver_judges_its_devices_is_not_undone(t
                                                                                   ("dev-01", "1.0.0")]
 
 
+def test_a_device_with_nothing_to_roll_back_to_still_gets_its_outcome(tmp_path):
+    """A roll back cannot take back a device that ran an image none of our releases is: it
+    stays in progress, and its outcome is still recorded when it reports one."""
+    other = Release("0.9.0", "c" * 64, 900, "2026-01-01T00:00:00Z")
+    db, fleet, engine = make(tmp_path, 2, batches=["100%"])
+    fleet.report("dev-01", other)
+    step(engine, fleet)
+    engine.roll_back(fleet.t)
+    fleet.report("dev-01", B)
+    step(engine, fleet)
+    t = {x.device: x for x in db.targets(engine.id)}["dev-01"]
+    assert (t.rollback, t.state) == (ro.RB_NO_PREVIOUS, ro.SUCCEEDED)
+
+
 def test_a_cancel_that_lands_while_a_batch_opens_wins(tmp_path):
     db, fleet, engine = make(tmp_path, 20)
     step(engine, fleet)

@@ -286,11 +286,12 @@ class RolloutDB:
 
     def save_outcomes(self, rollout_id: str, targets: list[Target]) -> None:
         """Devices a driver judged (state, error, finished_at): only while still in progress
-        with no roll back asked for."""
+        with no roll back under way (one with no previous release to go back to keeps being
+        judged)."""
         with self.conn:
             self.conn.executemany(
                 "UPDATE targets SET state = ?, error = ?, finished_at = ? WHERE rollout = ? AND device = ?"
-                " AND state = ? AND rollback IS NULL",
+                f" AND state = ? AND rollback IS NOT '{RB_REQUESTED}'",
                 [(t.state, t.error, t.finished_at, rollout_id, t.device, IN_PROGRESS) for t in targets])
 
     def save_rollbacks_ended(self, rollout_id: str, targets: list[Target]) -> None:
@@ -534,7 +535,7 @@ class Engine:
             self.db.conn.executemany("UPDATE targets SET published_at = ? WHERE rollout = ? AND device = ?",
                                      [(now, self.id, d) for d in other])
             self.db.conn.executemany("UPDATE targets SET published_at = ? WHERE rollout = ? AND device = ?"
-                                     " AND rollback IS NULL", [(now, self.id, d) for d in forward])
+                                     f" AND rollback IS NOT '{RB_REQUESTED}'", [(now, self.id, d) for d in forward])
 
     def settled(self) -> bool:
         """Nothing left to do: the rollout has ended and no roll back is under way."""

@@ -14,6 +14,7 @@ import logging
 import secrets
 import time
 from dataclasses import dataclass
+from urllib.parse import parse_qsl
 
 from aiohttp import web
 
@@ -79,7 +80,7 @@ class Auth:
         if s is None:
             return None
         form = await read_form(request)
-        if not hmac.compare_digest(str(form.get("csrf", "")), s.csrf):
+        if not same(form.get("csrf", ""), s.csrf):
             return None
         return s, form
 
@@ -107,7 +108,7 @@ class Auth:
             return self._form("Too many failed sign-ins: wait a minute.", 429)
         form = await read_form(request)
         sent, kept = str(form.get("csrf", "")), request.cookies.get(LOGIN_COOKIE, "")
-        if not kept or not hmac.compare_digest(sent, kept):
+        if not kept or not same(sent, kept):
             return self._form("The form expired: sign in again.", 403)
         user, password = str(form.get("user", "")), str(form.get("password", ""))
         # Counted as failed until it succeeds: attempts sent together are limited as well.
@@ -122,7 +123,8 @@ class Auth:
             ok = await asyncio.to_thread(self.verify, user, password)
         if not ok:
             return self._form("Wrong user or password.", 401)
-        self.fails[addr].remove(attempt)
+        if attempt in self.fails.get(addr, ()):  # it may have left the window while it waited
+            self.fails[addr].remove(attempt)
         self.sessions.pop(request.cookies.get(COOKIE, ""), None)  # a new session, never the old one
         token = secrets.token_urlsafe(32)
         self.sessions[token] = Session(user, secrets.token_urlsafe(24), time.time() + SESSION_S,
@@ -149,16 +151,29 @@ class Auth:
             return forbidden()
         self.sessions.pop(request.cookies.get(COOKIE, ""), None)
         resp = web.HTTPSeeOther("/login")
-        resp.del_cookie(COOKIE, path="/")
+        resp.del_cookie(COOKIE, path="/", secure=True, httponly=True, samesite="Strict")  # __Host- needs Secure
         return resp
 
 
-async def read_form(request: web.Request):
-    """A urlencoded form of ours; 413 for a body no form of ours has, 400 for one that is not
-    a form (not UTF-8, not urlencoded)."""
+def same(sent: str, kept: str) -> bool:
+    """Token comparison in constant time, for any text sent (compare_digest refuses non-ASCII str)."""
+    return hmac.compare_digest(sent.encode(), kept.encode())
+
+
+async def read_form(request: web.Request) -> dict[str, str]:
+    """A urlencoded UTF-8 form of ours, read here rather than by aiohttp so that whatever
+    else arrives (another type, charset or encoding, a body without a length) is one answer:
+    413 beyond FORM_MAX, 400 for anything that is not such a form."""
+    if request.content_type != "application/x-www-form-urlencoded":
+        raise web.HTTPBadRequest(text="not a form from this site")
     if request.content_length is not None and request.content_length > FORM_MAX:
         raise web.HTTPRequestEntityTooLarge(FORM_MAX, request.content_length)
+    body = bytearray()
+    async for chunk in request.content.iter_any():
+        body += chunk
+        if len(body) > FORM_MAX:
+            raise web.HTTPRequestEntityTooLarge(FORM_MAX, len(body))
     try:
-        return await request.post()
-    except (ValueError, AssertionError):  # UnicodeDecodeError is a ValueError
+        return dict(parse_qsl(body.decode("utf-8"), keep_blank_values=True, max_num_fields=64))
+    except ValueError:  # not UTF-8 (UnicodeDecodeError), or more fields than any form of ours
         raise web.HTTPBadRequest(text="not a form from this site") from None

@@ -79,9 +79,9 @@ class Rollouts:
         if driver is None and (info.state == ro.RUNNING or any(t.rollback == ro.RB_REQUESTED for t in targets)):
             driver = ro.driver_of(db, info.id)
         out = rollout(info, targets, rel.signer if rel else None, driver)
-        if info.id in self.errors:
-            out = out.replace("</section>", alert("The dashboard stopped driving it: " + self.errors[info.id])
-                              + "</section>")
+        error = self.errors.get(info.id)  # (read once: drive() may drop it meanwhile)
+        if error:
+            out = out.replace("</section>", alert("The dashboard stopped driving it: " + error) + "</section>")
         return out
 
     def render(self, select) -> str:
