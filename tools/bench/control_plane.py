@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 from firmware import contract
+from tools.bench import write_results
 from tools.control import grants
 from tools.bench.replica import Client, _replica, _start, _stop
 from tools.bench.simdevice import SimDevice
@@ -139,8 +140,7 @@ def main() -> None:
           f"{'all' if not short else min(r['completed'] for r in short)} in {med:.1f} s "
           f"(median of {args.runs}; target <= 60 s); {rows[0]['updates_per_s']} accepted updates/s; "
           f"the operator's {args.devices} desired states went out in {rows[0]['publish_s']} s")
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({"cpus": os.cpu_count(), "runs": rows, "median_s": med}, indent=1))
+    write_results(args.json, {"cpus": os.cpu_count(), "runs": rows, "median_s": med})
     if short:
         raise SystemExit(f"incomplete: {len(short)} of {args.runs} runs did not take every device through")
 

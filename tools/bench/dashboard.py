@@ -23,6 +23,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from tools.bench import write_results
+
 QUERIES = [
     ("first page", {}),
     ("last page", {"page": "last"}),
@@ -123,9 +125,7 @@ def main(argv=None) -> None:
     for name, r in results.items():
         print(f"{name:<38} {r['shown']:<28} {r['server_ms']:>7.1f}ms {r['round_trip_ms']:>7.1f}ms "
               f"{r['whole_read_ms']:>9.1f}ms {r['whole_read_ms'] / r['server_ms']:>6.1f}x {r['bytes'] / 1024:>6.1f}")
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({"devices": args.devices, "seed_s": seeded, "runs": args.runs,
-                                     "queries": results}, indent=1))
+    write_results(args.json, {"devices": args.devices, "seed_s": seeded, "runs": args.runs, "queries": results})
 
 
 if __name__ == "__main__":

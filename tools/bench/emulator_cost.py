@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 from firmware import contract
+from tools.bench import write_results
 from tools.esp32emu.runner import Runner
 from tools.operator.client import Recorder
 from tools.espidf.images import build_app_image
@@ -95,8 +96,7 @@ def main() -> None:
             row = measure(n, Path(tmp))
             rows.append(row)
             print(json.dumps(row), flush=True)
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({"cpus": os.cpu_count(), "rows": rows}, indent=1))
+    write_results(args.json, {"cpus": os.cpu_count(), "rows": rows})
     print(f"{'devices':>8} {'reported':>9} {'median s':>9} {'all s':>7} {'RSS MiB/board':>14} {'RSS MiB':>8} {'load':>5}")
     for r in rows:
         print(f"{r['devices']:>8} {r['reported']:>9} {r['first_report_s_median']!s:>9} {r['all_reported_s']!s:>7} "

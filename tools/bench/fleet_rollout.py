@@ -20,6 +20,7 @@ import threading
 import time
 from pathlib import Path
 
+from tools.bench import write_results
 from tools.operator import rollout as ro
 from tools.esp32emu.runner import Runner
 from tools.espidf.images import build_app_image
@@ -134,8 +135,7 @@ def main() -> None:
           f"in {row['rollout_s']} s ({row['succeeded']} succeeded, {row['failed']} failed); the same boards took "
           f"{row['boot_and_report_s']} s to boot and report. CPU per board update {per} s, so 200 boards need at "
           f"least {200 * per / cores:.0f} s of this machine (target 30 s)")
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({"cpus": cores, **row}, indent=1))
+    write_results(args.json, {"cpus": cores, **row})
     if row["state"] != ro.COMPLETED:
         raise SystemExit("the rollout did not complete")
 

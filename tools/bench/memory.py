@@ -19,13 +19,13 @@ connection at a time) still succeeds.
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 import threading
 import time
 from pathlib import Path
 
 from firmware import contract
+from tools.bench import write_results
 from tools.operator import client as op
 from tools.bench.ota_throughput import _micropython
 from tools.esp32emu.runner import Runner, make_flash
@@ -196,9 +196,7 @@ def main(argv=None) -> int:
     print(f"peak live GC heap of the firmware during the same update on a {peak['heap_kib']} KiB board "
           f"(sampled at every emulated hardware call, a lower bound): {peak['peak_bytes'] / 1024:.1f} KiB; "
           f"per boot {[round(b / 1024, 1) for b in peak['peak_bytes_per_boot']]} KiB (update ok: {peak['update_ok']})")
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({"per_block": blocks, "heap": heap, "heap_unsigned": unsigned, "peak": peak},
-                                    indent=1))
+    write_results(args.json, {"per_block": blocks, "heap": heap, "heap_unsigned": unsigned, "peak": peak})
     return 0
 
 

@@ -30,6 +30,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from tools.bench import write_results
 from tools.control import presign
 from tools.esp32emu.runner import FLASH_SIZE, chip_env, make_flash, run_script
 from tools.espidf import onflash
@@ -262,8 +263,7 @@ def main(argv=None) -> int:
     print(f"TLS handshake (MicroPython, CERT_REQUIRED, loopback): {r['tls_handshake_ms_median']:.1f} ms median, "
           f"{r['tls_handshake_ms_min']:.1f} ms fastest (target <= 10); CPython/OpenSSL, same key exchange and chain: "
           f"{r['tls_handshake_host_ms_median']:.1f} ms -> MicroPython takes {r['tls_handshake_vs_host']:.1f}x as long")
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(r, indent=1))
+    write_results(args.json, r)
     return 0
 
 

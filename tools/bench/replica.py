@@ -33,6 +33,7 @@ import time
 from pathlib import Path
 
 from firmware import contract
+from tools.bench import write_results
 from tools.control import grants
 from tools.control import mqtt_wire
 from tools.control.ports import free_port
@@ -328,10 +329,8 @@ def main() -> None:
           "The contrib plugin (amqtt 0.12.1) can write each shadow once: a second update to any shadow fails "
           "(its new version row reuses id '', UNIQUE constraint) and is lost, so updates/s cannot be compared; "
           "and the broker closes a client after each $shadow/ publish unless patched (done here).")
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({"cpus": os.cpu_count(), "updates": args.updates, "devices": args.devices,
-                                     "runs": args.runs, "median": results, "ours_vs_contrib": round(ratio, 2)},
-                                    indent=1))
+    write_results(args.json, {"cpus": os.cpu_count(), "updates": args.updates, "devices": args.devices,
+                              "runs": args.runs, "median": results, "ours_vs_contrib": round(ratio, 2)})
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric import rsa
 
+from tools.bench import write_results
 from tools.bench.ota_throughput import _micropython
 from tools.espidf.images import build_app_image
 from tools.site.signing import key_digest, release_bundle, verify
@@ -75,8 +76,7 @@ def main(argv=None) -> int:
     print(f"release check on the device (MicroPython, median of {r['runs']}): {r['check_ms']} ms, "
           f"{r['check_per_sha256']}x the SHA-256 of the 300 KiB image in the same process ({r['sha256_300k_ms']} ms); "
           f"cryptography on the host: {r['host_verify_ms']} ms")
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(r, indent=1))
+    write_results(args.json, r)
     return 0
 
 
