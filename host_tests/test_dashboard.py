@@ -198,22 +198,16 @@ def _request(base, site, method, path, body=None, headers=None):
         headers = headers or {}
         conn.request(method, path, body, headers, encode_chunked=headers.get("Transfer-Encoding") == "chunked")
         r = conn.getresponse()
-        return r.status, dict(r.getheaders()), r.read()
+        return r.status, {k: r.getheader(k) for k, _ in r.getheaders()}, r.read()  # repeated ones joined
     finally:
         conn.close()
 
 
 def _post(base, site, path, form, cookies=""):
-    host, port = base[8:].split(":")
-    conn = http.client.HTTPSConnection(host, int(port), timeout=10,
-                                       context=ssl.create_default_context(cafile=str(site.pki.ca_cert)))
-    try:
-        conn.request("POST", path, urlencode(form), {"Content-Type": "application/x-www-form-urlencoded",
-                                                     "Cookie": cookies})
-        r = conn.getresponse()
-        return r.status, r.getheader("Set-Cookie") or "", r.read()
-    finally:
-        conn.close()
+    """A form POSTed as a page would: (status, Set-Cookie, body)."""
+    status, headers, body = _request(base, site, "POST", path, urlencode(form),
+                                     {"Content-Type": "application/x-www-form-urlencoded", "Cookie": cookies})
+    return status, headers.get("Set-Cookie") or "", body
 
 
 def test_every_action_needs_its_csrf_token_and_failed_sign_ins_are_limited(site, dash):
@@ -352,14 +346,14 @@ def _screenshot(browser, name):
         browser.save_screenshot(os.path.join(folder, name + ".png"))
 
 
-def _cli(site, *args):
+def _cli(site, *args, stdin=None):
     import subprocess
     import sys
 
     from conftest import REPO
 
     return subprocess.run([sys.executable, "-m", "tools", *args, "--site", str(site.root)], cwd=REPO,
-                          capture_output=True, text=True, timeout=60)
+                          input=stdin, capture_output=True, text=True, timeout=60)
 
 
 def test_a_rollout_started_on_the_page_moves_live_and_one_cancelled_there_is_cancelled_for_the_cli(
@@ -604,22 +598,13 @@ def test_people_sign_in_with_accounts_of_their_own_which_removing_ends(site, das
     """`fleet-ota account add` gives a person a dashboard account (no broker or store knows
     it); a device's credential under the same name does not sign in; removing the account
     ends its session at the next request."""
-    import subprocess
-    import sys
-
-    from conftest import REPO
-
-    def account(*args, stdin=None):
-        return subprocess.run([sys.executable, "-m", "tools", "account", *args, "--site", str(site.root)], cwd=REPO,
-                              input=stdin, capture_output=True, text=True, timeout=60)
-
     def sign_in(user, password):
         token = "t" * 32
         return _post(dash, site, "/login", {"user": user, "password": password, "csrf": token},
                      f"{auth.LOGIN_COOKIE}={token}")
 
-    assert account("add", "alice", "--password-stdin", stdin="correct horse battery\n").returncode == 0
-    assert account("list").stdout.split() == ["alice"]
+    assert _cli(site, "account", "add", "alice", "--password-stdin", stdin="correct horse battery\n").returncode == 0
+    assert _cli(site, "account", "list").stdout.split() == ["alice"]
     assert not site.creds.known("alice")  # the broker's and store's file: untouched
     assert sign_in("alice", "wrong horse battery")[0] == 401
     device_password = site.creds.set("alice")  # a device that happens to share the name
@@ -630,7 +615,7 @@ def test_people_sign_in_with_accounts_of_their_own_which_removing_ends(site, das
     status, _, body = _request(dash, site, "GET", "/fleet", headers={"Cookie": session})
     assert status == 200 and b"<span>alice</span>" in body
 
-    out = account("remove", "alice")
+    out = _cli(site, "account", "remove", "alice")
     assert out.returncode == 0, out.stderr
     status, headers, _ = _request(dash, site, "GET", "/fleet", headers={"Cookie": session})
     assert (status, headers.get("Location")) == (303, "/login")
@@ -643,11 +628,7 @@ def test_what_no_page_of_ours_sends_is_refused_in_one_line_and_sessions_end_with
     every answer carries the security headers; sign-ins sent at once are limited as if sent
     one by one; a new password ends the sessions opened with the old one, and signing out
     ends the page's event stream before it carries another row."""
-    import subprocess
-    import sys
     import threading
-
-    from conftest import REPO
 
     token = "t" * 32
     login = f"{auth.LOGIN_COOKIE}={token}"
@@ -685,15 +666,12 @@ def test_what_no_page_of_ours_sends_is_refused_in_one_line_and_sessions_end_with
         assert headers["X-Content-Type-Options"] == "nosniff" and "Server-Timing" in headers, path
 
     # An account given a new password: its old session ends.
-    def account(*args, stdin):
-        return subprocess.run([sys.executable, "-m", "tools", "account", *args, "--site", str(site.root)], cwd=REPO,
-                              input=stdin, capture_output=True, text=True, timeout=60)
-    account("add", "bob", "--password-stdin", stdin="first password here\n")
+    _cli(site, "account", "add", "bob", "--password-stdin", stdin="first password here\n")
     status, cookie, _ = _post(dash, site, "/login", {"user": "bob", "password": "first password here",
                                                      "csrf": token}, login)
     bob = cookie.split(";")[0]
     assert _request(dash, site, "GET", "/fleet", headers={"Cookie": bob})[0] == 200
-    account("add", "bob", "--password-stdin", stdin="second password here\n")
+    _cli(site, "account", "add", "bob", "--password-stdin", stdin="second password here\n")
     assert _request(dash, site, "GET", "/fleet", headers={"Cookie": bob})[1].get("Location") == "/login"
 
     # Ten wrong passwords at once: five are checked, the others refused unchecked.

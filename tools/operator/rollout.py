@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
+import fnmatch
 import json
 import logging
 import math
@@ -100,8 +101,6 @@ def select_devices(site, devices: list[str] | None = None, match: str | None = N
                    every: bool = False) -> list[str]:
     """A rollout's targets: `devices` as given; `match` (a glob), `group` (a name in
     `<site>/groups.json`) or `every` among the devices the replica knows. One of the four."""
-    import fnmatch
-
     from tools.control import shadows
 
     if sum(bool(x) for x in (devices, match, group, every)) != 1:
@@ -112,10 +111,17 @@ def select_devices(site, devices: list[str] | None = None, match: str | None = N
     if group:
         patterns = group_patterns(site, group)
     known = list(shadows.read(site.shadow_store))
-    picked = known if patterns is None else [d for d in known if any(fnmatch.fnmatchcase(d, p) for p in patterns)]
+    picked = known if patterns is None else matching(known, patterns)
     if not picked:
         raise RolloutError("no known device matches (devices appear once they have reported)")
     return picked
+
+
+def matching(ids, patterns: list[str]) -> list[str]:
+    """The ids that are one of `patterns` or match one of its globs (a group's, or --match)."""
+    exact = {p for p in patterns if not any(c in p for c in "*?[")}
+    globs = [p for p in patterns if p not in exact]
+    return [d for d in ids if d in exact or any(fnmatch.fnmatchcase(d, g) for g in globs)]
 
 
 def group_patterns(site, name: str) -> list[str]:

@@ -5,10 +5,10 @@ REFRESH_S, and kept current between reads by the documents the replica publishes
 from __future__ import annotations
 
 import asyncio
-import fnmatch
 import logging
 import time
 
+from tools.operator.rollout import matching
 from tools.operator.status import DeviceStatus, fleet
 from tools.operator.dashboard.views import number, text
 
@@ -63,9 +63,8 @@ class FleetIndex:
         if version:
             rows = [r for r in rows if r.running == version]
         if patterns is not None:
-            exact = {p for p in patterns if not any(c in p for c in "*?[")}
-            globs = [p for p in patterns if p not in exact]
-            rows = [r for r in rows if r.device in exact or any(fnmatch.fnmatchcase(r.device, g) for g in globs)]
+            picked = set(matching((r.device for r in rows), patterns))
+            rows = [r for r in rows if r.device in picked]
         if text_:
             rows = [r for r in rows if text_ in r.device]
         keys = {"running": lambda r: (text(r.running), r.device), "state": lambda r: (text(r.state), r.device),
